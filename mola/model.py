@@ -1,0 +1,263 @@
+"""Inject MoLA into a Hugging Face causal LM, and save / load the adapter.
+
+`get_mola_model` freezes the base model, swaps each targeted linear module for a `MolaLinear`
+and wraps the model in a `MolaModel`, whose forward adds the load-balancing loss. The adapter is
+saved as `adapter_config.json` (self-describing: experts and top-k per layer, targets, rank, ...)
+plus `adapter_model.safetensors` holding only the adapter's tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers.utils import ModelOutput
+
+from mola.architectures import find_target_modules, num_decoder_layers, set_submodule
+from mola.config import MolaConfig
+from mola.layer import MolaLinear, RoutingRecorder
+from mola.router import load_balancing_loss
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MolaCausalLMOutput(ModelOutput):
+    """A causal-LM output with the load-balancing loss reported separately.
+
+    ``loss`` = ``lm_loss`` + ``aux_loss_coef`` * ``aux_loss`` when labels were given.
+    """
+
+    loss: Tensor | None = None
+    lm_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    logits: Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: Any = None
+    attentions: Any = None
+
+
+class MolaModel(nn.Module):
+    """A causal LM whose targeted linear layers are `MolaLinear` modules.
+
+    Attribute access falls through to the wrapped model, so ``model.config``,
+    ``model.generate(...)`` and ``model.gradient_checkpointing_enable()`` work as usual.
+    """
+
+    def __init__(self, base_model: nn.Module, config: MolaConfig, experts: list[int], top_k: list[int], recorder: RoutingRecorder) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.mola_config = config
+        self.experts_per_layer = experts
+        self.top_k_per_layer = top_k
+        self.recorder = recorder
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, labels: Tensor | None = None, **kwargs: Any) -> MolaCausalLMOutput:
+        token_mask = None
+        if attention_mask is not None and input_ids is not None and attention_mask.shape == input_ids.shape:
+            token_mask = attention_mask.reshape(-1)
+        self.recorder.start(token_mask)
+        try:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        finally:
+            stats = self.recorder.stop()
+        aux = self.aux_loss_from(stats)
+        lm_loss = out.get("loss")
+        loss = None
+        if lm_loss is not None:
+            loss = lm_loss + self.mola_config.aux_loss_coef * aux if aux is not None else lm_loss
+        return MolaCausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux,
+            logits=out.get("logits"),
+            past_key_values=out.get("past_key_values"),
+            hidden_states=out.get("hidden_states"),
+            attentions=out.get("attentions"),
+        )
+
+    def aux_loss_from(self, stats: dict) -> Tensor | None:
+        """Sum over decoder layers of each layer's load-balancing loss (unweighted)."""
+        if not stats:
+            return None
+        losses = [load_balancing_loss(s, self.top_k_per_layer[j]) for j, s in sorted(stats.items())]
+        return torch.stack(losses).sum()
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    # ---- introspection ---------------------------------------------------------------------
+    def mola_modules(self) -> list[tuple[str, MolaLinear]]:
+        """(name inside the base model, module) of every MoLA layer, in model order."""
+        return [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, MolaLinear)]
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        state = {}
+        for name, module in self.mola_modules():
+            state[f"{name}.router.weight"] = module.router.weight
+            state[f"{name}.lora_A"] = module.lora_A
+            state[f"{name}.lora_B"] = module.lora_B
+        return state
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def describe(self) -> dict[str, Any]:
+        """The self-describing adapter configuration written next to the weights."""
+        from mola import __version__
+
+        cfg = self.mola_config
+        modules = {
+            name: {
+                "layer": m.layer_index,
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "num_experts": m.num_experts,
+                "top_k": m.top_k,
+            }
+            for name, m in self.mola_modules()
+        }
+        targets = sorted({m.rsplit(".", 1)[-1] for m in modules}) if cfg.target_modules is None else cfg.target_modules
+        return {
+            "adapter_type": "mola",
+            "format_version": FORMAT_VERSION,
+            "mola_version": __version__,
+            "base_model_name_or_path": cfg.base_model_name_or_path,
+            "model_type": getattr(self.base_model.config, "model_type", None),
+            "num_layers": len(self.experts_per_layer),
+            "experts_per_layer": list(self.experts_per_layer),
+            "top_k_per_layer": list(self.top_k_per_layer),
+            "total_experts": sum(self.experts_per_layer),
+            "target_modules": list(targets),
+            "rank": cfg.rank,
+            "alpha": cfg.alpha,
+            "scaling": cfg.scaling,
+            "dropout": cfg.dropout,
+            "aux_loss_coef": cfg.aux_loss_coef,
+            "trainable_parameters": sum(t.numel() for t in self.adapter_state_dict().values()),
+            "modules": modules,
+        }
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+        """Write `adapter_config.json` and `adapter_model.safetensors` into ``directory``.
+
+        The files are written under temporary names and renamed, so a crash never leaves a
+        half-written adapter behind.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        description = self.describe()
+        if metadata:
+            description["metadata"] = metadata
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        tmp_weights = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt", "adapter_type": "mola"})
+        tmp_config = directory / (CONFIG_NAME + ".tmp")
+        tmp_config.write_text(json.dumps(description, indent=2) + "\n")
+        os.replace(tmp_weights, directory / WEIGHTS_NAME)
+        os.replace(tmp_config, directory / CONFIG_NAME)
+        return directory
+
+    def load_adapter_weights(self, directory: str | os.PathLike) -> None:
+        tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter weights in {directory} do not fit this model: "
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            )
+        with torch.no_grad():
+            for name, param in own.items():
+                if tensors[name].shape != param.shape:
+                    raise ValueError(f"{name}: saved shape {tuple(tensors[name].shape)} != model {tuple(param.shape)}")
+                param.copy_(tensors[name].to(param.dtype))
+
+
+def get_mola_model(model: nn.Module, config: MolaConfig) -> MolaModel:
+    """Freeze ``model`` and replace its targeted linear layers with `MolaLinear` modules."""
+    if isinstance(model, MolaModel) or any(isinstance(m, MolaLinear) for m in model.modules()):
+        raise ValueError("the model already carries MoLA layers")
+    if not isinstance(config, MolaConfig):
+        raise TypeError(f"config must be a MolaConfig, got {type(config).__name__}")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    num_layers = num_decoder_layers(model)
+    experts, top_k = config.resolve(num_layers)
+    targets = find_target_modules(model, config.targets_for(model_type))
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
+    model.requires_grad_(False)
+    recorder = RoutingRecorder()
+    for target in targets:
+        j = target.layer_index
+        layer = MolaLinear(target.module, experts[j], top_k[j], config.rank, config.alpha, config.dropout, j, recorder)
+        set_submodule(model, target.name, layer)
+    logger.info("MoLA: %d modules in %d layers, experts per layer %s", len(targets), num_layers, experts)
+    return MolaModel(model, config, experts, top_k, recorder)
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    description = json.loads(path.read_text())
+    if description.get("adapter_type") != "mola":
+        raise ValueError(f"{path} does not describe a MoLA adapter")
+    if description.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {description['format_version']}; this mola reads up to {FORMAT_VERSION}")
+    return description
+
+
+def config_from_description(description: dict[str, Any]) -> MolaConfig:
+    return MolaConfig(
+        experts=list(description["experts_per_layer"]),
+        top_k=list(description["top_k_per_layer"]),
+        rank=description["rank"],
+        alpha=description["alpha"],
+        dropout=description["dropout"],
+        target_modules=list(description["target_modules"]),
+        aux_loss_coef=description["aux_loss_coef"],
+        base_model_name_or_path=description.get("base_model_name_or_path"),
+    )
+
+
+def load_mola_model(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> MolaModel:
+    """Rebuild a saved adapter on ``model`` (the same base model) and load its weights.
+
+    Returns the model in eval mode unless ``is_trainable``; then the adapter's parameters train.
+    """
+    description = read_adapter_config(directory)
+    config = config_from_description(description)
+    wanted = description.get("base_model_name_or_path")
+    actual = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if wanted and actual and wanted != actual:
+        logger.warning("adapter was trained on %s, loading onto %s", wanted, actual)
+    mola_model = get_mola_model(model, config)
+    mola_model.load_adapter_weights(directory)
+    if not is_trainable:
+        mola_model.requires_grad_(False)
+        mola_model.eval()
+    return mola_model
