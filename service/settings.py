@@ -1,0 +1,104 @@
+"""Settings of the service: one pydantic-settings class, read once from `MOLA_*` variables.
+
+The defaults are the embedded set-up (SQLite and artifacts under the data folder, a broker that
+is a folder of files); `mode=production` refuses them, so a deployment states its backends.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODELS = ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "smollm2-135m-instruct"]
+
+
+class Settings(BaseSettings):
+    """Every setting, with its `MOLA_`-prefixed environment variable (`MOLA_DATA_DIR`, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="MOLA_", env_file=".env", extra="ignore")
+
+    mode: Literal["local", "production"] = Field(
+        "local", description="local: embedded defaults allowed; production: backends must be set"
+    )
+    data_dir: Path = Field(Path("mola-data"), description="folder for the embedded database, broker, artifacts and scratch files")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/mola.db")
+    broker_url: str | None = Field(None, description="Celery broker URL; default a folder broker under DATA_DIR/broker")
+    queue: str = Field("mola.train", description="Celery queue the training jobs go to")
+    storage: Literal["local"] = Field("local", description="artifact storage backend")
+    storage_dir: Path | None = Field(None, description="folder of the local storage; default DATA_DIR/artifacts")
+    max_upload_mb: float = Field(100.0, gt=0, description="largest dataset upload, in MiB")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_MODELS),
+        description="base models offered (comma-separated); `mola models sync` describes them",
+    )
+    host: str = Field("127.0.0.1", description="address `mola serve` listens on")
+    port: int = Field(8000, ge=1, le=65535, description="port `mola serve` listens on")
+    embedded_worker: bool = Field(True, description="`mola serve` also starts a worker process")
+    device: str | None = Field(None, description="torch device for training (default: cuda if available, else cpu)")
+    metrics_flush_seconds: float = Field(2.0, gt=0, description="how often the worker writes buffered metrics")
+    cancel_poll_seconds: float = Field(0.5, ge=0, description="least time between two cancellation checks in a run")
+    lease_seconds: float = Field(300.0, gt=0, description="how long a worker's claim on a running job lasts without a heartbeat")
+    log_level: str = Field("INFO", description="logging level of the service processes")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> "Settings":
+        if not self.models:
+            raise ValueError("MOLA_MODELS must name at least one base model")
+        if self.mode == "production":
+            problems = []
+            if not self.database_url or self.database_url.startswith("sqlite"):
+                problems.append("MOLA_DATABASE_URL must name a database server (SQLite is for local mode)")
+            if not self.broker_url or self.broker_url.split(":", 1)[0] in ("filesystem", "memory"):
+                problems.append("MOLA_BROKER_URL must name a broker server (the folder broker is for local mode)")
+            if self.embedded_worker:
+                problems.append("MOLA_EMBEDDED_WORKER must be false: run workers with `mola worker`")
+            if problems:
+                raise ValueError("production mode refuses local defaults: " + "; ".join(problems))
+        return self
+
+    # ---- derived values --------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'mola.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Local working files of a worker (downloaded datasets, checkpoints being written)."""
+        return (self.data_dir / "work").resolve()
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()
