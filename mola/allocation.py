@@ -123,11 +123,11 @@ def expand_allocation(spec: object, num_layers: int) -> list[int]:
         raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
     if isinstance(spec, Mapping):
         unknown = set(spec) - {"preset", "average"}
-        if unknown or "preset" not in spec:
+        if unknown or "preset" not in spec or "average" not in spec:
             raise ValueError(
                 f"an allocation mapping needs 'preset' and 'average' keys, got {sorted(spec)}"
             )
-        return _preset(str(spec["preset"]), spec.get("average", 1), num_layers)
+        return _preset(str(spec["preset"]), spec["average"], num_layers)
     if isinstance(spec, str):
         text = spec.strip()
         if not text:

@@ -49,22 +49,22 @@ class RoutingRecorder:
     def __init__(self) -> None:
         self.active = False
         self.token_mask: Tensor | None = None  # (B*T,) bool/float, or None
-        self.stats: dict[int, list[RoutingStats]] = {}
+        self.records: list[tuple[MolaLinear, RoutingStats]] = []
 
     def start(self, token_mask: Tensor | None) -> None:
         self.active = True
         self.token_mask = token_mask
-        self.stats = {}
+        self.records = []
 
-    def stop(self) -> dict[int, list[RoutingStats]]:
-        stats, self.stats, self.active, self.token_mask = self.stats, {}, False, None
-        return stats
+    def stop(self) -> list[tuple[MolaLinear, RoutingStats]]:
+        records, self.records, self.active, self.token_mask = self.records, [], False, None
+        return records
 
-    def record(self, layer_index: int, gates: Tensor, probs: Tensor, selected: Tensor) -> None:
+    def record(self, module: MolaLinear, gates: Tensor, probs: Tensor, selected: Tensor) -> None:
         mask = self.token_mask
         if mask is not None and mask.shape[0] != probs.shape[0]:
             mask = None  # e.g. incremental decoding with a cache: count every token
-        self.stats.setdefault(layer_index, []).append(routing_stats(gates, probs, selected, mask))
+        self.records.append((module, routing_stats(gates, probs, selected, mask)))
 
 
 class MolaLinear(nn.Module):
@@ -127,7 +127,7 @@ class MolaLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (T, in)
         gates, probs, selected = self.route(x2)
         if self.recorder is not None and self.recorder.active:
-            self.recorder.record(self.layer_index, gates, probs, selected)
+            self.recorder.record(self, gates, probs, selected)
         dtype = self.lora_A.dtype
         a = self.lora_A.reshape(n * r, self.in_features)  # (N*r, in)
         b = self.lora_B.permute(1, 0, 2).reshape(self.out_features, n * r)  # (out, N*r)

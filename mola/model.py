@@ -94,11 +94,15 @@ class MolaModel(nn.Module):
             attentions=out.get("attentions"),
         )
 
-    def aux_loss_from(self, stats: dict) -> Tensor | None:
-        """Sum over decoder layers of each layer's load-balancing loss (unweighted)."""
-        if not stats:
+    def aux_loss_from(self, records: list) -> Tensor | None:
+        """Sum over decoder layers of each layer's load-balancing loss (unweighted), pooling
+        the routing decisions of all MoLA modules of a layer."""
+        if not records:
             return None
-        losses = [load_balancing_loss(s, self.top_k_per_layer[j]) for j, s in sorted(stats.items())]
+        by_layer: dict[int, list] = {}
+        for module, stats in records:
+            by_layer.setdefault(module.layer_index, []).append(stats)
+        losses = [load_balancing_loss(s, self.top_k_per_layer[j]) for j, s in sorted(by_layer.items())]
         return torch.stack(losses).sum()
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,49 @@
+import pytest
+
+from mola.config import MolaConfig
+
+
+def test_defaults_follow_the_paper():
+    config = MolaConfig()
+    assert (config.rank, config.alpha, config.dropout, config.top_k) == (8, 16.0, 0.05, 2)
+    assert config.aux_loss_coef == 0.001
+    assert config.scaling == 2.0
+    assert config.targets_for("llama") == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_resolve_against_a_model_depth():
+    experts, top_k = MolaConfig(experts="8642", top_k=[1, 2, 3, 4]).resolve(4)
+    assert experts == [8, 6, 4, 2]
+    assert top_k == [1, 2, 3, 2]
+
+
+def test_round_trip_through_a_dict():
+    config = MolaConfig(experts=[1, 2], top_k=1, target_modules="q_proj, v_proj")
+    assert config.target_modules == ["q_proj", "v_proj"]
+    assert MolaConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank must be an integer"),
+        ({"rank": 2.5}, "rank must be an integer"),
+        ({"alpha": -1}, "alpha must be a positive number"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"aux_loss_coef": -0.1}, "aux_loss_coef must be a number >= 0"),
+        ({"target_modules": []}, "target_modules must be a non-empty list"),
+        ({"experts": "2x4"}, "allocation entry 0 is '2x4'"),
+        ({"experts": [2, 0]}, "layer 1 has 0"),
+        ({"top_k": 0}, "top_k: layer 0 has 0"),
+    ],
+)
+def test_invalid_options_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MolaConfig(**kwargs)
+
+
+def test_unknown_architecture_needs_explicit_targets():
+    with pytest.raises(ValueError, match="no default target modules for model type 'bert'"):
+        MolaConfig().targets_for("bert")
+    with pytest.raises(ValueError, match="unknown MolaConfig fields: colour"):
+        MolaConfig.from_dict({"colour": "red"})

@@ -1,0 +1,135 @@
+"""Injection into Hugging Face models, the aux loss over a model, save/load, generation."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mola import MolaConfig, MolaLinear, get_mola_model, load_mola_model, read_adapter_config, tiny_model
+from mola.architectures import find_decoder_layers
+from tests.oracle import loop_aux_loss, loop_forward
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "gpt2"]
+
+
+def randomise_b(model):
+    torch.manual_seed(1)
+    for _, module in model.mola_modules():
+        nn.init.normal_(module.lora_B, std=0.3)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_injection_follows_the_allocation_and_keeps_init_equal_to_base(arch):
+    base = tiny_model(arch).eval()
+    x = torch.randint(0, 256, (2, 12))
+    reference = base(x).logits
+    model = get_mola_model(base, MolaConfig(experts="1234", top_k=2)).eval()
+    torch.testing.assert_close(model(input_ids=x).logits, reference, rtol=0, atol=0)
+    modules = model.mola_modules()
+    expected_per_layer = {"gpt2": 4}.get(arch, 7)
+    assert len(modules) == 4 * expected_per_layer
+    _, layers = find_decoder_layers(base)
+    for name, module in modules:
+        assert module.num_experts == module.layer_index + 1
+        assert module.top_k == min(2, module.num_experts)
+        assert layers[module.layer_index] .get_submodule(name.split(f".{module.layer_index}.", 1)[1]) is module
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n or "router" in n) for n in trainable)
+
+
+def test_gpt2_conv1d_is_adapted_with_transposed_weights():
+    base = tiny_model("gpt2").eval()
+    model = get_mola_model(base, MolaConfig(experts=[2, 2, 2, 2], top_k=1, dropout=0.0)).eval()
+    randomise_b(model)
+    name, layer = model.mola_modules()[0]
+    assert name.endswith("attn.c_attn") and (layer.in_features, layer.out_features) == (64, 192)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), loop_forward(layer, x)[0])
+
+
+def test_model_aux_loss_pools_the_modules_of_each_layer():
+    base = tiny_model("llama")
+    config = MolaConfig(experts="2468", top_k=2, dropout=0.0, aux_loss_coef=0.01)
+    model = get_mola_model(base, config).eval()
+    x = torch.randint(0, 256, (2, 9))
+    captured: dict[int, list] = {}
+
+    def capture(module, inputs, output):
+        _, probs, mask = loop_forward(module, inputs[0])
+        captured.setdefault(module.layer_index, []).append((probs, mask))
+
+    hooks = [m.register_forward_hook(capture) for _, m in model.mola_modules()]
+    out = model(input_ids=x, labels=x)
+    for h in hooks:
+        h.remove()
+    expected = sum(
+        loop_aux_loss([p for p, _ in items], [m for _, m in items], model.top_k_per_layer[j])
+        for j, items in captured.items()
+    )
+    torch.testing.assert_close(out.aux_loss, expected)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.01 * out.aux_loss)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_save_and_load_give_identical_logits(tmp_path, arch):
+    model = get_mola_model(tiny_model(arch), MolaConfig(experts="1234" if arch != "gpt2" else "12", top_k=[1, 2, 2, 3])).eval()
+    randomise_b(model)
+    x = torch.randint(0, 256, (2, 10))
+    logits = model(input_ids=x).logits
+    model.save_pretrained(tmp_path)
+    description = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert description["experts_per_layer"] == model.experts_per_layer
+    assert description["top_k_per_layer"] == model.top_k_per_layer
+    assert description["base_model_name_or_path"] == f"tiny-{arch}"
+    assert description["rank"] == 8 and description["alpha"] == 16.0
+    assert description["mola_version"]
+    assert read_adapter_config(tmp_path) == description
+    loaded = load_mola_model(tiny_model(arch), tmp_path)
+    torch.testing.assert_close(loaded(input_ids=x).logits, logits, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_loading_onto_a_different_model_fails_clearly(tmp_path):
+    model = get_mola_model(tiny_model("llama"), MolaConfig(experts="2222"))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has 4 entries but the model has 6 layers"):
+        load_mola_model(tiny_model("llama", num_layers=6), tmp_path)
+    with pytest.raises(ValueError, match="shape"):
+        load_mola_model(tiny_model("llama", hidden_size=32), tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_mola_model(tiny_model("llama"), tmp_path / "missing")
+
+
+def test_generation_uses_the_adapter_with_a_kv_cache():
+    model = get_mola_model(tiny_model("llama"), MolaConfig(experts="2222", top_k=1)).eval()
+    prompt = torch.randint(0, 256, (2, 5))
+    before = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    randomise_b(model)
+    after = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    no_cache = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert after.shape == (2, 11)
+    assert torch.equal(after, no_cache)
+    assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize(
+    "targets, error, message",
+    [
+        (["nonexistent_proj"], ValueError, "match no module"),
+        (["self_attn"], TypeError, "LlamaAttention"),
+        (["mlp.act_fn"], TypeError, "adapts only nn.Linear"),
+    ],
+)
+def test_bad_targets_fail_clearly(targets, error, message):
+    with pytest.raises(error, match=message):
+        get_mola_model(tiny_model("llama"), MolaConfig(experts="2", target_modules=targets))
+
+
+def test_target_subset_and_double_injection():
+    model = get_mola_model(tiny_model("llama"), MolaConfig(experts="2", target_modules=["q_proj", "mlp.down_proj"]))
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.mola_modules()}
+    assert names == {"q_proj", "down_proj"}
+    with pytest.raises(ValueError, match="already carries MoLA layers"):
+        get_mola_model(model.base_model, MolaConfig())
+    assert isinstance(model.base_model.model.layers[0].self_attn.q_proj, MolaLinear)
