@@ -1,0 +1,483 @@
+"""Training data: read records, tell their format, tokenize them with loss masks, collate.
+
+Accepted inputs are JSONL files (one JSON object per line, blank lines skipped) and Hugging Face
+``save_to_disk`` folders (read with pyarrow, no `datasets` needed). Each record is one of:
+
+================  =========================================  ==================================
+format            fields                                      loss on
+================  =========================================  ==================================
+``alpaca``        ``instruction``, ``output``, ``input``?     ``output`` (Alpaca prompt template)
+``chat``          ``messages``: [{role, content}, ...]        the final assistant message
+``completion``    ``prompt``, ``completion``                  ``completion``
+``text``          ``text``                                    every token
+================  =========================================  ==================================
+
+A record is classified by the first of ``messages``, ``instruction``, ``prompt``/``completion``,
+``text`` that it carries; other keys are ignored (so ScienceQA rows, with many extra columns,
+read as ``alpaca``). Formats may be mixed in one file; that is logged, and reported by
+`inspect_dataset`.
+
+Tokenization: the prompt and the completion are tokenized separately and concatenated, so the
+prompt's tokens are exactly those the model sees at inference (when it is given the prompt
+alone), and the loss boundary is exact. EOS is appended to the completion.
+
+Chat records: the prompt is every message before the final assistant message, rendered with the
+tokenizer's chat template and ``add_generation_prompt=True`` (or, without a template, as
+``role: content`` lines followed by ``assistant: ``); the completion is the final assistant
+message's content. Earlier assistant turns are context only: they carry no loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+FORMATS = ("alpaca", "chat", "completion", "text")
+ACCEPTED_SHAPES = (
+    "{instruction, input?, output} (alpaca), {messages: [{role, content}]} (chat), "
+    "{prompt, completion} (completion), {text} (text)"
+)
+
+# The Alpaca prompt template, as the MoLA authors' code uses it (with and without an input).
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def alpaca_prompt(instruction: str, input: str | None = None) -> str:
+    """The Alpaca prompt for an instruction and an optional input (empty input = no input)."""
+    if input:
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+# ---- format detection and validation ---------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _require_str(record: dict, key: str, optional: bool = False) -> None:
+    value = record.get(key)
+    if value is None and optional:
+        return
+    if key not in record:
+        raise ValueError(f"field '{key}' is missing")
+    if not isinstance(value, str):
+        raise ValueError(f"field '{key}' must be a string, got {_type_name(value)}")
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"field 'messages' must be a non-empty list, got {_type_name(messages)}")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"field '{where}' must be an object, got {_type_name(message)}")
+        for key in ("role", "content"):
+            value = message.get(key)
+            if not isinstance(value, str):
+                raise ValueError(f"field '{where}.{key}' must be a string, got {_type_name(value)}")
+        if not message["role"]:
+            raise ValueError(f"field '{where}.role' must not be empty")
+    if messages[-1]["role"] != "assistant":
+        last = len(messages) - 1
+        raise ValueError(f"field 'messages[{last}].role' must be 'assistant' (the reply to learn), got {messages[-1]['role']!r}")
+    if len(messages) < 2:
+        raise ValueError("field 'messages' needs at least one message before the final assistant reply")
+
+
+def detect_format(record: Any) -> str:
+    """The format of one record ("alpaca", "chat", "completion" or "text"), after checking its
+    fields. Raises ValueError naming the offending field (without a location: callers add it)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {_type_name(record)}")
+    if "messages" in record:
+        _check_messages(record["messages"])
+        return "chat"
+    if "instruction" in record:
+        _require_str(record, "instruction")
+        _require_str(record, "input", optional=True)
+        _require_str(record, "output")
+        return "alpaca"
+    if "prompt" in record or "completion" in record:
+        _require_str(record, "prompt")
+        _require_str(record, "completion")
+        return "completion"
+    if "text" in record:
+        _require_str(record, "text")
+        if not record["text"]:
+            raise ValueError("field 'text' must not be empty")
+        return "text"
+    keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+    raise ValueError(f"unrecognised record (keys: {keys}); accepted formats: {ACCEPTED_SHAPES}")
+
+
+# ---- reading sources --------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """One row of a source: its 1-based line (or row) number, and the record or the error."""
+
+    line: int
+    record: Any = None
+    error: str | None = None
+
+
+def _iter_jsonl(path: Path, max_bytes: int | None) -> Iterator[_Row]:
+    """Rows of a JSONL file. Reads bytes and decodes line by line, so one undecodable line is
+    one bad row, not a failed file. With ``max_bytes``, stops before the line that crosses it."""
+    consumed = 0
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            consumed += len(raw)
+            if max_bytes is not None and consumed > max_bytes:
+                return
+            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield _Row(line_number, error=f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield _Row(line_number, record=json.loads(text))
+            except json.JSONDecodeError as e:
+                hint = " (a JSON array? write one object per line)" if line_number == 1 and text.strip() == "[" else ""
+                yield _Row(line_number, error=f"not valid JSON ({e.msg} at column {e.colno}){hint}")
+
+
+def _hf_split_dir(path: Path, split: str) -> Path:
+    """The folder of one split of a ``save_to_disk`` dataset (a DatasetDict or a single split)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if split not in splits:
+            raise ValueError(f"{path.name}: no split {split!r}; it has {', '.join(map(str, splits)) or 'none'}")
+        return path / split
+    if (path / "state.json").is_file():
+        return path
+    raise ValueError(f"{path}: a directory, but not a Hugging Face save_to_disk dataset (no dataset_dict.json or state.json)")
+
+
+def _iter_hf(path: Path, split: str) -> Iterator[_Row]:
+    """Rows of a ``save_to_disk`` dataset, read from its Arrow IPC stream files with pyarrow."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    split_dir = _hf_split_dir(path, split)
+    state = json.loads((split_dir / "state.json").read_text())
+    names = [entry["filename"] for entry in state.get("_data_files", [])]
+    files = [split_dir / n for n in names] or sorted(split_dir.glob("data-*.arrow"))
+    if not files:
+        raise ValueError(f"{split_dir}: no data-*.arrow files")
+    row = 0
+    for file in files:
+        with pa.memory_map(str(file)) as source:
+            table = ipc.open_stream(source).read_all()
+        for record in table.to_pylist():
+            row += 1
+            yield _Row(row, record=record)
+
+
+def _source_label(path: Path, split: str) -> str:
+    """The short name errors start with: the file name, or ``folder[split]`` for HF datasets."""
+    if path.is_dir():
+        return f"{path.name}[{split}]" if (path / "dataset_dict.json").is_file() else path.name
+    return path.name
+
+
+def _iter_source(path: str | os.PathLike, split: str = "train", max_bytes: int | None = None) -> tuple[str, Iterator[_Row]]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    label = _source_label(path, split)
+    rows = _iter_hf(path, split) if path.is_dir() else _iter_jsonl(path, max_bytes)
+    return label, rows
+
+
+@dataclass
+class _Checked:
+    where: str
+    record: dict
+    format: str
+
+
+def _checked_rows(path_or_records: str | os.PathLike | Sequence[dict], split: str) -> list[_Checked]:
+    """Every row, validated; the first bad row raises ``ValueError("SOURCE:LINE: ...")``."""
+    if isinstance(path_or_records, (str, os.PathLike)):
+        label, rows = _iter_source(path_or_records, split)
+    else:
+        label = "<records>"
+        rows = (_Row(i, record=r) for i, r in enumerate(path_or_records, start=1))
+    checked = []
+    for row in rows:
+        where = f"{label}:{row.line}"
+        if row.error is not None:
+            raise ValueError(f"{where}: {row.error}")
+        try:
+            fmt = detect_format(row.record)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        checked.append(_Checked(where, row.record, fmt))
+    counts = Counter(c.format for c in checked)
+    if len(counts) > 1:
+        logger.info("%s mixes record formats: %s", label, dict(counts))
+    return checked
+
+
+def read_records(path: str | os.PathLike, split: str = "train") -> list[dict]:
+    """All records of a JSONL file or of one split of a HF ``save_to_disk`` folder, validated.
+
+    Raises ``ValueError("FILE:LINE: ...")`` at the first malformed row (bad JSON, wrong field
+    type, unknown shape); ``FileNotFoundError`` if the path does not exist.
+    """
+    return [c.record for c in _checked_rows(path, split)]
+
+
+# ---- tokenization -----------------------------------------------------------------------------
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render(record: dict, tokenizer: Any, fmt: str | None = None) -> tuple[str, str, bool]:
+    """``(prompt, completion, prompt_has_special_tokens)`` for one record.
+
+    The flag is True when the prompt text already contains the special tokens the model expects
+    (a rendered chat template), so the tokenizer must not add its own (a second BOS).
+    """
+    fmt = fmt or detect_format(record)
+    if fmt == "alpaca":
+        return alpaca_prompt(record["instruction"], record.get("input")), record["output"], False
+    if fmt == "completion":
+        return record["prompt"], record["completion"], False
+    if fmt == "text":
+        return "", record["text"], False
+    messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    context, reply = messages[:-1], messages[-1]["content"]
+    if _has_chat_template(tokenizer):
+        prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+        return prompt, reply, True
+    lines = "".join(f"{m['role']}: {m['content']}\n" for m in context)
+    return lines + "assistant: ", reply, False
+
+
+def _tokenize(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return list(tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def encode_pairs(pairs: Sequence[tuple[str, str, bool]], tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """Token ids ``(prompt_ids, completion_ids + [eos])`` for ``(prompt, completion, special)``
+    triples from `render`. Tokenizes in two batched calls per kind rather than per row."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token first")
+    prompt_ids: list[list[int]] = [[] for _ in pairs]
+    for already_special in (False, True):
+        index = [i for i, p in enumerate(pairs) if p[2] == already_special]
+        for i, ids in zip(index, _tokenize(tokenizer, [pairs[i][0] for i in index], not already_special)):
+            prompt_ids[i] = list(ids)
+    completion_ids = _tokenize(tokenizer, [p[1] for p in pairs], False)
+    return [(p, list(c) + [eos]) for p, c in zip(prompt_ids, completion_ids)]
+
+
+def build_example(prompt_ids: list[int], completion_ids: list[int], cutoff_len: int, train_on_inputs: bool = False) -> dict[str, list[int]] | None:
+    """Concatenate, mask the prompt's labels, keep the first ``cutoff_len`` tokens.
+
+    Returns None when no token is left to learn from. Position 0 never counts: a causal LM
+    predicts token t from tokens < t, so a label on the first token is never used.
+    """
+    input_ids = (prompt_ids + completion_ids)[:cutoff_len]
+    if train_on_inputs:
+        labels = list(input_ids)
+    else:
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:cutoff_len]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def load_training_data(
+    path_or_records: str | os.PathLike | Sequence[dict],
+    tokenizer: Any,
+    cutoff_len: int = 256,
+    train_on_inputs: bool = False,
+    split: str = "train",
+) -> list[dict[str, list[int]]]:
+    """Read (a path) or take (a list of records) and tokenize into training examples.
+
+    Returns ``[{"input_ids": [...], "labels": [...]}, ...]`` with labels ``-100`` on the prompt
+    (unless ``train_on_inputs``), EOS appended to each completion, each example cut to its
+    first ``cutoff_len`` tokens; examples left with no trainable token are dropped (logged).
+    """
+    if not isinstance(cutoff_len, int) or cutoff_len < 2:
+        raise ValueError(f"cutoff_len must be an integer >= 2, got {cutoff_len!r}")
+    rows = _checked_rows(path_or_records, split)
+    pairs = []
+    for row in rows:
+        try:
+            pairs.append(render(row.record, tokenizer, row.format))
+        except Exception as e:  # a chat template may reject a conversation (e.g. a role)
+            raise ValueError(f"{row.where}: cannot render the record: {e}") from e
+    examples = []
+    for prompt_ids, completion_ids in encode_pairs(pairs, tokenizer):
+        example = build_example(prompt_ids, completion_ids, cutoff_len, train_on_inputs)
+        if example is not None:
+            examples.append(example)
+    dropped = len(rows) - len(examples)
+    if dropped:
+        logger.warning("dropped %d of %d examples: no trainable token within cutoff_len=%d", dropped, len(rows), cutoff_len)
+    logger.info("tokenized %d examples", len(examples))
+    return examples
+
+
+def collate(batch: Sequence[dict[str, Sequence[int]]], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, Any]:
+    """Right-pad a list of examples into LongTensors ``input_ids``, ``attention_mask``,
+    ``labels`` of shape (B, T); labels are -100 on padding. ``pad_to_multiple_of`` rounds T up
+    (tensor cores like multiples of 8)."""
+    import torch
+
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; set the tokenizer's pad token (or use its EOS id)")
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    length = max(len(example["input_ids"]) for example in batch)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)  # (B, T)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for i, example in enumerate(batch):
+        n = len(example["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(example["input_ids"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.as_tensor(example.get("labels", example["input_ids"]), dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ---- inspection (upload validation) -----------------------------------------------------------
+
+
+@dataclass
+class DatasetReport:
+    """What `inspect_dataset` found. Token statistics are None without a tokenizer.
+
+    ``rows`` counts non-blank rows read; ``errors`` holds the first ``max_errors`` problems as
+    ``{"line", "message"}`` and ``error_count`` all of them; ``truncated`` says reading stopped at
+    ``max_bytes``. ``over_cutoff`` counts rows longer than ``cutoff_len`` tokens (they are cut),
+    ``dropped_at_cutoff`` those that would keep no trainable token (they are dropped).
+    """
+
+    rows: int = 0
+    valid_rows: int = 0
+    format: str | None = None
+    formats: dict[str, int] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    error_count: int = 0
+    truncated: bool = False
+    total_tokens: int | None = None
+    mean_tokens: float | None = None
+    max_tokens: int | None = None
+    cutoff_len: int | None = None
+    over_cutoff: int | None = None
+    dropped_at_cutoff: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when every row is valid and there is at least one."""
+        return self.valid_rows > 0 and self.error_count == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _add_error(report: DatasetReport, line: int, message: str, max_errors: int) -> None:
+    report.error_count += 1
+    if len(report.errors) < max_errors:
+        report.errors.append({"line": line, "message": message})
+
+
+def _token_statistics(report: DatasetReport, rows: list[tuple[int, dict, str]], tokenizer: Any, cutoff_len: int, max_errors: int) -> None:
+    """Fill the token fields of ``report``; rows the tokenizer cannot render become errors."""
+    pairs, lines = [], []
+    for line, record, fmt in rows:
+        try:
+            pairs.append(render(record, tokenizer, fmt))
+            lines.append(line)
+        except Exception as e:  # noqa: BLE001 - a template error is a bad row, reported
+            _add_error(report, line, f"cannot render the record: {e}", max_errors)
+            report.valid_rows -= 1
+            report.formats[fmt] -= 1
+    lengths, dropped = [], 0
+    for prompt_ids, completion_ids in encode_pairs(pairs, tokenizer):
+        lengths.append(len(prompt_ids) + len(completion_ids))
+        dropped += build_example(prompt_ids, completion_ids, cutoff_len) is None
+    report.total_tokens = sum(lengths)
+    report.mean_tokens = report.total_tokens / len(lengths) if lengths else 0.0
+    report.max_tokens = max(lengths, default=0)
+    report.cutoff_len = cutoff_len
+    report.over_cutoff = sum(n > cutoff_len for n in lengths)
+    report.dropped_at_cutoff = dropped
+
+
+def inspect_dataset(
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    max_errors: int = 20,
+    max_bytes: int | None = None,
+    cutoff_len: int = 256,
+    split: str = "train",
+) -> DatasetReport:
+    """Check a JSONL file or HF dataset without raising on bad rows: count rows, formats and
+    problems, and with a tokenizer the token lengths (as `load_training_data` would make them).
+
+    Raises only for a missing path or an unreadable dataset folder, not for bad content.
+    """
+    label, rows = _iter_source(path, split, max_bytes)
+    report = DatasetReport()
+    good: list[tuple[int, dict, str]] = []
+    for row in rows:
+        report.rows += 1
+        if row.error is not None:
+            _add_error(report, row.line, row.error, max_errors)
+            continue
+        try:
+            good.append((row.line, row.record, detect_format(row.record)))
+        except ValueError as e:
+            _add_error(report, row.line, str(e), max_errors)
+    if max_bytes is not None and not Path(path).is_dir():
+        report.truncated = Path(path).stat().st_size > max_bytes
+    report.valid_rows = len(good)
+    report.formats = dict(Counter(fmt for _, _, fmt in good))
+    if tokenizer is not None:
+        _token_statistics(report, good, tokenizer, cutoff_len, max_errors)
+    report.formats = {k: v for k, v in report.formats.items() if v}
+    if len(report.formats) == 1:
+        report.format = next(iter(report.formats))
+    elif report.formats:
+        report.format = "mixed"
+    logger.info("%s: %d rows, %d valid, format %s, %d errors", label, report.rows, report.valid_rows, report.format, report.error_count)
+    return report
+

@@ -1,0 +1,275 @@
+"""Evaluation: held-out loss, multiple-choice accuracy by likelihood, generation accuracy.
+
+All three take any causal LM whose ``model(input_ids=..., attention_mask=...)`` returns an object
+with ``.logits`` (a `MolaModel`, a peft model, a plain Hugging Face model), run it in eval mode
+without gradients, and put every module back in the train/eval mode it was in.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mola.data import IGNORE_INDEX, collate
+
+logger = logging.getLogger(__name__)
+
+# "The answer is B", "the correct answer is answer4", "Answer: The answer is (C).", "answer is: yes"
+ANSWER_PATTERN = re.compile(r"answer\s+is\s*:?\s*\(?\s*([A-Za-z0-9_]+)", re.IGNORECASE)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; afterwards each module's own previous mode (a frozen part of a
+    training model may have been in eval mode on purpose, so a blanket ``train()`` is wrong)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Copy a CPU tensor to ``device`` without a host sync: a plain (pageable) copy to CUDA
+    waits for the stream, a pinned non-blocking one does not (torch keeps the pinned buffer
+    alive until the copy is done)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return pad
+
+
+# ---- loss ------------------------------------------------------------------------------------
+
+
+def evaluate_loss(
+    model: nn.Module,
+    examples: Sequence[dict[str, Sequence[int]]],
+    pad_token_id: int,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float | int]:
+    """Token-weighted mean cross-entropy over the labelled tokens (labels != -100) of
+    ``examples`` (as made by `mola.data.load_training_data`).
+
+    Every labelled token weighs the same whatever its example's length, so the result does not
+    depend on ``batch_size``. Returns ``{"eval_loss": float, "eval_tokens": int}``; the loss is
+    NaN when no token is labelled.
+    """
+    device = model_device(model)
+    # Sorting by length keeps padding small; the token-weighted mean does not care about order.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    accumulate = torch.float32 if device.type == "mps" else torch.float64
+    loss_sum = torch.zeros((), dtype=accumulate, device=device)
+    tokens = torch.zeros((), dtype=torch.long, device=device)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
+            batch = {k: to_device(v, device) for k, v in batch.items()}
+            with _autocast(device, autocast_dtype):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # (B, T, V)
+            targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+            mask = targets != IGNORE_INDEX  # (B, T-1)
+            # Upcast only the labelled positions: a full (B, T, V) float copy can be large.
+            picked = logits[:, :-1][mask].float()  # (n, V)
+            loss_sum += F.cross_entropy(picked, targets[mask], reduction="sum").to(accumulate)
+            tokens += mask.sum()
+    n = int(tokens.item())
+    loss = loss_sum.item() / n if n else float("nan")
+    return {"eval_loss": float(loss), "eval_tokens": n}
+
+
+# ---- multiple choice by likelihood -----------------------------------------------------------
+
+
+def _check_choice_items(items: Sequence[dict]) -> None:
+    for i, item in enumerate(items):
+        options = item.get("options")
+        if not isinstance(item.get("prompt"), str):
+            raise ValueError(f"item {i}: 'prompt' must be a string")
+        if not isinstance(options, (list, tuple)) or not options or not all(isinstance(o, str) for o in options):
+            raise ValueError(f"item {i}: 'options' must be a non-empty list of strings")
+        answer = item.get("answer")
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(options):
+            raise ValueError(f"item {i}: 'answer' must be an index into options (0..{len(options) - 1}), got {answer!r}")
+
+
+def _option_scores(model: nn.Module, sequences: list[tuple[list[int], int, int]], pad_id: int, batch_size: int, normalize: bool) -> list[float]:
+    """Log-likelihood of each option given its prompt, for ``(ids, prompt_len, option_len)``
+    sequences. Scores stay on the device until the end: one host sync in all."""
+    device = model_device(model)
+    scores = torch.zeros(len(sequences), dtype=torch.float32, device=device)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = collate([{"input_ids": sequences[i][0]} for i in index], pad_id)
+        ids = to_device(batch["input_ids"], device)  # (B, T)
+        prompt_len = to_device(torch.tensor([sequences[i][1] for i in index]), device)  # (B,)
+        option_len = to_device(torch.tensor([sequences[i][2] for i in index]), device)  # (B,)
+        width = max(sequences[i][2] for i in index)  # L: the longest option, known on the host
+        logits = model(input_ids=ids, attention_mask=to_device(batch["attention_mask"], device), use_cache=False).logits  # (B, T, V)
+        offsets = torch.arange(width, device=device)  # (L,)
+        # Option token j sits at prompt_len + j and is predicted by the logits one position before.
+        target_pos = (prompt_len[:, None] + offsets).clamp(max=ids.shape[1] - 1)  # (B, L)
+        window = logits.gather(1, (target_pos - 1)[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, V)
+        logp = window.float().log_softmax(-1).gather(-1, ids.gather(1, target_pos)[..., None]).squeeze(-1)  # (B, L)
+        valid = offsets[None, :] < option_len[:, None]  # (B, L)
+        total = (logp * valid).sum(-1)  # (B,)
+        if normalize:
+            total = total / option_len.clamp(min=1)
+        scores.index_copy_(0, to_device(torch.tensor(index), device), total)
+    return scores.cpu().tolist()
+
+
+def multiple_choice_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    items: Sequence[dict],
+    batch_size: int = 8,
+    normalize: bool = False,
+) -> dict[str, Any]:
+    """Pick, for each ``{"prompt", "options", "answer"}`` item, the option with the highest
+    log-probability given the prompt (summed over the option's tokens, or their mean with
+    ``normalize``), and compare with ``answer`` (an index).
+
+    The prompt and each option are tokenized separately and concatenated, as
+    `mola.data.load_training_data` does, so an option is scored on the very tokens the model was
+    trained to produce. ``batch_size`` counts (prompt, option) sequences.
+    Returns ``{"accuracy", "n", "correct", "predictions" (indices), "scores" (per option)}``.
+    """
+    _check_choice_items(items)
+    if not items:
+        return {"accuracy": float("nan"), "n": 0, "correct": 0, "predictions": [], "scores": []}
+    prompts = tokenizer([it["prompt"] for it in items], add_special_tokens=True)["input_ids"]
+    flat = [option for it in items for option in it["options"]]
+    options = tokenizer(flat, add_special_tokens=False)["input_ids"]
+    sequences, owners = [], []
+    for i, it in enumerate(items):
+        if not prompts[i]:
+            raise ValueError(f"item {i}: the prompt is empty after tokenization; nothing to condition on")
+        for _ in it["options"]:
+            option = list(options[len(sequences)])
+            sequences.append((list(prompts[i]) + option, len(prompts[i]), len(option)))
+            owners.append(i)
+    with eval_mode(model), torch.no_grad():
+        flat_scores = _option_scores(model, sequences, _pad_id(tokenizer), batch_size, normalize)
+    per_item: list[list[float]] = [[] for _ in items]
+    for owner, score in zip(owners, flat_scores):
+        per_item[owner].append(score)
+    predictions = [max(range(len(s)), key=s.__getitem__) for s in per_item]  # ties: first option
+    correct = sum(p == it["answer"] for p, it in zip(predictions, items))
+    return {"accuracy": correct / len(items), "n": len(items), "correct": correct, "predictions": predictions, "scores": per_item}
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+def extract_answer(text: str) -> str | None:
+    """The X of the first "the answer is X" in ``text`` (case-insensitive; "(B)", "B." and
+    "answer4" accepted), or None. The first match counts: models often repeat themselves."""
+    match = ANSWER_PATTERN.search(text)
+    return match.group(1) if match else None
+
+
+def answers_match(predicted: str | None, expected: str) -> bool:
+    """Letters compare exactly (a lowercase "a" is usually the article); words ignore case."""
+    if predicted is None:
+        return False
+    expected = str(expected).strip()
+    if len(expected) == 1:
+        return predicted == expected
+    return predicted.lower() == expected.lower()
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask), each (B, T), padded on the left so that every row's next
+    token is generated at the same position."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, length - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+    return ids, mask
+
+
+def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
+    """Greedy continuations (KV cache on) of ``prompts``, decoded without special tokens.
+
+    Pads on the left by hand rather than through ``tokenizer.padding_side``, so the tokenizer
+    (perhaps shared with a training loop) is never modified.
+    """
+    device = model_device(model)
+    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    texts: list[str] = [""] * len(encoded)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            ids, mask = _left_pad([list(encoded[i]) for i in index], pad_id)
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+            )
+            sequences = getattr(out, "sequences", out)  # (B, T + new)
+            new_tokens = sequences[:, ids.shape[1] :].cpu()
+            for i, text in zip(index, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                texts[i] = text
+    return texts
+
+
+def generation_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    items: Sequence[dict],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Generate greedily for each ``{"prompt", "answer"}`` item, extract "the answer is X" and
+    count exact matches (see `answers_match`).
+
+    Returns ``{"accuracy", "n", "correct", "failed" (no answer found), "predictions"
+    (extracted answers or None), "generations" (raw texts)}``.
+    """
+    for i, item in enumerate(items):
+        if not isinstance(item.get("prompt"), str) or not isinstance(item.get("answer"), str):
+            raise ValueError(f"item {i}: needs a string 'prompt' and a string 'answer'")
+    generations = generate_texts(model, tokenizer, [it["prompt"] for it in items], max_new_tokens, batch_size)
+    predictions = [extract_answer(text) for text in generations]
+    correct = sum(answers_match(p, it["answer"]) for p, it in zip(predictions, items))
+    failed = sum(p is None for p in predictions)
+    if failed:
+        logger.info("generation_accuracy: no answer found in %d of %d generations", failed, len(items))
+    accuracy = correct / len(items) if items else float("nan")
+    return {"accuracy": accuracy, "n": len(items), "correct": correct, "failed": failed, "predictions": predictions, "generations": generations}
