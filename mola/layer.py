@@ -57,14 +57,23 @@ class RoutingRecorder:
         self.records = []
 
     def stop(self) -> list[tuple[MolaLinear, RoutingStats]]:
-        records, self.records, self.active, self.token_mask = self.records, [], False, None
+        # The token mask stays: activation checkpointing re-runs the forward during backward,
+        # and that recomputation must repeat the same statistics ops (see `observe`).
+        records, self.records, self.active = self.records, [], False
         return records
 
-    def record(self, module: MolaLinear, gates: Tensor, probs: Tensor, selected: Tensor) -> None:
+    def observe(self, module: MolaLinear, gates: Tensor, probs: Tensor, selected: Tensor) -> None:
+        """Compute the statistics of one module's routing; keep them while active.
+
+        Called on every training-mode forward, recorded or not, so that a checkpointed
+        recomputation saves exactly the tensors the original forward saved.
+        """
         mask = self.token_mask
         if mask is not None and mask.shape[0] != probs.shape[0]:
             mask = None  # e.g. incremental decoding with a cache: count every token
-        self.records.append((module, routing_stats(gates, probs, selected, mask)))
+        stats = routing_stats(gates, probs, selected, mask)
+        if self.active:
+            self.records.append((module, stats))
 
 
 class MolaLinear(nn.Module):
@@ -126,8 +135,8 @@ class MolaLinear(nn.Module):
         n, r = self.num_experts, self.rank
         x2 = x.reshape(-1, self.in_features)  # (T, in)
         gates, probs, selected = self.route(x2)
-        if self.recorder is not None and self.recorder.active:
-            self.recorder.record(self, gates, probs, selected)
+        if self.recorder is not None and (self.recorder.active or self.training):
+            self.recorder.observe(self, gates, probs, selected)
         dtype = self.lora_A.dtype
         a = self.lora_A.reshape(n * r, self.in_features)  # (N*r, in)
         b = self.lora_B.permute(1, 0, 2).reshape(self.out_features, n * r)  # (out, N*r)

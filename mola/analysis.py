@@ -1,0 +1,124 @@
+"""What did the experts learn? Redundancy between experts and routing statistics.
+
+* Redundancy (the paper's Figure 3): for each MoLA module, the mean pairwise Frobenius norm
+  ``||dW_i - dW_j||_F`` over expert pairs, with ``dW_e = s * B_e A_e``. Small values mean the
+  experts of that module learned similar updates.
+* Routing: per module and expert, the share of tokens that selected it and its mean routing
+  weight, gathered over a dataset.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mola.layer import MolaLinear
+
+
+def pairwise_expert_distances(module: MolaLinear) -> Tensor:
+    """(N, N) Frobenius distances between the experts' updates dW_e = s * B_e A_e.
+
+    Uses ||B_i A_i - B_j A_j||^2 = g_ii + g_jj - 2 g_ij with g_ij = <B_i A_i, B_j A_j>
+    = sum((B_i^T B_j) * (A_i A_j^T)), so no (out, in) matrix is ever formed: the cost is
+    O(N^2 r^2 (in + out)) instead of O(N out in).
+    """
+    a = module.lora_A.detach().double()  # (N, r, in)
+    b = module.lora_B.detach().double()  # (N, out, r)
+    gram_b = torch.einsum("ior,jos->ijrs", b, b)  # (N, N, r, r): B_i^T B_j
+    gram_a = torch.einsum("irk,jsk->ijrs", a, a)  # (N, N, r, r): A_i A_j^T
+    inner = (gram_b * gram_a).sum((-2, -1)) * module.scaling**2  # (N, N)
+    diag = inner.diagonal()
+    squared = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2 * inner).clamp_min(0)
+    return squared.sqrt().float()
+
+
+def expert_redundancy(model: Any) -> dict[str, Any]:
+    """Mean pairwise expert distance per module and per decoder layer.
+
+    Returns ``{"modules": {name: {"layer", "num_experts", "mean_distance"}},
+    "layers": [{"layer", "num_experts", "mean_distance"}]}``; modules with a single expert have
+    no pairs and report ``None``.
+    """
+    modules: dict[str, dict[str, Any]] = {}
+    per_layer: dict[int, list[float]] = {}
+    experts_in_layer: dict[int, int] = {}
+    for name, module in model.mola_modules():
+        n = module.num_experts
+        experts_in_layer[module.layer_index] = n
+        mean = None
+        if n > 1:
+            distances = pairwise_expert_distances(module)
+            pairs = [distances[i, j] for i, j in itertools.combinations(range(n), 2)]
+            mean = float(torch.stack(pairs).mean())
+            per_layer.setdefault(module.layer_index, []).append(mean)
+        modules[name] = {"layer": module.layer_index, "num_experts": n, "mean_distance": mean}
+    layers = [
+        {
+            "layer": j,
+            "num_experts": experts_in_layer[j],
+            "mean_distance": sum(per_layer[j]) / len(per_layer[j]) if j in per_layer else None,
+        }
+        for j in sorted(experts_in_layer)
+    ]
+    return {"modules": modules, "layers": layers}
+
+
+@torch.no_grad()
+def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict[str, Any]:
+    """Per-module and per-layer routing statistics over ``batches`` of
+    ``{"input_ids", "attention_mask"}`` (padding excluded).
+
+    For each expert: ``selection_share`` (fraction of tokens whose top-k includes it),
+    ``mean_weight`` (average routing weight it received over all tokens) and ``mean_prob``
+    (average router probability before top-k).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals: dict[MolaLinear, dict[str, Tensor]] = {}
+    try:
+        for batch in batches:
+            mask = batch["attention_mask"].to(device)
+            model.recorder.start(mask.reshape(-1))
+            try:
+                model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+            finally:
+                records = model.recorder.stop()
+            for module, stats in records:
+                acc = totals.setdefault(module, {k: torch.zeros_like(v) for k, v in vars(stats).items()})
+                for key, value in vars(stats).items():
+                    acc[key] += value
+    finally:
+        model.train(was_training)
+    names = {module: name for name, module in model.mola_modules()}
+    modules: dict[str, dict[str, Any]] = {}
+    layers: dict[int, dict[str, Tensor]] = {}
+    for module, acc in totals.items():
+        tokens = acc["tokens"].clamp_min(1)
+        modules[names[module]] = {
+            "layer": module.layer_index,
+            "num_experts": module.num_experts,
+            "top_k": module.top_k,
+            "tokens": int(acc["tokens"]),
+            "selection_share": (acc["dispatch"] / tokens).tolist(),
+            "mean_weight": (acc["weights"] / tokens).tolist(),
+            "mean_prob": (acc["probs"] / tokens).tolist(),
+        }
+        layer = layers.setdefault(module.layer_index, {k: torch.zeros_like(v) for k, v in acc.items()})
+        for key, value in acc.items():
+            layer[key] += value
+    layer_rows = []
+    for j, acc in sorted(layers.items()):
+        tokens = acc["tokens"].clamp_min(1)
+        layer_rows.append(
+            {
+                "layer": j,
+                "selection_share": (acc["dispatch"] / tokens).tolist(),
+                "mean_weight": (acc["weights"] / tokens).tolist(),
+            }
+        )
+    return {"modules": modules, "layers": layer_rows}

@@ -1,0 +1,131 @@
+"""The training loop on tiny models: learning, accumulation, stop/resume, checkpoints."""
+
+import pytest
+import torch
+
+from mola import MolaConfig, byte_tokenizer, get_mola_model, tiny_model
+from mola.data import load_training_data
+from mola.lora import get_lora_model
+from mola.train import TrainConfig, batch_indices, list_checkpoints, total_steps_for, train
+
+TOKENIZER = byte_tokenizer()
+RECORDS = [{"prompt": f"{a} plus {b} is ", "completion": str(a + b)} for a in range(8) for b in range(8)]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_training_data(RECORDS, TOKENIZER, cutoff_len=64)
+
+
+def fresh_model(arch="llama", experts="2468", dropout=0.05, aux_loss_coef=0.001):
+    torch.manual_seed(123)
+    return get_mola_model(tiny_model(arch), MolaConfig(experts=experts, top_k=2, dropout=dropout, aux_loss_coef=aux_loss_coef))
+
+
+def adapter_tensors(model):
+    return {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+
+
+def test_a_few_steps_lower_the_loss(data):
+    model = fresh_model()
+    events = []
+    result = train(model, TOKENIZER, data, config=TrainConfig(max_steps=25, batch_size=16, micro_batch_size=8, learning_rate=5e-3, seed=0), callback=events.append)
+    losses = [e["lm_loss"] for e in events if e["kind"] == "train"]
+    assert result.steps == 25 and not result.stopped
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    first = events[0]
+    for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "epoch"):
+        assert first[key] is not None and first[key] == first[key], key
+    assert first["aux_loss"] > 0 and first["loss"] == pytest.approx(first["lm_loss"] + 0.001 * first["aux_loss"])
+
+
+def test_gradient_accumulation_matches_one_big_batch(data):
+    # The balance loss is a product of batch statistics, so it is not additive over
+    # micro-batches (each micro-batch balances itself); check the LM part, which must be exact.
+    # A huge Adam epsilon makes the update proportional to the gradient (plain SGD), so the
+    # comparison checks the accumulated gradients rather than Adam's sign-like first step.
+    results = []
+    for micro in (16, 4, 3):
+        model = fresh_model(dropout=0.0, aux_loss_coef=0.0)
+        config = TrainConfig(max_steps=2, batch_size=16, micro_batch_size=micro, seed=1, learning_rate=0.5, adam_eps=1.0, max_grad_norm=None)
+        train(model, TOKENIZER, data, config=config)
+        results.append(adapter_tensors(model))
+    for other in results[1:]:
+        for name, tensor in results[0].items():
+            torch.testing.assert_close(other[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_stop_and_resume_follow_the_same_trajectory(data, tmp_path):
+    config = TrainConfig(max_steps=6, batch_size=8, micro_batch_size=4, learning_rate=3e-3, seed=7, checkpoint_every=100)
+    straight = fresh_model()
+    straight_events = []
+    train(straight, TOKENIZER, data, config=config, callback=straight_events.append)
+
+    interrupted = fresh_model()
+    stopped = train(interrupted, TOKENIZER, data, config=config, checkpoint_dir=tmp_path, callback=lambda e: e["kind"] == "train" and e["step"] == 3)
+    assert stopped.stopped and stopped.steps == 3
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
+
+    resumed = fresh_model()  # a new process would start from a fresh model too
+    resumed_events = []
+    result = train(resumed, TOKENIZER, data, config=config, checkpoint_dir=tmp_path, resume_from=tmp_path / "checkpoint-3", callback=resumed_events.append)
+    assert result.steps == 6 and [e["step"] for e in resumed_events if e["kind"] == "train"] == [4, 5, 6]
+    expected = [e["loss"] for e in straight_events if e["kind"] == "train"][3:]
+    assert [e["loss"] for e in resumed_events if e["kind"] == "train"] == pytest.approx(expected, rel=1e-6)
+    for name, tensor in adapter_tensors(straight).items():
+        torch.testing.assert_close(resumed.adapter_state_dict()[name], tensor, rtol=1e-6, atol=1e-7)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_periodic_checkpoints_keep_the_newest(data, tmp_path):
+    model = fresh_model()
+    kinds = []
+    train(model, TOKENIZER, data, data[:8], TrainConfig(max_steps=5, batch_size=8, micro_batch_size=8, checkpoint_every=1, keep_checkpoints=2, eval_every=2), checkpoint_dir=tmp_path, callback=lambda e: kinds.append((e["kind"], e["step"])))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-5"]
+    assert ("eval", 2) in kinds and ("eval", 5) in kinds and ("checkpoint", 5) in kinds
+    checkpoint = tmp_path / "checkpoint-5"
+    assert (checkpoint / "adapter_config.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+
+
+def test_lora_baseline_runs_in_the_same_loop(data, tmp_path):
+    torch.manual_seed(0)
+    model = get_lora_model(tiny_model("llama"), rank=8, alpha=16, dropout=0.0)
+    events = []
+    result = train(model, TOKENIZER, data, config=TrainConfig(max_steps=20, batch_size=16, micro_batch_size=8, learning_rate=5e-3), checkpoint_dir=tmp_path, callback=events.append)
+    losses = [e["lm_loss"] for e in events if e["kind"] == "train"]
+    assert result.steps == 20 and losses[-1] < losses[0]
+    assert all(e["aux_loss"] == 0 for e in events if e["kind"] == "train")
+
+
+def test_gradient_checkpointing_gives_the_same_step(data):
+    results = []
+    for checkpointing in (False, True):
+        model = fresh_model(dropout=0.0)
+        train(model, TOKENIZER, data, config=TrainConfig(max_steps=2, batch_size=8, micro_batch_size=4, gradient_checkpointing=checkpointing))
+        results.append(adapter_tensors(model))
+    for name, tensor in results[0].items():
+        torch.testing.assert_close(results[1][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_and_data_order():
+    config = TrainConfig(epochs=2, batch_size=10, seed=3)
+    assert total_steps_for(config, 25) == 6
+    epoch0 = [i for s in range(3) for i in batch_indices(config, 25, s)]
+    assert sorted(epoch0) == list(range(25))
+    assert batch_indices(config, 25, 3) != batch_indices(config, 25, 0)
+    assert batch_indices(config, 25, 4) == batch_indices(TrainConfig(epochs=2, batch_size=10, seed=3), 25, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"learning_rate": 0}, "learning_rate must be in"),
+        ({"lr_schedule": "steps"}, "lr_schedule must be one of"),
+        ({"max_steps": -1}, "max_steps must be an integer"),
+        ({"epochs": 0}, "epochs must be a positive number"),
+    ],
+)
+def test_bad_train_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
