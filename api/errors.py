@@ -1,0 +1,59 @@
+"""One JSON error shape for every failure: ``{"detail": "..."}``, plus the field paths for a
+422. Unexpected exceptions become a 500 without a stack trace (it goes to the log)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import InvalidRequest, ServiceError
+
+logger = logging.getLogger(__name__)
+
+
+def _field(loc: tuple | list) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _message(error: dict[str, Any]) -> str:
+    msg = str(error.get("msg", "invalid value"))
+    return msg.removeprefix("Value error, ")
+
+
+async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+    body: dict[str, Any] = {"detail": exc.detail}
+    if isinstance(exc, InvalidRequest):
+        body["detail"] = f"{exc.field}: {exc.detail}"
+        body["errors"] = [{"loc": list(exc.loc), "field": exc.field, "msg": exc.detail}]
+        body.update(exc.extra)
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"loc": list(e.get("loc", ())), "field": _field(e.get("loc", ())), "msg": _message(e)}
+        for e in exc.errors()
+    ]
+    detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors) or "invalid request"
+    return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+
+async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)

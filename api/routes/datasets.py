@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Query, UploadFile
+
+from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.middleware import too_large_detail
+from api.schemas import DatasetList, DatasetPublic, Deleted, ErrorResponse
+from service import datasets as dataset_service
+from service.errors import PayloadTooLarge
+
+router = APIRouter(prefix="/datasets", tags=["datasets"], responses={401: {"model": ErrorResponse}})
+
+CHUNK = 1 << 20
+
+
+def _clean_filename(name: str | None) -> str:
+    base = os.path.basename((name or "").replace("\\", "/")).strip()
+    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base)[:200]
+    return base or "dataset.jsonl"
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetPublic,
+    summary="Upload a JSONL dataset",
+    description=(
+        "Multipart upload (field `file`) of a JSONL file in a format mola reads: alpaca "
+        "{instruction, input?, output}, chat {messages}, completion {prompt, completion} or "
+        "text {text}. It is validated before it is stored: a file with errors gets a 422 whose "
+        "`report` lists the first errors with their line numbers, and nothing is kept."
+    ),
+    responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+)
+def upload_dataset(
+    file: Annotated[UploadFile, File(description="the JSONL file")],
+    tenant: CurrentTenant,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> DatasetPublic:
+    upload_dir = settings.data_dir / "uploads"
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=upload_dir, suffix=".jsonl")
+    path = Path(name)
+    try:
+        digest, size = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out:
+            while chunk := file.file.read(CHUNK):
+                size += len(chunk)
+                if size > settings.max_upload_bytes:
+                    raise PayloadTooLarge(too_large_detail(settings.max_upload_bytes))
+                digest.update(chunk)
+                out.write(chunk)
+        dataset = dataset_service.create_dataset(
+            session, storage, tenant.id, _clean_filename(file.filename), path, size, digest.hexdigest()
+        )
+        session.commit()
+    finally:
+        path.unlink(missing_ok=True)
+    return DatasetPublic.of(dataset)
+
+
+@router.get("", response_model=DatasetList, summary="The tenant's datasets, newest first")
+def list_datasets(
+    tenant: CurrentTenant,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+) -> DatasetList:
+    rows, has_more = dataset_service.list_datasets(session, tenant.id, limit, after)
+    return DatasetList(data=[DatasetPublic.of(r) for r in rows], has_more=has_more, last_id=rows[-1].id if rows else None)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses={404: {"model": ErrorResponse}})
+def get_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep) -> DatasetPublic:
+    return DatasetPublic.of(dataset_service.get_dataset(session, tenant.id, dataset_id))
+
+
+@router.delete(
+    "/{dataset_id}",
+    response_model=Deleted,
+    summary="Delete a dataset",
+    description="Refused (409) while a queued or running job uses it.",
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+)
+def delete_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Deleted:
+    dataset = dataset_service.get_dataset(session, tenant.id, dataset_id)
+    key = dataset_service.delete_dataset(session, dataset)
+    session.commit()
+    storage.delete(key)
+    return Deleted(id=dataset_id)

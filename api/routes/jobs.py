@@ -1,0 +1,239 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import CurrentTenant, QueueDep, SessionDep, StorageDep
+from api.schemas import (
+    CheckpointList,
+    CheckpointPublic,
+    ErrorResponse,
+    JobCreate,
+    JobList,
+    JobPublic,
+    JobStatus,
+    MetricList,
+    MetricPublic,
+)
+from service import jobs as job_service
+from service.errors import Conflict, NotFound
+from service.models import TERMINAL_STATUSES, Job
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(
+    prefix="/jobs",
+    tags=["jobs"],
+    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+)
+
+EVENTS_POLL_SECONDS = 0.5
+EVENTS_KEEPALIVE_SECONDS = 15.0
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    summary="Create a fine-tuning job",
+    description=(
+        "Checks the request against the base model (allocation length = its layers, target "
+        "modules it has, ...) and the tenant's datasets before anything is queued. With an "
+        "`Idempotency-Key` header, repeating the same request returns the job it created "
+        "(200, header `Idempotent-Replayed: true`); reusing a key for another request is a 409."
+    ),
+    responses={200: {"model": JobPublic, "description": "replayed"}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    queue: QueueDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+) -> JobPublic:
+    request = body.model_dump(mode="json")
+    try:
+        job, created = job_service.create_job(session, tenant.id, request, idempotency_key)
+        session.commit()
+    except IntegrityError:
+        # Another request with the same Idempotency-Key won the race: answer with its job.
+        session.rollback()
+        job = job_service.find_by_idempotency_key(session, tenant.id, idempotency_key) if idempotency_key else None
+        if job is None:
+            raise
+        if job.request_hash != job_service.request_hash(request):
+            raise Conflict("Idempotency-Key was already used with a different request") from None
+        created = False
+    if created:
+        try:
+            queue.enqueue_training(job.id)
+        except Exception:  # the row is the truth; a reconciler re-enqueues queued jobs
+            logger.exception("could not enqueue job %s; it stays queued", job.id)
+    else:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobList, summary="The tenant's jobs, newest first")
+def list_jobs(
+    tenant: CurrentTenant,
+    session: SessionDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+) -> JobList:
+    jobs, has_more = job_service.list_jobs(session, tenant.id, status, limit, after)
+    return JobList(data=[JobPublic.of(j) for j in jobs], has_more=has_more, last_id=jobs[-1].id if jobs else None)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+    return JobPublic.of(job_service.get_job(session, tenant.id, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    summary="Cancel a job",
+    description=(
+        "A queued job is cancelled at once. A running job stops at its next step, keeping its "
+        "checkpoints and the adapter trained so far; until then it shows `cancel_requested`."
+    ),
+    responses={409: {"model": ErrorResponse}},
+)
+def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+    job = job_service.cancel_job(session, job_service.get_job(session, tenant.id, job_id))
+    session.commit()
+    return JobPublic.of(job)
+
+
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricList,
+    summary="Training and evaluation metrics",
+    description="Incremental: pass the previous answer's `last_step` as `after_step`. A page never splits a step.",
+)
+def get_metrics(
+    job_id: str,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    after_step: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="steps per page")] = 100,
+    kind: Annotated[str | None, Query(pattern="^(train|eval)$")] = None,
+) -> MetricList:
+    job_service.get_job(session, tenant.id, job_id)
+    rows, has_more = job_service.get_metrics(session, job_id, after_step, limit, kind)
+    return MetricList(data=[MetricPublic.of(r) for r in rows], has_more=has_more, last_step=rows[-1].step if rows else None)
+
+
+def _sse(event: str, data: str, event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {data}\n\n"
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job live (Server-Sent Events)",
+    description=(
+        "A `text/event-stream` of `job` events (the job, whenever its state or progress "
+        "changes), `metric` events (one per metric row, `id` = its step) and a final `end` "
+        "event when the job reaches a final status. Reconnect with `Last-Event-ID` (or "
+        "`after_step`) to continue after the last metric seen."
+    ),
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    after_step: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    await run_in_threadpool(job_service.get_job, session, tenant.id, job_id)
+    session.close()  # give the connection back: the stream polls with short sessions of its own
+    if last_event_id and last_event_id.isdigit():
+        after_step = max(after_step, int(last_event_id))
+    factory = request.app.state.sessionmaker
+
+    def poll(cursor: int) -> tuple[JobPublic, list[MetricPublic]]:
+        with factory() as s:
+            rows, _ = job_service.get_metrics(s, job_id, cursor, limit=500)
+            job = s.get(Job, job_id)
+            return JobPublic.of(job), [MetricPublic.of(r) for r in rows]
+
+    async def stream() -> AsyncIterator[str]:
+        cursor, last_state, last_sent = after_step, None, time.monotonic()
+        while not await request.is_disconnected():
+            job, metrics = await run_in_threadpool(poll, cursor)
+            for metric in metrics:
+                yield _sse("metric", metric.model_dump_json(), str(metric.step))
+                cursor = max(cursor, metric.step)
+            state = (job.status, job.progress.step, job.cancel_requested, job.progress.total_steps)
+            if state != last_state:
+                yield _sse("job", job.model_dump_json())
+            if metrics or state != last_state:
+                last_sent = time.monotonic()
+            last_state = state
+            if job.status in TERMINAL_STATUSES:
+                if not metrics:  # drained: the worker writes its last metrics before finishing
+                    yield _sse("end", json.dumps({"status": job.status, "error": job.error}))
+                    return
+                continue
+            if time.monotonic() - last_sent > EVENTS_KEEPALIVE_SECONDS:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            await asyncio.sleep(EVENTS_POLL_SECONDS)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+@router.get(
+    "/{job_id}/adapter",
+    summary="Download the trained adapter",
+    description=(
+        "A `.tar.gz` with `adapter_config.json`, `adapter_model.safetensors` and a `README.md` "
+        "model card; extract it and load the folder with `mola.load_mola_model(base, folder)`. "
+        "Available once the job succeeded (or was cancelled after some training)."
+    ),
+    response_class=FileResponse,
+    responses={200: {"content": {"application/gzip": {}}}},
+)
+def download_adapter(job_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
+    job = job_service.get_job(session, tenant.id, job_id)
+    if job.adapter_key is None:
+        raise NotFound(f"job {job_id} has no adapter (status: {job.status})")
+    filename = f"{job.id}-adapter.tar.gz"
+    url = storage.presigned_url(job.adapter_key)
+    if url is not None:
+        return RedirectResponse(url, status_code=307)
+    path = storage.local_path(job.adapter_key)
+    if path is not None:
+        if not path.is_file():
+            raise NotFound(f"the adapter file of job {job_id} is missing from storage")
+        return FileResponse(path, media_type="application/gzip", filename=filename)
+    return StreamingResponse(
+        storage.iter_chunks(job.adapter_key),
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="Checkpoints saved during training")
+def list_checkpoints(job_id: str, tenant: CurrentTenant, session: SessionDep) -> CheckpointList:
+    job_service.get_job(session, tenant.id, job_id)
+    return CheckpointList(data=[CheckpointPublic.of(c) for c in job_service.list_checkpoints(session, job_id)])

@@ -1,0 +1,280 @@
+"""Request and response bodies. `*Create` are what clients send, `*Public` what they get back;
+the ORM rows (`service.models`) never leave the API as they are."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service import jobs as job_service
+from service.models import BaseModelEntry, Checkpoint, Dataset, Job, JobMetric
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    field: str = Field(description="the field path, e.g. body.allocation")
+    msg: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what went wrong, for a person")
+    errors: list[FieldError] | None = Field(None, description="per-field problems (422 only)")
+    report: dict[str, Any] | None = Field(None, description="the dataset report of a rejected upload")
+
+
+# ---- models --------------------------------------------------------------------------------
+class BaseModelPublic(BaseModel):
+    name: str
+    model_type: str
+    num_layers: int = Field(description="decoder layers: the length of an explicit allocation list")
+    hidden_size: int
+    target_modules: list[str] = Field(description="modules adapted by default")
+    linear_modules: list[str] = Field(description="every module name that target_modules may list")
+
+    @classmethod
+    def of(cls, row: BaseModelEntry) -> "BaseModelPublic":
+        return cls(
+            name=row.name,
+            model_type=row.model_type,
+            num_layers=row.num_layers,
+            hidden_size=row.hidden_size,
+            target_modules=list(row.target_modules),
+            linear_modules=list(row.linear_modules),
+        )
+
+
+class BaseModelList(BaseModel):
+    data: list[BaseModelPublic]
+
+
+# ---- datasets ------------------------------------------------------------------------------
+class DatasetPublic(BaseModel):
+    id: str
+    filename: str
+    format: str | None = Field(description="alpaca, chat, completion, text or mixed")
+    rows: int
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+    report: dict[str, Any] = Field(description="the validation report: rows, formats, errors")
+    token_stats: dict[str, Any] = Field(description="token statistics per base model, filled in by the jobs that tokenized it")
+
+    @classmethod
+    def of(cls, row: Dataset) -> "DatasetPublic":
+        return cls(
+            id=row.id,
+            filename=row.filename,
+            format=row.format,
+            rows=row.rows,
+            size_bytes=row.size_bytes,
+            sha256=row.sha256,
+            created_at=row.created_at,
+            report=row.report or {},
+            token_stats=row.token_stats or {},
+        )
+
+
+class DatasetList(BaseModel):
+    data: list[DatasetPublic]
+    has_more: bool
+    last_id: str | None
+
+
+class Deleted(BaseModel):
+    id: str
+    deleted: bool = True
+
+
+# ---- jobs ----------------------------------------------------------------------------------
+class AllocationPreset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    preset: str = Field(description="rectangle, triangle, inverted_triangle or hourglass")
+    average: float = Field(description="mean experts per layer; the total is average * layers")
+
+
+class Hyperparameters(BaseModel):
+    """Training and adapter options; anything left out takes the default shown."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(3.0, gt=0, le=1000, description="passes over the data (ignored if max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps; overrides epochs")
+    learning_rate: float = Field(3e-4, gt=0, lt=1)
+    batch_size: int = Field(16, ge=1, le=8192, description="examples per optimizer step")
+    micro_batch_size: int = Field(4, ge=1, le=8192, description="examples per forward pass (gradient accumulation)")
+    cutoff_len: int = Field(256, ge=8, le=131072, description="tokens kept per example")
+    train_on_inputs: bool = Field(False, description="also learn the prompt tokens")
+    warmup_steps: int | None = Field(None, ge=0, le=10_000_000, description="default: 3% of the steps")
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    max_grad_norm: float | None = Field(1.0, ge=0)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    bf16: bool | None = Field(None, description="bf16 autocast; default: on where the GPU supports it")
+    gradient_checkpointing: bool = False
+    eval_every: int | None = Field(None, ge=1, description="evaluate on the validation set every N steps")
+    checkpoint_every: int | None = Field(None, ge=1, description="save a checkpoint every N steps")
+    rank: int = Field(8, ge=1, le=4096, description="LoRA rank of every expert")
+    alpha: float = Field(16.0, gt=0, le=1e6)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, min_length=1, description="default: the model's target_modules")
+    aux_loss_coef: float = Field(0.001, ge=0, le=1e3, description="weight of the load-balancing loss (mola)")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(min_length=1, max_length=200, description="a name from GET /models")
+    dataset_id: str = Field(min_length=1, max_length=40)
+    validation_dataset_id: str | None = Field(None, min_length=1, max_length=40)
+    method: Literal["mola", "lora"] = "mola"
+    allocation: list[int] | str | AllocationPreset | None = Field(
+        None,
+        description=(
+            "experts per layer (mola): a list with one count per layer, a digit string in the "
+            "paper's notation ('2468': quarters of the layers get 2, 4, 6, 8), a comma string, or "
+            "{preset, average}. Default '2468'."
+        ),
+        examples=["2468", [2, 2, 4, 4], {"preset": "inverted_triangle", "average": 5}],
+    )
+    top_k: int | list[int] | None = Field(None, description="experts mixed per token (mola), one for all layers or one per layer; default 2")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    suffix: str | None = Field(None, max_length=64, description="a label for the adapter")
+
+    @field_validator("allocation", mode="before")
+    @classmethod
+    def _allocation_shape(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError("allocation list entries must be whole numbers (experts per layer)")
+            return value
+        if isinstance(value, dict):
+            if set(value) != {"preset", "average"} or not isinstance(value["preset"], str) or isinstance(value["average"], bool) or not isinstance(value["average"], (int, float)):
+                raise ValueError("an allocation preset is {'preset': NAME, 'average': NUMBER}")
+            return value
+        raise ValueError(
+            "allocation must be a list with one expert count per layer, a string such as '2468', "
+            "or {'preset': NAME, 'average': NUMBER}"
+        )
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k_shape(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        raise ValueError("top_k must be a whole number or a list of whole numbers, one per layer")
+
+
+class JobProgress(BaseModel):
+    step: int
+    total_steps: int | None
+    epoch: float | None
+    fraction: float | None = Field(description="step / total_steps")
+    eta_seconds: float | None
+
+
+class JobPublic(BaseModel):
+    id: str
+    status: JobStatus
+    base_model: str
+    method: str
+    dataset_id: str
+    validation_dataset_id: str | None
+    allocation: list[int] | None = Field(description="experts per layer, expanded")
+    top_k: list[int] | None = Field(description="top-k per layer, expanded")
+    allocation_spec: Any = Field(description="the allocation as it was requested")
+    hyperparameters: dict[str, Any]
+    suffix: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested: bool
+    progress: JobProgress
+    error: str | None
+    result: dict[str, Any] | None
+    adapter_available: bool
+    attempts: int
+
+    @classmethod
+    def of(cls, job: Job) -> "JobPublic":
+        spec = job.spec or {}
+        total = job.total_steps
+        return cls(
+            id=job.id,
+            status=job.status,  # type: ignore[arg-type]
+            base_model=job.base_model,
+            method=job.method,
+            dataset_id=job.dataset_id,
+            validation_dataset_id=job.validation_dataset_id,
+            allocation=spec.get("experts_per_layer"),
+            top_k=spec.get("top_k_per_layer"),
+            allocation_spec=spec.get("allocation_spec"),
+            hyperparameters=spec.get("hyperparameters") or {},
+            suffix=spec.get("suffix"),
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            cancel_requested=job.cancel_requested_at is not None,
+            progress=JobProgress(
+                step=job.step,
+                total_steps=total,
+                epoch=job.epoch,
+                fraction=(job.step / total) if total else None,
+                eta_seconds=job_service.eta_seconds(job),
+            ),
+            error=job.error,
+            result=job.result,
+            adapter_available=job.adapter_key is not None,
+            attempts=job.attempts,
+        )
+
+
+class JobList(BaseModel):
+    data: list[JobPublic]
+    has_more: bool
+    last_id: str | None = Field(description="pass as ?after= for the next page")
+
+
+class MetricPublic(BaseModel):
+    step: int
+    kind: Literal["train", "eval"] | str
+    created_at: datetime
+    metrics: dict[str, Any] = Field(description="train: loss, lm_loss, aux_loss, lr, grad_norm, tokens_per_s, epoch, ...; eval: eval_loss, ...")
+
+    @classmethod
+    def of(cls, row: JobMetric) -> "MetricPublic":
+        return cls(step=row.step, kind=row.kind, created_at=row.created_at, metrics=row.values)
+
+
+class MetricList(BaseModel):
+    data: list[MetricPublic]
+    has_more: bool
+    last_step: int | None = Field(description="pass as ?after_step= to continue")
+
+
+class CheckpointPublic(BaseModel):
+    step: int
+    created_at: datetime
+    size_bytes: int
+    metrics: dict[str, Any]
+
+    @classmethod
+    def of(cls, row: Checkpoint) -> "CheckpointPublic":
+        return cls(step=row.step, created_at=row.created_at, size_bytes=row.size_bytes, metrics=row.metrics or {})
+
+
+class CheckpointList(BaseModel):
+    data: list[CheckpointPublic]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

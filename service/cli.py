@@ -1,0 +1,318 @@
+"""The `mola` command: service commands (serve, worker, migrate, keys, models), the library's
+commands (train, analyze, from `mola.cli`) and client commands (jobs, datasets, from
+`mola.client_cli`).
+
+Heavy imports (torch, the trainer, uvicorn, celery) happen inside the command that needs them,
+so `mola jobs list` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from mola import client_cli
+
+logger = logging.getLogger("mola.service")
+
+WORKER_STOP_SECONDS = 60
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="data folder (sets MOLA_DATA_DIR)")
+    parser.add_argument("--database-url", help="database URL (sets MOLA_DATABASE_URL)")
+
+
+def _settings(args: argparse.Namespace):
+    """Settings with the command-line overrides applied (through the environment, so that child
+    processes inherit them)."""
+    from service.settings import get_settings
+
+    for flag, env in (("data_dir", "MOLA_DATA_DIR"), ("database_url", "MOLA_DATABASE_URL"), ("host", "MOLA_HOST"), ("port", "MOLA_PORT")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            os.environ[env] = str(value)
+    if getattr(args, "no_worker", False):
+        os.environ["MOLA_EMBEDDED_WORKER"] = "false"
+    get_settings.cache_clear()
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return settings
+
+
+def _sessions(settings):
+    from service.db import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(settings))
+
+
+# ---- migrate, keys, models -------------------------------------------------------------------
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from service.db import downgrade, migrate
+
+    settings = _settings(args)
+    if args.downgrade:
+        downgrade(settings, args.downgrade)
+        print(f"database downgraded to {args.downgrade}")
+    else:
+        migrate(settings, args.revision)
+        print(f"database at {args.revision}: {settings.resolved_database_url}")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from service.db import session_scope
+    from service.security import create_api_key
+
+    settings = _settings(args)
+    _require_schema(settings)
+    try:
+        with session_scope(_sessions(settings)) as session:
+            _, token = create_api_key(session, args.tenant, args.name)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    print(f"(API key for tenant {args.tenant!r}; it is shown only this once)", file=sys.stderr)
+    return 0
+
+
+def cmd_models_sync(args: argparse.Namespace) -> int:
+    from service import catalogue
+    from service.db import session_scope
+
+    settings = _settings(args)
+    _require_schema(settings)
+    names = list(settings.models)
+    with session_scope(_sessions(settings)) as session:
+        if args.missing_only:
+            have = {m.name for m in catalogue.list_models(session)}
+            if set(names) == have:
+                print(f"model catalogue up to date ({len(names)} models)")
+                return 0
+        synced, errors = catalogue.sync(session, names)
+    for name in synced:
+        print(f"synced {name}")
+    for name, error in errors.items():
+        print(f"skipped {name}: {error}", file=sys.stderr)
+    return 0 if synced else 1
+
+
+def _require_schema(settings) -> None:
+    """Apply migrations first in local mode; elsewhere `mola migrate` is a deployment step."""
+    if settings.mode == "local":
+        from service.db import migrate
+
+        migrate(settings)
+
+
+# ---- serve and worker -----------------------------------------------------------------------
+def cmd_worker(args: argparse.Namespace) -> int:
+    _exit_with_parent()
+    settings = _settings(args)
+    from worker.celery_app import create_celery_app
+
+    app = create_celery_app(settings)
+    argv = [
+        "worker",
+        f"--pool={args.pool}",
+        f"--concurrency={args.concurrency}",
+        f"--queues={settings.queue}",
+        f"--hostname=mola-{os.getpid()}@%h",
+        f"--loglevel={settings.log_level}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    app.worker_main(argv)
+    return 0
+
+
+def _recover(settings) -> None:
+    """At start-up: jobs whose worker vanished (expired lease) are failed with a clear message,
+    and queued jobs are enqueued again (a duplicate message is harmless: a worker only claims a
+    job that is still queued)."""
+    from service import jobs
+    from service.db import session_scope
+    from service.queue import CeleryQueue
+
+    with session_scope(_sessions(settings)) as session:
+        for job_id in jobs.fail_abandoned_jobs(session):
+            logger.warning("job %s was running when its worker stopped; marked failed", job_id)
+        queued = jobs.queued_job_ids(session)
+    queue = CeleryQueue(settings)
+    for job_id in queued:
+        queue.enqueue_training(job_id)
+    if queued:
+        logger.info("re-enqueued %d queued job(s)", len(queued))
+
+
+def _ensure_first_key(settings) -> str | None:
+    from service import security
+    from service.db import session_scope
+
+    with session_scope(_sessions(settings)) as session:
+        if security.any_key_exists(session):
+            return None
+        _, token = security.create_api_key(session, "default", "created by mola serve")
+        return token
+
+
+def _exit_with_parent() -> None:
+    """In the embedded worker: get SIGTERM when `mola serve` dies, even by SIGKILL (Linux)."""
+    parent = os.environ.get("MOLA_SERVE_PID")
+    if not parent:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if str(os.getppid()) != parent:  # the parent died before prctl took effect
+        sys.exit(0)
+
+
+class WorkerProcess:
+    """The embedded worker: `mola worker` as a child process, restarted if it dies."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.stopping = False
+        self.thread = threading.Thread(target=self._watch, name="worker-watch", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self.thread.start()
+
+    def _spawn(self) -> None:
+        cmd = [sys.executable, "-m", "service.cli", "worker"]
+        # Its own session: a Ctrl-C in the terminal reaches `mola serve`, which then stops the
+        # worker with one SIGTERM (a second signal would make Celery stop without waiting).
+        env = {**os.environ, "MOLA_SERVE_PID": str(os.getpid())}
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        logger.info("embedded worker started (pid %d)", self.proc.pid)
+
+    def _watch(self) -> None:
+        while not self.stopping:
+            code = self.proc.wait()
+            if self.stopping:
+                return
+            logger.error("embedded worker exited with %s; restarting in 2 s", code)
+            time.sleep(2)
+            if not self.stopping:
+                self._spawn()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        logger.info("stopping the embedded worker (a running job checkpoints and is re-queued)")
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(WORKER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from service.db import migrate
+
+    migrate(settings)
+    # Describing models imports torch: do it in a child so the API process stays torch-free.
+    sync = subprocess.run([sys.executable, "-m", "service.cli", "models", "sync", "--missing-only"])
+    if sync.returncode != 0:
+        logger.warning("no base model could be described; GET /models is empty until `mola models sync` succeeds")
+    _recover(settings)
+    token = _ensure_first_key(settings)
+    if token:
+        print(
+            "\n  First API key (tenant 'default'); it is shown only this once:\n\n"
+            f"    export MOLA_API_KEY={token}\n",
+            flush=True,
+        )
+    worker = WorkerProcess() if settings.embedded_worker else None
+    if worker:
+        worker.start()
+    import uvicorn
+
+    print(f"  mola serving on http://{settings.host}:{settings.port} (API docs at /docs)\n", flush=True)
+    try:
+        uvicorn.run(
+            "api.main:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
+        )
+    finally:
+        if worker:
+            worker.stop()
+    return 0
+
+
+# ---- the parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mola", description="MoLA adapters: train them, serve a fine-tuning API, talk to it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the API with an embedded worker (migrates the database first)")
+    _server_options(p)
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--no-worker", action="store_true", help="do not start the embedded worker")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a training worker (one per GPU)")
+    _server_options(p)
+    p.add_argument("--pool", default="solo", choices=("solo", "prefork", "threads"), help="Celery pool (solo: jobs run in this process)")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("migrate", help="apply database migrations")
+    _server_options(p)
+    p.add_argument("--revision", default="head")
+    p.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION instead (e.g. base)")
+    p.set_defaults(func=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("create", help="create an API key for a tenant (created if new)")
+    _server_options(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--name", help="a label for the key")
+    p.set_defaults(func=cmd_keys_create)
+
+    models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)
+    p = models.add_parser("sync", help="describe the configured base models (MOLA_MODELS) into the catalogue")
+    _server_options(p)
+    p.add_argument("--missing-only", action="store_true", help="only when a configured model is not in the catalogue yet")
+    p.set_defaults(func=cmd_models_sync)
+    client_cli.add_model_list_command(models)
+
+    try:
+        from mola.cli import add_commands as add_library_commands
+    except ImportError:  # the library CLI is optional here
+        add_library_commands = None
+    if add_library_commands is not None:
+        add_library_commands(sub)
+    client_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Datasets: validate an uploaded JSONL file with `mola.data.inspect_dataset`, store it, list and
+delete. Nothing is stored for a file that does not validate."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.errors import Conflict, InvalidRequest, NotFound
+from service.models import Dataset, Job, new_id, utcnow
+from service.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+MAX_REPORTED_ERRORS = 20
+
+
+def inspect_file(path: Path, max_errors: int = MAX_REPORTED_ERRORS) -> dict[str, Any]:
+    """The library's report on a dataset file as a JSON-able dict (rows, format, errors with
+    line numbers, ...). Imported here so that importing the API does not import `mola.data`."""
+    from mola.data import inspect_dataset
+
+    return _as_dict(inspect_dataset(path, tokenizer=None, max_errors=max_errors))
+
+
+def _as_dict(report: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(report):
+        data = dataclasses.asdict(report)
+    elif hasattr(report, "to_dict"):
+        data = report.to_dict()
+    elif isinstance(report, dict):
+        data = dict(report)
+    else:
+        data = dict(vars(report))
+    return _jsonable(data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def is_valid(report: dict[str, Any]) -> bool:
+    return not report.get("errors") and (report.get("rows") or 0) > 0
+
+
+def create_dataset(
+    session: Session,
+    storage: Storage,
+    tenant_id: str,
+    filename: str,
+    path: Path,
+    size_bytes: int,
+    sha256: str,
+) -> Dataset:
+    """Validate the file at ``path`` and store it; raises `InvalidRequest` (with the report) when
+    it has errors. Flushes; the caller commits."""
+    report = inspect_file(path)
+    if not is_valid(report):
+        count = len(report.get("errors") or [])
+        message = (
+            f"{filename}: {count} error(s) in the dataset; the first: {_first_error(report)}"
+            if count
+            else f"{filename}: no training rows found"
+        )
+        raise InvalidRequest(("body", "file"), message, extra={"report": report})
+    dataset_id = new_id("ds")
+    key = f"datasets/{tenant_id}/{dataset_id}.jsonl"
+    storage.put_file(key, path)
+    dataset = Dataset(
+        id=dataset_id,
+        tenant_id=tenant_id,
+        filename=filename,
+        format=report.get("format"),
+        rows=int(report.get("rows") or 0),
+        size_bytes=size_bytes,
+        sha256=sha256,
+        storage_key=key,
+        report=report,
+        token_stats={},
+    )
+    session.add(dataset)
+    try:
+        session.flush()
+    except Exception:
+        storage.delete(key)
+        raise
+    return dataset
+
+
+def _first_error(report: dict[str, Any]) -> str:
+    first = (report.get("errors") or [None])[0]
+    if isinstance(first, dict):
+        line = first.get("line")
+        message = first.get("message") or first.get("error") or first
+        return f"line {line}: {message}" if line is not None else str(message)
+    return str(first)
+
+
+def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    """The tenant's dataset; another tenant's or a deleted one is not found."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.tenant_id != tenant_id or dataset.deleted_at is not None:
+        raise NotFound(f"dataset {dataset_id!r} not found")
+    return dataset
+
+
+def active_jobs_using(session: Session, dataset_id: str) -> int:
+    return session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            (Job.dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id),
+            Job.status.in_(("queued", "running")),
+        )
+    )
+
+
+def list_datasets(session: Session, tenant_id: str, limit: int = 20, after: str | None = None) -> tuple[list[Dataset], bool]:
+    query = select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.deleted_at.is_(None))
+    if after:
+        query = query.where(Dataset.id < after)
+    rows = list(session.scalars(query.order_by(Dataset.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_dataset(session: Session, dataset: Dataset) -> str:
+    """Hide the row (jobs keep referring to it) and return the storage key that the caller
+    removes once this is committed. Refused while a queued or running job uses the dataset."""
+    if active_jobs_using(session, dataset.id):
+        raise Conflict(f"dataset {dataset.id} is used by a queued or running job")
+    dataset.deleted_at = utcnow()
+    session.flush()
+    return dataset.storage_key

@@ -1,0 +1,411 @@
+"""Jobs: validating a request against the chosen model, creating it (idempotently), listing,
+cancelling, and the state changes a worker makes while it runs one.
+
+Helpers flush; the caller (a route, a task, the CLI) commits. A worker owns a running job
+through its lease: every write it makes is conditional on `lease_owner`, so a worker that lost
+its claim cannot overwrite the state another one is writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from mola.allocation import expand_allocation, expand_top_k
+from mola.config import MolaConfig
+from service.datasets import get_dataset
+from service.errors import Conflict, InvalidRequest, NotFound
+from service.models import (
+    JOB_STATUSES,
+    TERMINAL_STATUSES,
+    BaseModelEntry,
+    Checkpoint,
+    Dataset,
+    Job,
+    JobMetric,
+    utcnow,
+)
+
+DEFAULT_ALLOCATION = "2468"
+DEFAULT_TOP_K = 2
+# Hyperparameters that shape the adapter rather than the optimisation.
+ADAPTER_FIELDS = ("rank", "alpha", "dropout", "target_modules", "aux_loss_coef")
+
+
+# ---- validation ----------------------------------------------------------------------------
+def request_hash(request: dict[str, Any]) -> str:
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def get_base_model(session: Session, name: str) -> BaseModelEntry:
+    entry = session.get(BaseModelEntry, name)
+    if entry is None:
+        names = session.scalars(select(BaseModelEntry.name).order_by(BaseModelEntry.name)).all()
+        hint = f"; available: {', '.join(names)}" if names else "; none synced yet (run `mola models sync`)"
+        raise InvalidRequest(("body", "base_model"), f"unknown base model {name!r}{hint}")
+    return entry
+
+
+def _dataset_field(session: Session, tenant_id: str, dataset_id: str, field: str) -> Dataset:
+    try:
+        return get_dataset(session, tenant_id, dataset_id)
+    except NotFound as exc:
+        raise InvalidRequest(("body", field), exc.detail) from None
+
+
+def _match_module(name: str, available: list[str]) -> bool:
+    """`name` matches like mola matches targets: equal to, or a dotted suffix of, a module path
+    inside a decoder layer (`q_proj` matches `self_attn.q_proj`)."""
+    return any(a == name or a.endswith("." + name) or name.endswith("." + a) for a in available)
+
+
+def build_spec(session: Session, tenant_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Check a job request against the server's models and the tenant's datasets, and return the
+    spec the worker runs: allocation and top-k expanded per layer, defaults filled in.
+
+    Raises `InvalidRequest` with the field path of the first problem.
+    """
+    model = get_base_model(session, request["base_model"])
+    _dataset_field(session, tenant_id, request["dataset_id"], "dataset_id")
+    if request.get("validation_dataset_id"):
+        _dataset_field(session, tenant_id, request["validation_dataset_id"], "validation_dataset_id")
+
+    method = request.get("method", "mola")
+    hp = dict(request.get("hyperparameters") or {})
+    where = f"{model.name} has {model.num_layers} layers"
+
+    targets = hp.get("target_modules")
+    if targets:
+        unknown = [t for t in targets if not _match_module(t, model.linear_modules)]
+        if unknown:
+            raise InvalidRequest(
+                ("body", "hyperparameters", "target_modules"),
+                f"{', '.join(map(repr, unknown))} not among {model.name}'s linear modules "
+                f"({', '.join(model.linear_modules)})",
+            )
+    else:
+        targets = list(model.target_modules)
+    hp["target_modules"] = targets
+
+    if hp.get("micro_batch_size") and hp.get("batch_size"):
+        hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
+
+    experts: list[int] | None = None
+    top_k: list[int] | None = None
+    if method == "mola":
+        allocation = request.get("allocation")
+        if allocation is None:
+            allocation = DEFAULT_ALLOCATION
+        try:
+            experts = expand_allocation(allocation, model.num_layers)
+        except ValueError as exc:
+            raise InvalidRequest(("body", "allocation"), f"{exc} ({where})") from None
+        try:
+            top_k = expand_top_k(request.get("top_k") or DEFAULT_TOP_K, experts)
+        except ValueError as exc:
+            raise InvalidRequest(("body", "top_k"), f"{exc} ({where})") from None
+        try:
+            MolaConfig(experts=experts, top_k=top_k, **{k: hp[k] for k in ADAPTER_FIELDS if hp.get(k) is not None})
+        except (TypeError, ValueError) as exc:
+            message = str(exc)
+            field = next((f for f in ADAPTER_FIELDS if message.startswith(f)), None)
+            loc = ("body", "hyperparameters", field) if field else ("body", "hyperparameters")
+            raise InvalidRequest(loc, message) from None
+    elif request.get("allocation") is not None or request.get("top_k") is not None:
+        field = "allocation" if request.get("allocation") is not None else "top_k"
+        raise InvalidRequest(("body", field), f"{field} applies to method 'mola', not {method!r}")
+
+    return {
+        "base_model": model.name,
+        "model_type": model.model_type,
+        "num_layers": model.num_layers,
+        "method": method,
+        "dataset_id": request["dataset_id"],
+        "validation_dataset_id": request.get("validation_dataset_id"),
+        "allocation_spec": request.get("allocation"),
+        "experts_per_layer": experts,
+        "top_k_per_layer": top_k,
+        "hyperparameters": hp,
+        "suffix": request.get("suffix"),
+    }
+
+
+# ---- the API's side ------------------------------------------------------------------------
+def create_job(
+    session: Session, tenant_id: str, request: dict[str, Any], idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Validate and insert a queued job; returns (job, created). With an idempotency key that
+    was used before, returns the earlier job (created=False) if the request is the same, and
+    raises `Conflict` if it differs. Flushes; the caller commits, then enqueues."""
+    digest = request_hash(request)
+    if idempotency_key:
+        existing = find_by_idempotency_key(session, tenant_id, idempotency_key)
+        if existing is not None:
+            if existing.request_hash != digest:
+                raise Conflict("Idempotency-Key was already used with a different request")
+            return existing, False
+    spec = build_spec(session, tenant_id, request)
+    job = Job(
+        tenant_id=tenant_id,
+        base_model=spec["base_model"],
+        dataset_id=spec["dataset_id"],
+        validation_dataset_id=spec["validation_dataset_id"],
+        method=spec["method"],
+        spec=spec,
+        status="queued",
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        step=0,
+        attempts=0,
+    )
+    session.add(job)
+    session.flush()
+    return job, True
+
+
+def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def list_jobs(
+    session: Session, tenant_id: str, status: str | None = None, limit: int = 20, after: str | None = None
+) -> tuple[list[Job], bool]:
+    """Newest first; ``after`` is the last id of the previous page. Returns (jobs, has_more)."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        if status not in JOB_STATUSES:
+            raise InvalidRequest(("query", "status"), f"status must be one of {', '.join(JOB_STATUSES)}")
+        query = query.where(Job.status == status)
+    if after:
+        query = query.where(Job.id < after)
+    jobs = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    return jobs[:limit], len(jobs) > limit
+
+
+def cancel_job(session: Session, job: Job) -> Job:
+    """Cancel a queued job at once; ask a running one to stop at its next step."""
+    now = utcnow()
+    if job.status in TERMINAL_STATUSES:
+        raise Conflict(f"job {job.id} has already {job.status}" if job.status != "cancelled" else f"job {job.id} is already cancelled")
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested_at=now, finished_at=now, updated_at=now)
+    ).rowcount
+    if not done:
+        # It started (or finished) in the meantime: the worker sees the request at its next step.
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "running", Job.cancel_requested_at.is_(None))
+            .values(cancel_requested_at=now, updated_at=now)
+        )
+    session.refresh(job)
+    return job
+
+
+def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
+    """Time left, from the rate since the job started."""
+    if job.status != "running" or not job.started_at or not job.total_steps or job.step <= 0:
+        return None
+    elapsed = ((now or utcnow()) - job.started_at).total_seconds()
+    return max(0.0, elapsed / job.step * (job.total_steps - job.step))
+
+
+def get_metrics(
+    session: Session, job_id: str, after_step: int = -1, limit: int = 100, kind: str | None = None
+) -> tuple[list[JobMetric], bool]:
+    """Metrics of up to ``limit`` steps after ``after_step``, all kinds of a step together (a
+    page never splits a step, so ``after_step=<last step seen>`` continues without a gap)."""
+    base = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > after_step)
+    if kind is not None:
+        base = base.where(JobMetric.kind == kind)
+    steps = list(
+        session.scalars(
+            select(JobMetric.step).where(base.whereclause).distinct().order_by(JobMetric.step).limit(limit + 1)
+        )
+    )
+    if not steps:
+        return [], False
+    last = steps[min(limit, len(steps)) - 1]
+    rows = session.scalars(base.where(JobMetric.step <= last).order_by(JobMetric.step, JobMetric.kind))
+    return list(rows), len(steps) > limit
+
+
+def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+
+
+# ---- the worker's side ---------------------------------------------------------------------
+def claim_job(session: Session, job_id: str, owner: str, lease_seconds: float) -> Job | None:
+    """Move a queued job to running under ``owner``'s lease; None if it is not queued (already
+    taken, finished or cancelled: a duplicate delivery is then a no-op)."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="running",
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            heartbeat_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+            attempts=Job.attempts + 1,
+            updated_at=now,
+        )
+    ).rowcount
+    if not claimed:
+        return None
+    job = session.get(Job, job_id)
+    session.refresh(job)
+    return job
+
+
+def heartbeat(
+    session: Session,
+    job_id: str,
+    owner: str,
+    lease_seconds: float,
+    step: int | None = None,
+    total_steps: int | None = None,
+    epoch: float | None = None,
+) -> bool:
+    """Renew the lease and record progress; False if ``owner`` no longer holds the job."""
+    now = utcnow()
+    values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
+    if step is not None:
+        values["step"] = step
+    if total_steps is not None:
+        values["total_steps"] = total_steps
+    if epoch is not None:
+        values["epoch"] = epoch
+    return bool(
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running").values(**values)
+        ).rowcount
+    )
+
+
+def release_job(session: Session, job_id: str, owner: str) -> bool:
+    """Give a running job back to the queue (its worker is shutting down)."""
+    return bool(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+            .values(status="queued", lease_owner=None, lease_expires_at=None, updated_at=utcnow())
+        ).rowcount
+    )
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    owner: str,
+    status: str,
+    error: str | None = None,
+    result: dict[str, Any] | None = None,
+    adapter_key: str | None = None,
+) -> bool:
+    """Record the end of a run; False if ``owner`` no longer holds the job."""
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(f"not a final status: {status!r}")
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": status,
+        "finished_at": now,
+        "updated_at": now,
+        "lease_expires_at": None,
+        "error": error,
+    }
+    if result is not None:
+        values["result"] = result
+    if adapter_key is not None:
+        values["adapter_key"] = adapter_key
+    return bool(
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running").values(**values)
+        ).rowcount
+    )
+
+
+def record_metrics(session: Session, job_id: str, rows: list[dict[str, Any]]) -> None:
+    """Insert metric rows ({step, kind, values}); a (job, kind, step) already stored is kept, so a
+    resumed run that replays steps adds no duplicates."""
+    if not rows:
+        return
+    now = utcnow()
+    payload = [{"job_id": job_id, "step": r["step"], "kind": r["kind"], "values": r["values"], "created_at": now} for r in rows]
+    session.execute(_insert_ignore(session, JobMetric, ("job_id", "kind", "step")), payload)
+
+
+def record_checkpoint(
+    session: Session, job_id: str, step: int, storage_prefix: str, size_bytes: int, metrics: dict[str, Any] | None = None
+) -> None:
+    row = {
+        "job_id": job_id,
+        "step": step,
+        "storage_prefix": storage_prefix,
+        "size_bytes": size_bytes,
+        "metrics": metrics or {},
+        "created_at": utcnow(),
+    }
+    session.execute(_insert_ignore(session, Checkpoint, ("job_id", "step")), [row])
+
+
+def record_token_stats(session: Session, dataset_id: str, model_name: str, stats: dict[str, Any]) -> None:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is not None:
+        dataset.token_stats = {**(dataset.token_stats or {}), model_name: stats}
+
+
+def fail_abandoned_jobs(session: Session) -> list[str]:
+    """Mark failed the running jobs whose lease has expired (their worker is gone). Returns
+    their ids. (Resuming them from their last checkpoint instead is the production recovery.)"""
+    now = utcnow()
+    ids = list(
+        session.scalars(select(Job.id).where(Job.status == "running", Job.lease_expires_at < now))
+    )
+    if ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == "running", Job.lease_expires_at < now)
+            .values(
+                status="failed",
+                error="the worker running this job stopped before it finished; submit it again",
+                finished_at=now,
+                updated_at=now,
+                lease_expires_at=None,
+            )
+        )
+    return ids
+
+
+def queued_job_ids(session: Session) -> list[str]:
+    return list(session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.id)))
+
+
+def _insert_ignore(session: Session, table: type, conflict_columns: tuple[str, ...]):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - the service supports SQLite and PostgreSQL
+        raise NotImplementedError(f"no insert-or-ignore for {dialect}")
+    return insert(table).on_conflict_do_nothing(index_elements=list(conflict_columns))

@@ -1,0 +1,33 @@
+"""Handing jobs to workers. The API enqueues a job id only after the row is committed; the
+worker re-reads everything else from the database."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+TRAIN_TASK = "mola.train_job"
+
+
+class JobQueue(Protocol):
+    def enqueue_training(self, job_id: str) -> None: ...
+
+
+class CeleryQueue:
+    """Sends `mola.train_job(job_id)` to the configured queue by name (no worker code imported)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._app = None
+
+    def enqueue_training(self, job_id: str) -> None:
+        if self._app is None:
+            from worker.celery_app import create_celery_app
+
+            self._app = create_celery_app(self.settings)
+        self._app.send_task(TRAIN_TASK, args=[job_id], queue=self.settings.queue)
+        logger.info("enqueued %s on %s", job_id, self.settings.queue)

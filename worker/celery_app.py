@@ -1,0 +1,61 @@
+"""The Celery application.
+
+Long GPU jobs: a task is acknowledged only when it ends (`task_acks_late`) and a worker reserves
+one job at a time (`worker_prefetch_multiplier=1`); run one worker process per GPU. The embedded
+default broker is a folder of message files under the data folder (kombu's `filesystem://`), so
+`mola serve` needs no broker server.
+
+`celery -A worker.celery_app worker` finds the app as `app`, built on first access from the
+`MOLA_*` settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from service.queue import TRAIN_TASK
+from service.settings import Settings, get_settings
+
+
+def broker_options(settings: Settings) -> dict[str, Any]:
+    if not settings.resolved_broker_url.startswith("filesystem"):
+        return {}
+    folder = settings.broker_folder
+    queue, control = folder / "queue", folder / "control"
+    for path in (queue, control):
+        path.mkdir(parents=True, exist_ok=True)
+    # Producer and consumer share one folder: messages written there are read from there.
+    return {"data_folder_in": str(queue), "data_folder_out": str(queue), "control_folder": str(control)}
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    app = Celery("mola", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    local_broker = settings.resolved_broker_url.startswith("filesystem")
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        task_routes={TRAIN_TASK: {"queue": settings.queue}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        broker_transport_options=broker_options(settings),
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        # The folder broker has no broadcast channel worth its polling.
+        worker_enable_remote_control=not local_broker,
+    )
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("app", "celery"):
+        value = create_celery_app(get_settings())
+        globals()["app"] = globals()["celery"] = value
+        return value
+    raise AttributeError(name)

@@ -1,0 +1,435 @@
+"""Running one job: claim it, load the base model and the data, build the adapter, call
+`mola.train.train`, and record what happens.
+
+- Metrics are buffered and written in batches (whole steps at a time, every
+  `metrics_flush_seconds`), so training never waits on the database for each step.
+- Cancellation is a cheap read of one column, at most every `cancel_poll_seconds`; the callback
+  then returns True and the trainer stops after the step (writing a checkpoint first).
+- A heartbeat thread renews the job's lease; if the lease is lost (another worker took the job
+  over) the run stops and writes nothing more.
+- Checkpoints are uploaded to storage as they are written; a job that is claimed again (after a
+  worker shutdown) resumes from its latest one. The final adapter is uploaded as a `.tar.gz`
+  with `adapter_config.json`, `adapter_model.safetensors` and a `README.md` model card.
+
+No transaction is held across training: every write is a short session of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import socket
+import tarfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import jobs as job_service
+from service.db import make_engine, make_sessionmaker, session_scope
+from service.models import Checkpoint, Dataset, Job
+from service.settings import Settings
+from service.storage import Storage, make_storage
+
+logger = logging.getLogger(__name__)
+
+# Set by the worker's warm-shutdown signal: the running job checkpoints and goes back to the queue.
+SHUTDOWN = threading.Event()
+
+# Request hyperparameters that `mola.train.TrainConfig` takes as they are.
+TRAIN_FIELDS = (
+    "epochs",
+    "max_steps",
+    "learning_rate",
+    "batch_size",
+    "micro_batch_size",
+    "cutoff_len",
+    "train_on_inputs",
+    "warmup_steps",
+    "lr_schedule",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "bf16",
+    "gradient_checkpointing",
+    "eval_every",
+    "checkpoint_every",
+)
+ERROR_LIMIT = 2000
+
+
+class Resources:
+    """Per-process database and storage handles, built once per settings."""
+
+    _cache: dict[int, "Resources"] = {}
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sessions: sessionmaker[Session] = make_sessionmaker(make_engine(settings))
+        self.storage: Storage = make_storage(settings)
+
+    @classmethod
+    def of(cls, settings: Settings) -> "Resources":
+        key = id(settings)
+        if key not in cls._cache:
+            cls._cache[key] = cls(settings)
+        return cls._cache[key]
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Stop(Exception):
+    """The run ended early for ``reason`` ("cancel", "shutdown" or "lease_lost")."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---- the callback ----------------------------------------------------------------------------
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return str(value)
+
+
+class Reporter:
+    """The trainer's callback: buffers metrics, uploads checkpoints, decides when to stop."""
+
+    def __init__(self, job_id: str, owner: str, res: Resources, heartbeat: "Heartbeat") -> None:
+        self.job_id = job_id
+        self.owner = owner
+        self.res = res
+        self.heartbeat = heartbeat
+        self.settings = res.settings
+        self.buffer: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
+        self.last_cancel_check = 0.0
+        self.stop_reason: str | None = None
+        self.progress: dict[str, Any] = {}
+
+    def __call__(self, event: dict[str, Any]) -> bool:
+        kind = event.get("kind")
+        if kind == "train":
+            # Flush before adding step N: the buffer then holds whole steps (step N-1's train
+            # and eval rows together), so a reader paging by step never misses a row.
+            if time.monotonic() - self.last_flush >= self.settings.metrics_flush_seconds:
+                self.flush()
+            self.progress = {"step": event["step"], "total_steps": event.get("total_steps"), "epoch": event.get("epoch")}
+            self.buffer.append(self._row(event))
+        elif kind == "eval":
+            self.buffer.append(self._row(event))
+        elif kind == "checkpoint":
+            self.flush()
+            self.upload_checkpoint(event)
+        return self.should_stop()
+
+    @staticmethod
+    def _row(event: dict[str, Any]) -> dict[str, Any]:
+        values = {k: v for k, v in event.items() if k not in ("kind", "step", "total_steps")}
+        return {"step": int(event["step"]), "kind": event["kind"], "values": _clean(values)}
+
+    def should_stop(self) -> bool:
+        if self.stop_reason is None and self.heartbeat.lost:
+            self.stop_reason = "lease_lost"
+        if self.stop_reason is None and SHUTDOWN.is_set():
+            self.stop_reason = "shutdown"
+        now = time.monotonic()
+        if self.stop_reason is None and now - self.last_cancel_check >= self.settings.cancel_poll_seconds:
+            self.last_cancel_check = now
+            with self.res.sessions() as session:
+                if job_service.cancel_requested(session, self.job_id):
+                    self.stop_reason = "cancel"
+        return self.stop_reason is not None
+
+    def flush(self) -> None:
+        rows, self.buffer = self.buffer, []
+        self.last_flush = time.monotonic()
+        if self.heartbeat.lost:
+            return
+        with session_scope(self.res.sessions) as session:
+            job_service.record_metrics(session, self.job_id, rows)
+            held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds, **self.progress)
+        if not held:
+            self.heartbeat.lost = True
+
+    def upload_checkpoint(self, event: dict[str, Any]) -> None:
+        path = Path(event["path"])
+        step = int(event["step"])
+        prefix = f"jobs/{self.job_id}/checkpoints/checkpoint-{step}"
+        size = self.res.storage.put_dir(prefix, path)
+        with session_scope(self.res.sessions) as session:
+            job_service.record_checkpoint(session, self.job_id, step, prefix, size, _clean({"epoch": event.get("epoch")}))
+        logger.info("job %s: checkpoint at step %d uploaded (%d bytes)", self.job_id, step, size)
+
+
+class Heartbeat(threading.Thread):
+    """Renews the job's lease every quarter of its length until stopped."""
+
+    def __init__(self, job_id: str, owner: str, res: Resources) -> None:
+        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
+        self.job_id, self.owner, self.res = job_id, owner, res
+        self.done = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        interval = max(1.0, self.res.settings.lease_seconds / 4)
+        while not self.done.wait(interval):
+            try:
+                with session_scope(self.res.sessions) as session:
+                    if not job_service.heartbeat(session, self.job_id, self.owner, self.res.settings.lease_seconds):
+                        self.lost = True
+                        return
+            except Exception:  # a busy database must not kill the run; the next beat retries
+                logger.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def run_job(job_id: str, settings: Settings) -> str:
+    """Run the job if it is queued; returns the status it ends in (or "skipped")."""
+    res = Resources.of(settings)
+    owner = worker_identity()
+    if SHUTDOWN.is_set():
+        logger.info("job %s: worker shutting down, not starting it", job_id)
+        return "skipped"
+    with session_scope(res.sessions) as session:
+        job = job_service.claim_job(session, job_id, owner, settings.lease_seconds)
+        if job is None:
+            current = session.get(Job, job_id)
+            logger.info("job %s is %s, not queued: nothing to do", job_id, current.status if current else "missing")
+            return "skipped"
+        spec = dict(job.spec)
+        datasets = {d.id: d.storage_key for d in session.scalars(select(Dataset).where(Dataset.id.in_([job.dataset_id, job.validation_dataset_id or ""])))}
+        checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1))
+        resume_prefix = checkpoint.storage_prefix if checkpoint else None
+    logger.info("job %s: running as %s (%s on %s)", job_id, owner, spec["method"], spec["base_model"])
+
+    work = settings.scratch_dir / job_id
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    heartbeat = Heartbeat(job_id, owner, res)
+    heartbeat.start()
+    reporter = Reporter(job_id, owner, res, heartbeat)
+    try:
+        result = _train(job_id, spec, datasets, resume_prefix, work, res, reporter)
+        return _finish(job_id, owner, spec, result, work, res, reporter)
+    except Stop as stop:
+        return _stopped_early(job_id, owner, stop.reason, res, reporter)
+    except Exception as exc:
+        logger.exception("job %s failed", job_id)
+        return _fail(job_id, owner, exc, res, reporter)
+    finally:
+        heartbeat.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str | None, work: Path, res: Resources, reporter: Reporter):
+    import torch
+
+    from mola.data import load_training_data
+    from mola.models import load_base_model
+    from mola.train import TrainConfig, train
+
+    hp = spec["hyperparameters"]
+    if reporter.should_stop():
+        raise Stop(reporter.stop_reason or "cancel")
+    device = res.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_base_model(spec["base_model"], device=device)
+    model = _adapter(model, spec)
+
+    train_path = res.storage.get_file(datasets[spec["dataset_id"]], work / "train.jsonl")
+    train_data = load_training_data(train_path, tokenizer, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
+    if not train_data:
+        raise ValueError(f"no training example keeps a trainable token within cutoff_len={hp['cutoff_len']}")
+    _record_token_stats(spec["dataset_id"], spec["base_model"], train_data, hp["cutoff_len"], res)
+    eval_data = None
+    if spec.get("validation_dataset_id"):
+        eval_path = res.storage.get_file(datasets[spec["validation_dataset_id"]], work / "validation.jsonl")
+        eval_data = load_training_data(eval_path, tokenizer, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: hp[k] for k in TRAIN_FIELDS if k in hp and k in known}, log_every=1)
+    resume_from = None
+    if resume_prefix:
+        resume_from = res.storage.get_dir(resume_prefix, work / "resume" / Path(resume_prefix).name)
+        logger.info("job %s: resuming from %s", job_id, resume_prefix)
+    result = train(
+        model,
+        tokenizer,
+        train_data,
+        eval_data,
+        config=config,
+        callback=reporter,
+        checkpoint_dir=work / "checkpoints",
+        resume_from=resume_from,
+    )
+    reporter.flush()
+    if result.stopped and reporter.stop_reason in ("shutdown", "lease_lost"):
+        raise Stop(reporter.stop_reason)
+    return model, result
+
+
+def _adapter(model: Any, spec: dict) -> Any:
+    hp = spec["hyperparameters"]
+    if spec["method"] == "mola":
+        from mola import MolaConfig, get_mola_model
+
+        config = MolaConfig(
+            experts=spec["experts_per_layer"],
+            top_k=spec["top_k_per_layer"],
+            rank=hp["rank"],
+            alpha=hp["alpha"],
+            dropout=hp["dropout"],
+            target_modules=hp["target_modules"],
+            aux_loss_coef=hp["aux_loss_coef"],
+            base_model_name_or_path=spec["base_model"],
+        )
+        return get_mola_model(model, config)
+    from mola.lora import get_lora_model
+
+    return get_lora_model(model, rank=hp["rank"], alpha=hp["alpha"], dropout=hp["dropout"], target_modules=hp["target_modules"])
+
+
+def _record_token_stats(dataset_id: str, model_name: str, examples: list[dict], cutoff_len: int, res: Resources) -> None:
+    lengths = [len(e["input_ids"]) for e in examples]
+    stats = {
+        "examples": len(examples),
+        "total_tokens": sum(lengths),
+        "trainable_tokens": sum(sum(1 for t in e["labels"] if t != -100) for e in examples),
+        "mean_tokens": sum(lengths) / len(lengths),
+        "max_tokens": max(lengths),
+        "cutoff_len": cutoff_len,
+    }
+    with session_scope(res.sessions) as session:
+        job_service.record_token_stats(session, dataset_id, model_name, stats)
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    return _clean(
+        {
+            "steps": result.steps,
+            "total_steps": result.total_steps,
+            "stopped_early": result.stopped,
+            "train": {k: v for k, v in (result.metrics or {}).items() if k not in ("kind",)},
+            "eval": {k: v for k, v in (result.eval_metrics or {}).items() if k not in ("kind",)},
+        }
+    )
+
+
+def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res: Resources, reporter: Reporter) -> str:
+    model, result = trained
+    status = "cancelled" if result.stopped else "succeeded"
+    adapter_dir = work / "adapter"
+    if spec["method"] == "mola":
+        model.save_pretrained(adapter_dir, metadata={"job_id": job_id, "dataset_id": spec["dataset_id"], "steps": result.steps})
+    else:
+        model.save_pretrained(str(adapter_dir))
+    (adapter_dir / "README.md").write_text(model_card(job_id, spec, result, status))
+    archive = work / "adapter.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(adapter_dir.iterdir()):
+            tar.add(path, arcname=path.name)
+    key = f"jobs/{job_id}/adapter.tar.gz"
+    res.storage.put_file(key, archive)
+    with session_scope(res.sessions) as session:
+        held = job_service.finish_job(session, job_id, owner, status, result=_summary(result), adapter_key=key)
+    if not held:
+        logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
+        return "lost"
+    logger.info("job %s %s after %d/%d steps", job_id, status, result.steps, result.total_steps)
+    return status
+
+
+def _stopped_early(job_id: str, owner: str, reason: str, res: Resources, reporter: Reporter) -> str:
+    if reason == "lease_lost":
+        logger.warning("job %s: lease lost; stopping without writing", job_id)
+        return "lost"
+    with session_scope(res.sessions) as session:
+        if reason == "cancel":
+            job_service.finish_job(session, job_id, owner, "cancelled")
+            return "cancelled"
+        # Worker shutdown: back to queued; the next claim resumes from the last checkpoint. It
+        # is not re-enqueued from here (this worker would take the message again on its way
+        # out): `mola serve` re-enqueues queued jobs when it starts.
+        job_service.release_job(session, job_id, owner)
+    logger.info("job %s: worker shutting down, job returned to queued", job_id)
+    return "requeued"
+
+
+def _fail(job_id: str, owner: str, exc: BaseException, res: Resources, reporter: Reporter) -> str:
+    try:
+        reporter.flush()
+    except Exception:
+        logger.warning("job %s: could not write the last metrics", job_id, exc_info=True)
+    with session_scope(res.sessions) as session:
+        job_service.finish_job(session, job_id, owner, "failed", error=describe_error(exc))
+    return "failed"
+
+
+def describe_error(exc: BaseException) -> str:
+    """A message for the job's `error` field: the exception, plus a hint for the usual causes."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "out of memory" in str(exc).lower():
+        text += " (hint: lower micro_batch_size or cutoff_len, or turn on gradient_checkpointing)"
+    return text[:ERROR_LIMIT]
+
+
+def model_card(job_id: str, spec: dict, result: Any, status: str) -> str:
+    hp = spec["hyperparameters"]
+    lines = [
+        f"# {spec['method'].upper()} adapter for {spec['base_model']}",
+        "",
+        f"Trained by the mola fine-tuning service, job `{job_id}` ({status} after {result.steps} of {result.total_steps} steps).",
+        "",
+        f"- base model: `{spec['base_model']}` ({spec['num_layers']} layers)",
+        f"- method: {spec['method']}",
+    ]
+    if spec["method"] == "mola":
+        from mola.allocation import describe_allocation
+
+        lines += [
+            f"- experts per layer: {spec['experts_per_layer']} ({describe_allocation(spec['experts_per_layer'])})",
+            f"- top-k per layer: {spec['top_k_per_layer']}",
+        ]
+    lines += [
+        f"- rank {hp['rank']}, alpha {hp['alpha']}, dropout {hp['dropout']}, targets {', '.join(hp['target_modules'])}",
+        f"- dataset `{spec['dataset_id']}`, learning rate {hp['learning_rate']}, batch size {hp['batch_size']}, cutoff {hp['cutoff_len']}",
+    ]
+    loss = (result.metrics or {}).get("loss")
+    if loss is not None:
+        lines.append(f"- final training loss: {loss:.4f}")
+    eval_loss = (result.eval_metrics or {}).get("eval_loss")
+    if eval_loss is not None:
+        lines.append(f"- final validation loss: {eval_loss:.4f}")
+    if spec["method"] == "mola":
+        lines += [
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from mola import load_mola_model",
+            "from mola.models import load_base_model",
+            "",
+            f'base, tokenizer = load_base_model("{spec["base_model"]}")',
+            'model = load_mola_model(base, "path/to/this/folder")',
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
