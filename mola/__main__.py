@@ -1,0 +1,5 @@
+import sys
+
+from mola.cli import main
+
+sys.exit(main())

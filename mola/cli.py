@@ -1,0 +1,180 @@
+"""Library commands: `mola train` and `mola analyze`.
+
+`add_commands` registers them on the full `mola` command (see service/cli.py); `python -m mola`
+runs them alone. Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _add_train(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="train a MoLA (or LoRA) adapter on a dataset", description="Train an adapter and save it to --output.")
+    p.add_argument("--model", required=True, help="base model: tiny-llama, smollm2-135m-instruct, a local directory or a cached hub id")
+    p.add_argument("--data", required=True, help="training data: JSONL (alpaca, chat, prompt/completion or text rows) or a save_to_disk folder")
+    p.add_argument("--eval-data", help="evaluation data (same formats); eval loss is reported")
+    p.add_argument("--output", required=True, help="folder for the adapter (and checkpoints/ inside it)")
+    p.add_argument("--method", choices=["mola", "lora"], default="mola")
+    p.add_argument("--experts", default="2468", help="allocation: '2468', '2,4,6,8', one entry per layer, or 'inverted_triangle:5'")
+    p.add_argument("--top-k", default="2", help="experts per token: an int or a comma list per layer")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--targets", help="comma-separated target modules (default: the architecture's)")
+    p.add_argument("--aux-loss-coef", type=float, default=0.001)
+    p.add_argument("--match-mola", action="store_true", help="with --method lora: per-module ranks matching the MoLA allocation's parameters")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--train-on-inputs", action="store_true")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--resume", help="checkpoint folder to resume from ('latest' picks the newest in --output)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA when supported)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--cache-dir", help="where converted models are cached")
+    p.set_defaults(handler=cmd_train)
+
+
+def _add_analyze(subparsers: Any) -> None:
+    p = subparsers.add_parser("analyze", help="expert redundancy and routing statistics of a saved MoLA adapter")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--data", help="dataset to gather routing statistics over")
+    p.add_argument("--limit", type=int, default=64, help="rows of --data to route")
+    p.add_argument("--json", dest="json_path", help="also write the full analysis as JSON here")
+    p.add_argument("--cache-dir")
+    p.set_defaults(handler=cmd_analyze)
+
+
+def add_commands(subparsers: Any) -> None:
+    _add_train(subparsers)
+    _add_analyze(subparsers)
+
+
+def _parse_top_k(text: str) -> int | list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--top-k: {text!r} is not an integer or a comma list of integers") from None
+    return values[0] if len(values) == 1 else values
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from mola.config import MolaConfig
+    from mola.data import load_training_data
+    from mola.lora import get_lora_model, matched_rank_pattern
+    from mola.model import get_mola_model
+    from mola.models import load_base_model
+    from mola.train import TrainConfig, list_checkpoints, train
+
+    targets = [t.strip() for t in args.targets.split(",")] if args.targets else None
+    mola_config = MolaConfig(experts=args.experts, top_k=_parse_top_k(args.top_k), rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, aux_loss_coef=args.aux_loss_coef)
+    config = TrainConfig(
+        epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size, cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs,
+        seed=args.seed, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+    )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_base_model(args.model, device=device, cache_dir=args.cache_dir)
+    train_data = load_training_data(args.data, tokenizer, cutoff_len=config.cutoff_len, train_on_inputs=config.train_on_inputs)
+    eval_data = load_training_data(args.eval_data, tokenizer, cutoff_len=config.cutoff_len) if args.eval_data else None
+    torch.manual_seed(config.seed)
+    if args.method == "mola":
+        model = get_mola_model(model, mola_config)
+    else:
+        pattern = matched_rank_pattern(model, mola_config) if args.match_mola else None
+        model = get_lora_model(model, rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, rank_pattern=pattern)
+
+    output = Path(args.output)
+    checkpoints = output / "checkpoints"
+    resume = None
+    if args.resume == "latest":
+        found = list_checkpoints(checkpoints)
+        resume = found[-1] if found else None
+    elif args.resume:
+        resume = Path(args.resume)
+
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def on_event(event: dict[str, Any]) -> None:
+        if bar.total is None:
+            bar.reset(total=event["total_steps"])
+        if event["kind"] == "train":
+            bar.n = event["step"]
+            bar.set_postfix(loss=f"{event['loss']:.4f}", aux=f"{event['aux_loss']:.3f}", lr=f"{event['lr']:.2e}", refresh=False)
+            bar.refresh()
+        elif event["kind"] == "eval":
+            bar.write(f"step {event['step']}: eval_loss {event['eval_loss']:.4f}")
+
+    try:
+        result = train(model, tokenizer, train_data, eval_data, config, callback=on_event, checkpoint_dir=checkpoints, resume_from=resume)
+    finally:
+        bar.close()
+    model.save_pretrained(str(output))
+    summary = {"output": str(output), "steps": result.steps, "metrics": result.metrics, "eval": result.eval_metrics}
+    (output / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from mola.analysis import expert_redundancy, routing_statistics
+    from mola.data import collate, load_training_data
+    from mola.model import load_mola_model, read_adapter_config
+    from mola.models import load_base_model
+
+    description = read_adapter_config(args.adapter)
+    base_name = args.model or description.get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError("the adapter does not record its base model; pass --model")
+    base, tokenizer = load_base_model(base_name, cache_dir=args.cache_dir)
+    model = load_mola_model(base, args.adapter)
+    report: dict[str, Any] = {"adapter": str(args.adapter), "base_model": base_name, "redundancy": expert_redundancy(model)}
+    print(f"adapter {args.adapter} on {base_name}: {description['total_experts']} experts, rank {description['rank']}")
+    print("layer  experts  top_k  mean pairwise ||dW_i - dW_j||_F")
+    for row in report["redundancy"]["layers"]:
+        distance = "-" if row["mean_distance"] is None else f"{row['mean_distance']:.5f}"
+        print(f"{row['layer']:>5}  {row['num_experts']:>7}  {description['top_k_per_layer'][row['layer']]:>5}  {distance}")
+    if args.data:
+        data = load_training_data(args.data, tokenizer)[: args.limit]
+        batches = [collate(data[i : i + 8], tokenizer.pad_token_id) for i in range(0, len(data), 8)]
+        report["routing"] = routing_statistics(model, batches)
+        print("\nlayer  selection share per expert")
+        for row in report["routing"]["layers"]:
+            print(f"{row['layer']:>5}  " + " ".join(f"{s:.2f}" for s in row["selection_share"]))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mola", description="Train and analyse MoLA adapters.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_commands(subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

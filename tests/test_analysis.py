@@ -1,0 +1,54 @@
+import itertools
+
+import torch
+from torch import nn
+
+from mola import MolaConfig, byte_tokenizer, get_mola_model, tiny_model
+from mola.analysis import expert_redundancy, pairwise_expert_distances, routing_statistics
+from mola.data import collate, load_training_data
+
+
+def model_with_random_experts():
+    torch.manual_seed(0)
+    model = get_mola_model(tiny_model("llama"), MolaConfig(experts=[1, 2, 3, 4], top_k=2)).eval()
+    for _, module in model.mola_modules():
+        nn.init.normal_(module.lora_B, std=0.1)
+    return model
+
+
+def test_pairwise_distances_equal_the_dense_computation():
+    model = model_with_random_experts()
+    _, module = model.mola_modules()[-1]
+    dense = module.delta_weights().double()  # (N, out, in)
+    expected = torch.stack([torch.stack([(dense[i] - dense[j]).norm() for j in range(4)]) for i in range(4)])
+    torch.testing.assert_close(pairwise_expert_distances(module).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_redundancy_per_layer_and_identical_experts():
+    model = model_with_random_experts()
+    report = expert_redundancy(model)
+    assert [row["num_experts"] for row in report["layers"]] == [1, 2, 3, 4]
+    assert report["layers"][0]["mean_distance"] is None  # one expert: no pairs
+    assert all(row["mean_distance"] > 0 for row in report["layers"][1:])
+    name, module = model.mola_modules()[-1]
+    with torch.no_grad():
+        module.lora_A.copy_(module.lora_A[:1].expand_as(module.lora_A))
+        module.lora_B.copy_(module.lora_B[:1].expand_as(module.lora_B))
+    assert expert_redundancy(model)["modules"][name]["mean_distance"] < 1e-6
+    pairs = list(itertools.combinations(range(4), 2))
+    assert len(pairs) == 6
+
+
+def test_routing_statistics_count_real_tokens():
+    model = model_with_random_experts()
+    tokenizer = byte_tokenizer()
+    data = load_training_data([{"text": "a short one"}, {"text": "and a somewhat longer text"}], tokenizer)
+    batch = collate(data, tokenizer.pad_token_id)
+    stats = routing_statistics(model, [batch])
+    real_tokens = int(batch["attention_mask"].sum())
+    for name, row in stats["modules"].items():
+        assert row["tokens"] == real_tokens
+        assert abs(sum(row["selection_share"]) - row["top_k"]) < 1e-5  # each token picks top_k
+        assert abs(sum(row["mean_weight"]) - 1) < 1e-5  # weights of a token sum to one
+    assert len(stats["layers"]) == 4
+    assert model.training is False
