@@ -34,11 +34,17 @@ async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code)
 
 
+def _public(error: dict[str, Any]) -> dict[str, Any]:
+    loc = list(error.get("loc", ()))
+    if error.get("type") == "json_invalid":  # loc is ("body", position)
+        reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return {"loc": ["body"], "field": "body", "msg": f"the request body is not valid JSON ({reason}{where})"}
+    return {"loc": loc, "field": _field(loc), "msg": _message(error)}
+
+
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [
-        {"loc": list(e.get("loc", ())), "field": _field(e.get("loc", ())), "msg": _message(e)}
-        for e in exc.errors()
-    ]
+    errors = [_public(e) for e in exc.errors()]
     detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors) or "invalid request"
     return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 

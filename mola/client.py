@@ -170,11 +170,24 @@ class Page(list):  # type: ignore[type-arg]
 
 
 class MolaClient:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0, transport: httpx.BaseTransport | None = None) -> None:
-        self.base_url = (base_url or os.environ.get("MOLA_URL") or DEFAULT_URL).rstrip("/")
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        """``http``: an `httpx.Client` to send requests with (a test client, a proxy set-up);
+        its base URL is used and the API key header is added to it."""
         self.api_key = api_key or os.environ.get("MOLA_API_KEY")
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        if http is not None:
+            http.headers.update(headers)
+            self._http = http
+            self.base_url = str(http.base_url).rstrip("/")
+        else:
+            self.base_url = (base_url or os.environ.get("MOLA_URL") or DEFAULT_URL).rstrip("/")
+            self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()

@@ -78,7 +78,10 @@ def build_spec(session: Session, tenant_id: str, request: dict[str, Any]) -> dic
 
     method = request.get("method", "mola")
     hp = dict(request.get("hyperparameters") or {})
-    where = f"{model.name} has {model.num_layers} layers"
+
+    def about_model(exc: ValueError) -> str:
+        message = str(exc).replace("the model has", f"{model.name} has")
+        return message if f"{model.name} has" in message else f"{message} ({model.name} has {model.num_layers} layers)"
 
     targets = hp.get("target_modules")
     if targets:
@@ -105,11 +108,12 @@ def build_spec(session: Session, tenant_id: str, request: dict[str, Any]) -> dic
         try:
             experts = expand_allocation(allocation, model.num_layers)
         except ValueError as exc:
-            raise InvalidRequest(("body", "allocation"), f"{exc} ({where})") from None
+            raise InvalidRequest(("body", "allocation"), about_model(exc)) from None
         try:
-            top_k = expand_top_k(request.get("top_k") or DEFAULT_TOP_K, experts)
+            requested_top_k = request.get("top_k")
+            top_k = expand_top_k(DEFAULT_TOP_K if requested_top_k is None else requested_top_k, experts)
         except ValueError as exc:
-            raise InvalidRequest(("body", "top_k"), f"{exc} ({where})") from None
+            raise InvalidRequest(("body", "top_k"), about_model(exc)) from None
         try:
             MolaConfig(experts=experts, top_k=top_k, **{k: hp[k] for k in ADAPTER_FIELDS if hp.get(k) is not None})
         except (TypeError, ValueError) as exc:

@@ -1,0 +1,188 @@
+"""Bad input gets the right 4xx, a JSON `detail` a person can read, and creates nothing.
+
+One table of cases drives one check (peft-style): each case sends a request and names the
+status and the field path (or a fragment of the detail) it expects.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from service.models import Dataset, Job
+from tests.service.conftest import ALPACA_ROWS, auth, job_body, jsonl, make_dataset, upload
+
+
+def _post_job(**overrides):
+    return lambda c, k, ctx: c.post("/jobs", headers=auth(k), json=job_body(ctx["dataset"], **overrides))
+
+
+def _post_hp(**hp):
+    return lambda c, k, ctx: c.post("/jobs", headers=auth(k), json=job_body(ctx["dataset"], hyperparameters=hp))
+
+
+JOB_CASES = [
+    # name, request, status, expected field (or detail fragment)
+    ("allocation too short", _post_job(allocation=[2, 2, 2]), 422, "body.allocation"),
+    ("allocation too long", _post_job(allocation=[2, 2, 2, 2, 2]), 422, "body.allocation"),
+    ("negative experts", _post_job(allocation=[2, -1, 2, 2]), 422, "body.allocation"),
+    ("zero experts", _post_job(allocation="2048"), 422, "body.allocation"),
+    ("more groups than layers", _post_job(allocation="23456"), 422, "body.allocation"),
+    ("experts over the limit", _post_job(allocation=[2, 2, 2, 999]), 422, "body.allocation"),
+    ("unknown preset", _post_job(allocation={"preset": "diamond", "average": 4}), 422, "body.allocation"),
+    ("preset with extra keys", _post_job(allocation={"preset": "rectangle", "average": 4, "x": 1}), 422, "body.allocation"),
+    ("allocation of floats", _post_job(allocation=[2.5, 2, 2, 2]), 422, "body.allocation"),
+    ("allocation a number", _post_job(allocation=3.5), 422, "body.allocation"),
+    ("allocation garbage string", _post_job(allocation="two,four"), 422, "body.allocation"),
+    ("top_k per layer of wrong length", _post_job(top_k=[1, 2]), 422, "body.top_k"),
+    ("top_k zero", _post_job(top_k=0), 422, "body.top_k"),
+    ("unknown model", _post_job(base_model="gpt-17"), 422, "body.base_model"),
+    ("unknown dataset", lambda c, k, ctx: c.post("/jobs", headers=auth(k), json=job_body("ds_doesnotexist")), 422, "body.dataset_id"),
+    ("another tenant's dataset", lambda c, k, ctx: c.post("/jobs", headers=auth(k), json=job_body(ctx["other_dataset"])), 422, "body.dataset_id"),
+    ("unknown validation dataset", _post_job(validation_dataset_id="ds_nope"), 422, "body.validation_dataset_id"),
+    ("unknown method", _post_job(method="dora"), 422, "body.method"),
+    ("allocation with lora", _post_job(method="lora", allocation="2468"), 422, "body.allocation"),
+    ("unknown field", _post_job(colour="blue"), 422, "body.colour"),
+    ("missing dataset_id", lambda c, k, ctx: c.post("/jobs", headers=auth(k), json={"base_model": "tiny-llama"}), 422, "body.dataset_id"),
+    ("negative learning rate", _post_hp(learning_rate=-0.1), 422, "body.hyperparameters.learning_rate"),
+    ("zero batch size", _post_hp(batch_size=0), 422, "body.hyperparameters.batch_size"),
+    ("dropout of 1", _post_hp(dropout=1.0), 422, "body.hyperparameters.dropout"),
+    ("unknown hyperparameter", _post_hp(learning_rat=0.1), 422, "body.hyperparameters.learning_rat"),
+    ("unknown target module", _post_hp(target_modules=["q_proj", "c_attn"]), 422, "body.hyperparameters.target_modules"),
+    ("malformed JSON body", lambda c, k, ctx: c.post("/jobs", headers={**auth(k), "Content-Type": "application/json"}, content=b"{not json"), 422, "body"),
+    ("missing key", lambda c, k, ctx: c.post("/jobs", json=job_body(ctx["dataset"])), 401, "missing API key"),
+    ("invalid key", lambda c, k, ctx: c.post("/jobs", headers=auth("mola_000000000000_" + "x" * 43), json=job_body(ctx["dataset"])), 401, "invalid API key"),
+    ("malformed key", lambda c, k, ctx: c.post("/jobs", headers=auth("hunter2"), json=job_body(ctx["dataset"])), 401, "invalid API key"),
+    ("basic auth instead of bearer", lambda c, k, ctx: c.post("/jobs", headers={"Authorization": "Basic dXNlcjpwYXNz"}, json=job_body(ctx["dataset"])), 401, "API key"),
+]
+
+
+@pytest.fixture
+def ctx(client, key, other_key):
+    return {"dataset": make_dataset(client, key), "other_dataset": make_dataset(client, other_key)}
+
+
+def _counts(sessions):
+    with sessions() as session:
+        return (
+            session.scalar(select(func.count()).select_from(Job)),
+            session.scalar(select(func.count()).select_from(Dataset)),
+        )
+
+
+def _check(response, status: int, expected: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert isinstance(body["detail"], str) and body["detail"], body
+    assert "Traceback" not in response.text
+    if status == 422 and expected.startswith("body"):
+        assert any(e["field"] == expected or e["field"].startswith(expected + ".") for e in body["errors"]), body
+    else:
+        assert expected in body["detail"], body
+    return body
+
+
+@pytest.mark.parametrize("name,request_fn,status,expected", JOB_CASES, ids=[c[0] for c in JOB_CASES])
+def test_bad_job_request(client, key, ctx, sessions, queue, storage, name, request_fn, status, expected):
+    before = _counts(sessions)
+    _check(request_fn(client, key, ctx), status, expected)
+    assert _counts(sessions) == before
+    assert queue.enqueued == []
+
+
+def test_messages_name_the_model_and_its_layers(client, key, ctx):
+    body = client.post("/jobs", headers=auth(key), json=job_body(ctx["dataset"], allocation=[2, 2, 2])).json()
+    assert body["detail"] == "body.allocation: allocation has 3 entries but tiny-llama has 4 layers"
+    body = client.post("/jobs", headers=auth(key), json=job_body(ctx["dataset"], allocation=[2, 0, 2, 2])).json()
+    assert body["detail"] == "body.allocation: allocation: layer 1 has 0, expected at least 1 (tiny-llama has 4 layers)"
+    body = client.post("/jobs", headers={**auth(key), "Content-Type": "application/json"}, content=b'{"base_model": ').json()
+    assert body["detail"].startswith("body: the request body is not valid JSON")
+
+
+UPLOAD_CASES = [
+    ("malformed JSONL", b'{"instruction": "a", "output": "b"}\n{not json\n{"foo": 1}\n', 422, "line 2"),
+    ("empty file", b"", 422, "no training rows"),
+    ("only blank lines", b"\n\n\n", 422, "no training rows"),
+    ("binary garbage", bytes(range(256)) * 4, 422, "body.file"),
+    ("wrong field types", b'{"instruction": 3, "output": ["x"]}\n', 422, "line 1"),
+    ("oversize, by its Content-Length", b'{"text": "' + b"x" * 200_000 + b'"}\n', 413, "limit"),
+    ("oversize, counted while copying", b'{"text": "' + b"x" * 90_000 + b'"}\n', 413, "limit"),
+]
+
+
+@pytest.mark.parametrize("name,content,status,expected", UPLOAD_CASES, ids=[c[0] for c in UPLOAD_CASES])
+def test_bad_upload(client, key, sessions, storage, name, content, status, expected):
+    before = _counts(sessions)
+    body = _check(upload(client, key, content), status, expected)
+    if "line" in expected:
+        assert body["report"]["errors"][0]["line"] == int(expected.split()[1])
+    assert _counts(sessions) == before
+    assert storage.list("datasets") == []
+    uploads = client.app.state.settings.data_dir / "uploads"
+    assert not uploads.exists() or list(uploads.iterdir()) == []
+
+
+def test_chunked_oversize_upload_is_cut_off(client, key, storage):
+    def body():
+        boundary = b"--xyz\r\n"
+        yield boundary + b'Content-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        for _ in range(40):
+            yield b"x" * 10_000
+        yield b"\r\n--xyz--\r\n"
+
+    response = client.post("/datasets", headers={**auth(key), "Content-Type": "multipart/form-data; boundary=xyz"}, content=body())
+    assert response.status_code == 413, response.text
+    assert storage.list("datasets") == []
+
+
+def test_upload_without_a_file(client, key):
+    _check(client.post("/datasets", headers=auth(key), data={"x": "1"}), 422, "body.file")
+
+
+def test_upload_needs_a_key(client):
+    _check(client.post("/datasets", files={"file": ("a.jsonl", jsonl(ALPACA_ROWS))}), 401, "missing API key")
+
+
+OTHER_TENANT_ROUTES = [
+    ("GET", "/jobs/{job}"),
+    ("POST", "/jobs/{job}/cancel"),
+    ("GET", "/jobs/{job}/metrics"),
+    ("GET", "/jobs/{job}/events"),
+    ("GET", "/jobs/{job}/adapter"),
+    ("GET", "/jobs/{job}/checkpoints"),
+    ("GET", "/datasets/{dataset}"),
+    ("DELETE", "/datasets/{dataset}"),
+]
+
+
+@pytest.mark.parametrize("method,path", OTHER_TENANT_ROUTES, ids=[f"{m} {p}" for m, p in OTHER_TENANT_ROUTES])
+def test_another_tenants_objects_are_not_found(client, key, other_key, sessions, method, path):
+    dataset_id = make_dataset(client, key)
+    job_id = client.post("/jobs", headers=auth(key), json=job_body(dataset_id)).json()["id"]
+    url = path.format(job=job_id, dataset=dataset_id)
+    response = client.request(method, url, headers=auth(other_key))
+    assert response.status_code == 404 and "not found" in response.json()["detail"]
+    # ... and the owner still sees them untouched.
+    assert client.get(f"/jobs/{job_id}", headers=auth(key)).json()["status"] == "queued"
+    assert client.get(f"/datasets/{dataset_id}", headers=auth(key)).status_code == 200
+    listed = client.get("/jobs", headers=auth(other_key)).json()["data"]
+    assert listed == []
+
+
+QUERY_CASES = [
+    ("/jobs?status=done", "query.status"),
+    ("/jobs?limit=0", "query.limit"),
+    ("/jobs?limit=1000", "query.limit"),
+    ("/datasets?limit=-1", "query.limit"),
+]
+
+
+@pytest.mark.parametrize("url,field", QUERY_CASES)
+def test_bad_query_parameters(client, key, url, field):
+    _check(client.get(url, headers=auth(key)), 422, field)
+
+
+def test_bad_metrics_query(client, key, ctx):
+    job_id = client.post("/jobs", headers=auth(key), json=job_body(ctx["dataset"])).json()["id"]
+    _check(client.get(f"/jobs/{job_id}/metrics?after_step=-3", headers=auth(key)), 422, "query.after_step")
+    _check(client.get(f"/jobs/{job_id}/metrics?kind=loss", headers=auth(key)), 422, "query.kind")
