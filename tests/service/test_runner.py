@@ -1,0 +1,164 @@
+"""The worker's run of a job, in-process on the tiny LLaMA (no broker): success, cancellation,
+shutdown and resume, failure, LoRA. The database and storage are the real SQLite and folder."""
+
+from __future__ import annotations
+
+import tarfile
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from service import jobs as job_service
+from service.db import session_scope
+from service.models import Job, JobMetric
+from tests.service.conftest import auth, job_body, make_dataset
+
+torch = pytest.importorskip("torch")
+runner = pytest.importorskip("worker.runner")
+
+pytestmark = pytest.mark.slow
+
+FAST = {"batch_size": 2, "micro_batch_size": 2, "cutoff_len": 64}
+ROWS = [{"prompt": f"Say the number {i}: ", "completion": f"{i}, and {i + 1} after it."} for i in range(24)]
+
+
+def _create(client, key, **overrides) -> str:
+    dataset_id = make_dataset(client, key, ROWS)
+    hp = {**FAST, **overrides.pop("hyperparameters", {})}
+    response = client.post("/jobs", headers=auth(key), json=job_body(dataset_id, hyperparameters=hp, **overrides))
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def _steps(sessions, job_id: str, kind: str = "train") -> list[int]:
+    with sessions() as session:
+        return list(session.scalars(select(JobMetric.step).where(JobMetric.job_id == job_id, JobMetric.kind == kind).order_by(JobMetric.step)))
+
+
+def _when_step(sessions, job_id: str, step: int, action, timeout: float = 120.0) -> threading.Thread:
+    """Run ``action`` once the job has reported ``step`` (from another thread, as the API would)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with sessions() as session:
+                if (session.get(Job, job_id).step or 0) >= step:
+                    action()
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_job_succeeds_and_its_adapter_loads(client, key, settings, sessions, storage, tmp_path):
+    job_id = _create(client, key, hyperparameters={"max_steps": 4, "checkpoint_every": 2}, validation_dataset_id=None)
+    assert runner.run_job(job_id, settings) == "succeeded"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["status"] == "succeeded" and job["progress"]["step"] == 4 and job["progress"]["total_steps"] == 4
+    assert job["result"]["steps"] == 4 and job["result"]["train"]["loss"] > 0 and job["attempts"] == 1
+    assert _steps(sessions, job_id) == [1, 2, 3, 4]
+    assert [c["step"] for c in client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]] == [2, 4]
+    dataset = client.get(f"/datasets/{job['dataset_id']}", headers=auth(key)).json()
+    assert dataset["token_stats"]["tiny-llama"]["examples"] == 24
+    assert runner.run_job(job_id, settings) == "skipped"  # a duplicate delivery does nothing
+
+    archive = tmp_path / "adapter.tar.gz"
+    archive.write_bytes(client.get(f"/jobs/{job_id}/adapter", headers=auth(key)).content)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        tar.extractall(tmp_path / "adapter", filter="data")
+    assert "tiny-llama" in (tmp_path / "adapter" / "README.md").read_text()
+
+    from mola import load_mola_model
+    from mola.models import load_base_model
+
+    base, tokenizer = load_base_model("tiny-llama")
+    model = load_mola_model(base, tmp_path / "adapter")
+    assert model.experts_per_layer == [2, 4, 6, 8]
+    ids = tokenizer("Say the number 3.", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_cancel_stops_at_the_next_step_and_keeps_the_adapter(client, key, settings, sessions):
+    job_id = _create(client, key, hyperparameters={"max_steps": 500})
+
+    def cancel() -> None:
+        with session_scope(sessions) as session:
+            job_service.cancel_job(session, session.get(Job, job_id))
+
+    _when_step(sessions, job_id, 2, cancel)
+    assert runner.run_job(job_id, settings) == "cancelled"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["status"] == "cancelled" and job["adapter_available"] and job["result"]["stopped_early"]
+    steps = _steps(sessions, job_id)
+    assert 2 <= job["result"]["steps"] < 500 and steps == list(range(1, job["result"]["steps"] + 1))
+    checkpoints = client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]
+    assert checkpoints[-1]["step"] == job["result"]["steps"]  # the trainer checkpoints where it stopped
+
+
+def test_cancel_between_claim_and_start(client, key, settings, sessions):
+    job_id = _create(client, key, hyperparameters={"max_steps": 4})
+    with session_scope(sessions) as session:  # the cancel arrives as the worker takes the job
+        session.get(Job, job_id).cancel_requested_at = job_service.utcnow()
+    assert runner.run_job(job_id, settings) == "cancelled"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["status"] == "cancelled" and not job["adapter_available"] and _steps(sessions, job_id) == []
+
+
+def test_shutdown_requeues_and_the_next_run_resumes(client, key, settings, sessions):
+    job_id = _create(client, key, hyperparameters={"max_steps": 8})
+    _when_step(sessions, job_id, 3, runner.SHUTDOWN.set)
+    try:
+        assert runner.run_job(job_id, settings) == "requeued"
+    finally:
+        runner.SHUTDOWN.clear()
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    stopped_at = job["progress"]["step"]
+    assert job["status"] == "queued" and 3 <= stopped_at < 8
+    assert client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"][-1]["step"] == stopped_at
+
+    assert runner.run_job(job_id, settings) == "succeeded"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["attempts"] == 2 and job["result"]["steps"] == 8
+    assert _steps(sessions, job_id) == list(range(1, 9))  # no step missing, none twice
+
+
+def test_failure_records_a_useful_error(client, key, settings):
+    job_id = _create(client, key, hyperparameters={"max_steps": 2, "cutoff_len": 12})
+    assert runner.run_job(job_id, settings) == "failed"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["status"] == "failed" and "cutoff_len=12" in job["error"] and job["finished_at"]
+
+
+def test_lora_job(client, key, settings, tmp_path):
+    job_id = _create(client, key, method="lora", allocation=None, hyperparameters={"max_steps": 2})
+    assert runner.run_job(job_id, settings) == "succeeded"
+    archive = tmp_path / "lora.tar.gz"
+    archive.write_bytes(client.get(f"/jobs/{job_id}/adapter", headers=auth(key)).content)
+    with tarfile.open(archive) as tar:
+        assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(tar.getnames())
+
+
+def test_metrics_writes_do_not_slow_training(client, key, settings, sessions):
+    """The callback's cost per step (buffering, a throttled cancellation read, periodic
+    flushes) stays far below a training step, even a tiny model's."""
+    job_id = _create(client, key, hyperparameters={"max_steps": 4})
+    with session_scope(sessions) as session:
+        job_service.claim_job(session, job_id, "bench", 60)
+    res = runner.Resources.of(settings)
+    heartbeat = runner.Heartbeat(job_id, "bench", res)
+    reporter = runner.Reporter(job_id, "bench", res, heartbeat)
+    settings_flush = settings.metrics_flush_seconds
+    started = time.perf_counter()
+    calls = 2000
+    for step in range(1, calls + 1):
+        reporter({"kind": "train", "step": step, "total_steps": calls, "epoch": 0.1, "loss": 1.0, "lm_loss": 1.0, "aux_loss": 0.1, "lr": 1e-4})
+    reporter.flush()
+    per_call = (time.perf_counter() - started) / calls
+    assert settings_flush > 0 and per_call < 0.002, f"{per_call * 1e3:.3f} ms per step"
+    assert len(_steps(sessions, job_id)) == calls
