@@ -1,0 +1,180 @@
+"""End to end: the real `mola serve` (API, embedded Celery worker on the folder broker, SQLite,
+local storage) as a subprocess on a free port, driven over HTTP by the client and the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mola.client import MolaClient
+from tests.service.conftest import jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = [{"prompt": f"Say the number {i}: ", "completion": f"{i}, and {i + 1} after it."} for i in range(24)]
+FAST = {"batch_size": 2, "micro_batch_size": 2, "cutoff_len": 64}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lines: list[str] = []
+        self.env = {
+            **os.environ,
+            "MOLA_DATA_DIR": str(data),
+            "MOLA_MODELS": "tiny-llama",
+            "MOLA_PORT": str(self.port),
+            "MOLA_HOST": "127.0.0.1",
+            "MOLA_METRICS_FLUSH_SECONDS": "0.5",
+            "MOLA_CANCEL_POLL_SECONDS": "0.2",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"],
+            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def log(self) -> str:
+        return "".join(self.lines[-80:])
+
+    def wait_ready(self, timeout: float = 180.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"mola serve exited:\n{self.log()}"
+            key = next((m.group(0) for line in self.lines if (m := re.search(r"mola_[0-9a-f]{12}_[A-Za-z0-9_-]+", line))), None)
+            try:
+                if key and httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200 and any("ready." in l for l in self.lines):
+                    return key
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"mola serve not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("e2e"))
+    try:
+        server.key = server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with MolaClient(server.url, server.key) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def dataset_id(server, tmp_path_factory):
+    path = tmp_path_factory.mktemp("upload") / "numbers.jsonl"
+    path.write_bytes(jsonl(ROWS))
+    out = _cli(server, "datasets", "upload", str(path))
+    match = re.search(r"(ds_[0-9a-f]+)\s+numbers.jsonl: 24 rows, format completion", out)
+    assert match, out
+    return match.group(1)
+
+
+def _cli(server, *args: str, check: bool = True) -> str:
+    env = {**os.environ, "MOLA_URL": server.url, "MOLA_API_KEY": server.key}
+    result = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_the_api_process_has_no_torch(server):
+    maps = Path(f"/proc/{server.proc.pid}/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc")
+    assert "libtorch" not in maps.read_text()
+
+
+def test_train_follow_download_load_generate(server, client, dataset_id, tmp_path):
+    assert [m.name for m in client.list_models()] == ["tiny-llama"]
+    hp = {**FAST, "max_steps": 6, "checkpoint_every": 3}
+    job = client.create_job("tiny-llama", dataset_id, allocation="2468", top_k=2, hyperparameters=hp, idempotency_key="e2e-train")
+    assert job.status == "queued" and job.allocation == [2, 4, 6, 8]
+    assert client.create_job("tiny-llama", dataset_id, allocation="2468", top_k=2, hyperparameters=hp, idempotency_key="e2e-train").id == job.id
+
+    seen_steps, statuses, end = [], [], None
+    for event, data in client.events(job.id):
+        if event == "metric" and data.kind == "train":
+            seen_steps.append(data.step)
+        elif event == "job":
+            statuses.append(data.status)
+        elif event == "end":
+            end = data
+    assert end == {"status": "succeeded", "error": None}, server.log()
+    assert seen_steps == [1, 2, 3, 4, 5, 6] and statuses[-1] == "succeeded"
+
+    job = client.get_job(job.id)
+    assert job.progress.step == 6 and job.adapter_available and job.result["train"]["loss"] > 0
+    assert [m.step for m in client.all_metrics(job.id, kind="train")] == [1, 2, 3, 4, 5, 6]
+    assert [c.step for c in client.checkpoints(job.id)] == [3, 6]
+
+    out = _cli(server, "jobs", "follow", job.id)
+    assert f"{job.id}: succeeded" in out
+    assert "step" in _cli(server, "jobs", "metrics", job.id)
+
+    folder = client.download_adapter(job.id, tmp_path / "adapter", extract=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+    from mola import load_mola_model
+    from mola.models import load_base_model
+
+    base, tokenizer = load_base_model("tiny-llama")
+    model = load_mola_model(base, folder)
+    assert model.experts_per_layer == [2, 4, 6, 8] and model.top_k_per_layer == [2, 2, 2, 2]
+    prompt = tokenizer("Say the number 7: ", return_tensors="pt").input_ids
+    generated = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > prompt.shape[1]
+    assert isinstance(tokenizer.decode(generated[0, prompt.shape[1]:]), str)
+
+
+def test_cancel_a_running_job(server, client, dataset_id):
+    job = client.create_job("tiny-llama", dataset_id, allocation=[2, 2, 4, 4], hyperparameters={**FAST, "max_steps": 5000})
+    for event, data in client.events(job.id):
+        if event == "metric" and data.step >= 2:
+            break
+    asked = time.monotonic()
+    assert client.cancel_job(job.id).cancel_requested
+    job = client.wait(job.id, timeout=60, poll=0.2)
+    assert job.status == "cancelled", server.log()
+    assert time.monotonic() - asked < 20
+    assert 2 <= job.progress.step < 5000 and job.adapter_available
+    assert client.checkpoints(job.id)[-1].step == job.progress.step
+    assert "cancelled" in _cli(server, "jobs", "list", "--status", "cancelled")
