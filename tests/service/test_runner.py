@@ -110,16 +110,24 @@ def test_cancel_between_claim_and_start(client, key, settings, sessions):
     assert job["status"] == "cancelled" and not job["adapter_available"] and _steps(sessions, job_id) == []
 
 
-def test_shutdown_requeues_and_the_next_run_resumes(client, key, settings, sessions):
+def test_shutdown_requeues_and_the_next_run_resumes(client, key, settings, sessions, monkeypatch):
     job_id = _create(client, key, hyperparameters={"max_steps": 8})
-    _when_step(sessions, job_id, 3, runner.SHUTDOWN.set)
+    report = runner.Reporter.__call__
+
+    def shutdown_at_step_3(self, event):  # the worker's warm-shutdown signal, at a known step
+        if event["kind"] == "train" and event["step"] == 3:
+            runner.SHUTDOWN.set()
+        return report(self, event)
+
+    monkeypatch.setattr(runner.Reporter, "__call__", shutdown_at_step_3)
     try:
         assert runner.run_job(job_id, settings) == "requeued"
     finally:
         runner.SHUTDOWN.clear()
+    monkeypatch.setattr(runner.Reporter, "__call__", report)
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     stopped_at = job["progress"]["step"]
-    assert job["status"] == "queued" and 3 <= stopped_at < 8
+    assert job["status"] == "queued" and stopped_at == 3
     assert client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"][-1]["step"] == stopped_at
 
     assert runner.run_job(job_id, settings) == "succeeded"
