@@ -67,6 +67,7 @@ def alembic_config(settings: Settings):
     # env.py reads the URL from here (escaped: configparser interpolates '%').
     config.set_main_option("sqlalchemy.url", settings.resolved_database_url.replace("%", "%%"))
     config.attributes["configure_logger"] = False
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     return config
 
 

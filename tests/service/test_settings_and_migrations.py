@@ -14,7 +14,7 @@ from service.settings import Settings
 def test_defaults_are_embedded(tmp_path):
     settings = Settings(data_dir=tmp_path)
     assert settings.resolved_database_url == f"sqlite:///{tmp_path.resolve() / 'mola.db'}"
-    assert settings.resolved_broker_url == "filesystem://"
+    assert settings.resolved_broker_url == "filesystem://localhost//"
     assert settings.resolved_storage_dir == (tmp_path / "artifacts").resolve()
     assert settings.models == ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "smollm2-135m-instruct"]
 
