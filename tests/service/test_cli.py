@@ -1,0 +1,70 @@
+"""The `mola` command's service side, in-process: migrate, keys, the catalogue, the library
+commands it carries, and the client commands' parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mola import client_cli
+from service import cli
+from service.db import make_engine, make_sessionmaker
+from service.security import authenticate
+from service.settings import get_settings
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings(monkeypatch):
+    # The CLI applies --data-dir through the environment: record the variables' state so that
+    # it is restored after each test (set-then-delete registers the undo even when unset).
+    for name in ("MOLA_DATA_DIR", "MOLA_DATABASE_URL", "MOLA_MODELS"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    yield
+    get_settings.cache_clear()
+
+
+def test_migrate_and_create_a_key(tmp_path, capsys, monkeypatch):
+    assert cli.main(["migrate", "--data-dir", str(tmp_path)]) == 0
+    assert cli.main(["keys", "create", "--tenant", "team-a", "--data-dir", str(tmp_path)]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    sessions = make_sessionmaker(make_engine(get_settings()))
+    with sessions() as session:
+        assert authenticate(session, token).name == "team-a"
+    assert cli.main(["keys", "create", "--tenant", "no spaces!", "--data-dir", str(tmp_path)]) == 2
+
+
+def test_models_sync_describes_the_configured_models(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setenv("MOLA_MODELS", "tiny-llama,tiny-gpt2,no-such-model")
+    assert cli.main(["models", "sync", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "synced tiny-llama" in out.out and "synced tiny-gpt2" in out.out and "skipped no-such-model" in out.err
+    assert cli.main(["models", "sync", "--missing-only", "--data-dir", str(tmp_path)]) == 0  # still missing one: syncs again
+
+
+def test_library_commands_run_through_the_same_entry_point(tmp_path):
+    pytest.importorskip("torch")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"p{i} ", "completion": f"c{i}"}) for i in range(4)) + "\n")
+    code = cli.main(["train", "--model", "tiny-llama", "--data", str(data), "--output", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2"])
+    assert code == 0 and (tmp_path / "out" / "adapter_config.json").is_file()
+    assert cli.main(["train", "--model", "tiny-llama", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x")]) == 2
+
+
+def test_client_command_arguments():
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["jobs", "create", "--model", "tiny-llama", "--dataset", "ds_1", "--allocation", "[2, 2, 4, 4]", "--max-steps", "5",
+         "--target-modules", "q_proj, v_proj", "--hp", "warmup_steps=0", "--hp", "bf16=false"]
+    )
+    assert client_cli._parse_allocation(args.allocation) == [2, 2, 4, 4]
+    assert client_cli._parse_allocation("2468") == "2468"
+    assert client_cli._parse_allocation('{"preset": "triangle", "average": 3}') == {"preset": "triangle", "average": 3}
+    assert client_cli._hyperparameters(args) == {"warmup_steps": 0, "bf16": False, "max_steps": 5, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_client_commands_report_unreachable_servers(capsys):
+    code = cli.main(["jobs", "list", "--url", "http://127.0.0.1:9", "--api-key", "k"])
+    assert code == 1 and "cannot reach" in capsys.readouterr().err
