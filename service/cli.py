@@ -148,8 +148,11 @@ def _recover(settings) -> None:
             logger.warning("job %s was running when its worker stopped; marked failed", job_id)
         queued = jobs.queued_job_ids(session)
     queue = CeleryQueue(settings)
-    for job_id in queued:
-        queue.enqueue_training(job_id)
+    try:
+        for job_id in queued:
+            queue.enqueue_training(job_id)
+    except Exception:
+        logger.exception("could not re-enqueue the queued jobs; they wait for the next start")
     if queued:
         logger.info("re-enqueued %d queued job(s)", len(queued))
 
@@ -206,9 +209,27 @@ class WorkerProcess:
             if self.stopping:
                 return
             logger.error("embedded worker exited with %s; restarting in 2 s", code)
+            self._fail_its_jobs(self.proc.pid, code)
             time.sleep(2)
             if not self.stopping:
                 self._spawn()
+
+    @staticmethod
+    def _fail_its_jobs(pid: int, code: int) -> None:
+        """The dead worker's running job will never finish: say so now rather than when its
+        lease expires."""
+        from service import jobs
+        from service.db import session_scope
+        from service.settings import get_settings
+        from worker.runner import worker_prefix
+
+        message = f"the worker process died (exit code {code}) while running this job; submit it again"
+        try:
+            with session_scope(_sessions(get_settings())) as session:
+                for job_id in jobs.fail_jobs_of_worker(session, worker_prefix(pid), message):
+                    logger.error("job %s failed: its worker died", job_id)
+        except Exception:
+            logger.exception("could not update the jobs of the dead worker")
 
     def stop(self) -> None:
         self.stopping = True

@@ -400,6 +400,20 @@ def fail_abandoned_jobs(session: Session) -> list[str]:
     return ids
 
 
+def fail_jobs_of_worker(session: Session, owner_prefix: str, error: str) -> list[str]:
+    """Mark failed the running jobs held by a worker known to be dead (its lease owner starts
+    with ``owner_prefix``, e.g. ``host:pid:``), without waiting for the lease to expire."""
+    now = utcnow()
+    ids = list(session.scalars(select(Job.id).where(Job.status == "running", Job.lease_owner.startswith(owner_prefix, autoescape=True))))
+    if ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == "running")
+            .values(status="failed", error=error, finished_at=now, updated_at=now, lease_expires_at=None)
+        )
+    return ids
+
+
 def queued_job_ids(session: Session) -> list[str]:
     return list(session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.id)))
 

@@ -77,14 +77,19 @@ class Resources:
 
     @classmethod
     def of(cls, settings: Settings) -> "Resources":
-        key = id(settings)
+        key = id(settings)  # the cached value holds `settings`, so its id is never reused
         if key not in cls._cache:
             cls._cache[key] = cls(settings)
         return cls._cache[key]
 
 
+def worker_prefix(pid: int | None = None) -> str:
+    """The start of the lease owner of every job run by the process ``pid`` on this host."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}:"
+
+
 def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{worker_prefix()}{uuid.uuid4().hex[:8]}"
 
 
 class Stop(Exception):
@@ -266,7 +271,10 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
         eval_data = load_training_data(eval_path, tokenizer, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: hp[k] for k in TRAIN_FIELDS if k in hp and k in known}, log_every=1)
+    options = {k: hp[k] for k in TRAIN_FIELDS if k in hp and k in known}
+    if "log_every" in known:
+        options["log_every"] = 1  # metrics for every step
+    config = TrainConfig(**options)
     resume_from = None
     if resume_prefix:
         resume_from = res.storage.get_dir(resume_prefix, work / "resume" / Path(resume_prefix).name)

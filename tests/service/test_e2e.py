@@ -178,3 +178,20 @@ def test_cancel_a_running_job(server, client, dataset_id):
     assert 2 <= job.progress.step < 5000 and job.adapter_available
     assert client.checkpoints(job.id)[-1].step == job.progress.step
     assert "cancelled" in _cli(server, "jobs", "list", "--status", "cancelled")
+
+
+def test_a_dead_worker_fails_its_job_and_is_replaced(server, client, dataset_id):
+    job = client.create_job("tiny-llama", dataset_id, hyperparameters={**FAST, "max_steps": 5000})
+    for event, data in client.events(job.id):
+        if event == "metric":
+            break
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    if not children.exists():
+        pytest.skip("needs /proc")
+    worker_pid = int(children.read_text().split()[0])
+    os.kill(worker_pid, signal.SIGKILL)
+    job = client.wait(job.id, timeout=60, poll=0.2)
+    assert job.status == "failed" and "worker process died" in job.error, server.log()
+    # The restarted worker takes the next job.
+    job = client.create_job("tiny-llama", dataset_id, hyperparameters={**FAST, "max_steps": 2})
+    assert client.wait(job.id, timeout=120, poll=0.5).status == "succeeded", server.log()

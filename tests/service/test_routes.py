@@ -223,3 +223,14 @@ def test_abandoned_jobs_fail_with_a_message(client, key, sessions):
         assert job_service.fail_abandoned_jobs(session) == [job_id]
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert job["status"] == "failed" and "worker" in job["error"]
+
+
+def test_jobs_of_a_dead_worker_fail_at_once(client, key, sessions):
+    dataset_id = make_dataset(client, key)
+    mine, other = (client.post("/jobs", headers=auth(key), json=job_body(dataset_id)).json()["id"] for _ in range(2))
+    _start(sessions, mine, owner="host:123:abcd")
+    _start(sessions, other, owner="host:1234:abcd")
+    with session_scope(sessions) as session:
+        assert job_service.fail_jobs_of_worker(session, "host:123:", "died") == [mine]
+    assert client.get(f"/jobs/{mine}", headers=auth(key)).json()["error"] == "died"
+    assert client.get(f"/jobs/{other}", headers=auth(key)).json()["status"] == "running"
