@@ -29,10 +29,10 @@ def inspect_file(path: Path, max_errors: int = MAX_REPORTED_ERRORS) -> dict[str,
 
 
 def _as_dict(report: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(report):
-        data = dataclasses.asdict(report)
-    elif hasattr(report, "to_dict"):
+    if hasattr(report, "to_dict"):
         data = report.to_dict()
+    elif dataclasses.is_dataclass(report):
+        data = dataclasses.asdict(report)
     elif isinstance(report, dict):
         data = dict(report)
     else:
@@ -51,6 +51,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def is_valid(report: dict[str, Any]) -> bool:
+    if "ok" in report:
+        return bool(report["ok"])
     return not report.get("errors") and (report.get("rows") or 0) > 0
 
 
