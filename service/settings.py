@@ -28,8 +28,22 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/mola.db")
     broker_url: str | None = Field(None, description="Celery broker URL; default a folder broker under DATA_DIR/broker")
     queue: str = Field("mola.train", description="Celery queue the training jobs go to")
-    storage: Literal["local"] = Field("local", description="artifact storage backend")
+    storage: Literal["local", "s3"] = Field("local", description="artifact storage backend: a local folder or an S3-compatible object store")
     storage_dir: Path | None = Field(None, description="folder of the local storage; default DATA_DIR/artifacts")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, SeaweedFS, ...); unset for AWS S3")
+    s3_public_endpoint_url: str | None = Field(None, description="endpoint clients reach for presigned downloads; default S3_ENDPOINT_URL")
+    s3_region: str = Field("us-east-1", description="S3 region")
+    s3_bucket: str = Field("mola", description="bucket holding every artifact")
+    s3_access_key_id: str | None = Field(None, description="S3 access key; unset: boto3's own chain (env, profile, instance role)")
+    s3_secret_access_key: str | None = Field(None, description="S3 secret key")
+    s3_prefix: str = Field("", description="key prefix inside the bucket (e.g. mola/), to share a bucket")
+    s3_create_bucket: bool = Field(False, description="create the bucket at start-up when it is missing")
+    s3_multipart_threshold_mb: float = Field(64.0, gt=0, description="files larger than this upload in parts")
+    download_mode: Literal["auto", "redirect", "stream"] = Field(
+        "auto", description="adapter downloads: redirect to a presigned URL, or stream through the API; auto: redirect when the storage has presigned URLs"
+    )
+    presign_seconds: int = Field(300, ge=1, le=7 * 24 * 3600, description="lifetime of a presigned download URL")
+    ready_timeout_seconds: float = Field(2.0, gt=0, description="per-backend timeout of GET /readyz")
     max_upload_mb: float = Field(100.0, gt=0, description="largest dataset upload, in MiB")
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_MODELS),
@@ -65,6 +79,8 @@ class Settings(BaseSettings):
                 problems.append("MOLA_EMBEDDED_WORKER must be false: run workers with `mola worker`")
             if problems:
                 raise ValueError("production mode refuses local defaults: " + "; ".join(problems))
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("MOLA_S3_BUCKET must name a bucket when MOLA_STORAGE=s3")
         return self
 
     # ---- derived values --------------------------------------------------------------------
