@@ -26,7 +26,7 @@ arXiv 2402.08562) and plain LoRA adapters on your own data.
 3. `POST /jobs` with an allocation (`"2468"`, a list, or a preset); 4. follow it with
 `GET /jobs/{id}/events` or `/metrics`; 5. `GET /jobs/{id}/adapter`.
 
-Every endpoint but `/healthz` needs `Authorization: Bearer <API key>`.
+Every endpoint but `/healthz` and `/readyz` needs `Authorization: Bearer <API key>`.
 """
 
 

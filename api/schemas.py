@@ -278,3 +278,9 @@ class CheckpointList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str] = Field(description='{"database" | "broker" | "storage": "ok" or why it failed}')
+    failed: list[str] = Field(default_factory=list, description="the backends that are not reachable")

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentTenant, QueueDep, SessionDep, StorageDep
+from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDep
 from api.schemas import (
     CheckpointList,
     CheckpointPublic,
@@ -208,24 +208,30 @@ async def job_events(
     description=(
         "A `.tar.gz` with `adapter_config.json`, `adapter_model.safetensors` and a `README.md` "
         "model card; extract it and load the folder with `mola.load_mola_model(base, folder)`. "
-        "Available once the job succeeded (or was cancelled after some training)."
+        "Available once the job succeeded (or was cancelled after some training). With object "
+        "storage the answer is a 307 redirect to a short-lived presigned URL (`MOLA_DOWNLOAD_MODE`)."
     ),
     response_class=FileResponse,
-    responses={200: {"content": {"application/gzip": {}}}},
+    responses={200: {"content": {"application/gzip": {}}}, 307: {"description": "redirect to a presigned storage URL"}},
 )
-def download_adapter(job_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
+def download_adapter(
+    job_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep, settings: SettingsDep
+) -> Response:
     job = job_service.get_job(session, tenant.id, job_id)
     if job.adapter_key is None:
         raise NotFound(f"job {job_id} has no adapter (status: {job.status})")
     filename = f"{job.id}-adapter.tar.gz"
-    url = storage.presigned_url(job.adapter_key)
-    if url is not None:
-        return RedirectResponse(url, status_code=307)
+    if settings.download_mode == "redirect":  # a folder has no URLs: it streams
+        url = storage.presigned_url(job.adapter_key, settings.presign_seconds, filename)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
     path = storage.local_path(job.adapter_key)
     if path is not None:
         if not path.is_file():
             raise NotFound(f"the adapter file of job {job_id} is missing from storage")
         return FileResponse(path, media_type="application/gzip", filename=filename)
+    if not storage.exists(job.adapter_key):
+        raise NotFound(f"the adapter file of job {job_id} is missing from storage")
     return StreamingResponse(
         storage.iter_chunks(job.adapter_key),
         media_type="application/gzip",
