@@ -39,8 +39,8 @@ class Settings(BaseSettings):
     s3_prefix: str = Field("", description="key prefix inside the bucket (e.g. mola/), to share a bucket")
     s3_create_bucket: bool = Field(False, description="create the bucket at start-up when it is missing")
     s3_multipart_threshold_mb: float = Field(64.0, gt=0, description="files larger than this upload in parts")
-    download_mode: Literal["auto", "redirect", "stream"] = Field(
-        "auto", description="adapter downloads: redirect to a presigned URL, or stream through the API; auto: redirect when the storage has presigned URLs"
+    download_mode: Literal["redirect", "stream"] = Field(
+        "redirect", description="adapter downloads from object storage: a 307 to a presigned URL, or streamed through the API (local storage always streams)"
     )
     presign_seconds: int = Field(300, ge=1, le=7 * 24 * 3600, description="lifetime of a presigned download URL")
     ready_timeout_seconds: float = Field(2.0, gt=0, description="per-backend timeout of GET /readyz")
