@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     metrics_flush_seconds: float = Field(2.0, gt=0, description="how often the worker writes buffered metrics")
     cancel_poll_seconds: float = Field(0.5, ge=0, description="least time between two cancellation checks in a run")
     lease_seconds: float = Field(300.0, gt=0, description="how long a worker's claim on a running job lasts without a heartbeat")
+    max_attempts: int = Field(3, ge=1, description="runs of a job whose worker stopped without finishing it (lease expired) before the job fails")
+    reconcile_seconds: float = Field(30.0, gt=0, description="how often each worker re-queues jobs with expired leases and re-enqueues queued jobs the broker lost")
+    requeue_after_seconds: float = Field(120.0, ge=0, description="a queued job unclaimed this long is enqueued again when the broker holds fewer messages than queued jobs")
     log_level: str = Field("INFO", description="logging level of the service processes")
 
     @field_validator("models", mode="before")
