@@ -79,3 +79,26 @@ def check_all(engine: Engine, settings: Settings, storage: Storage, timeout_s: f
 def _one_line(error: BaseException) -> str:
     message = " ".join(str(error).split())
     return message[:300]
+
+
+def main() -> int:
+    """`python -m service.readiness`: the checks of this process's settings, as JSON; exit code 1
+    when one fails (the worker container's health check)."""
+    import json
+
+    from service.db import make_engine
+    from service.settings import get_settings
+    from service.storage import make_storage
+
+    settings = get_settings()
+    engine = make_engine(settings)
+    try:
+        results = check_all(engine, settings, make_storage(settings))
+    finally:
+        engine.dispose()
+    print(json.dumps(results))
+    return 0 if all(result == "ok" for result in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
