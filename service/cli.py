@@ -136,25 +136,40 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _recover(settings) -> None:
-    """At start-up: jobs whose worker vanished (expired lease) are failed with a clear message,
-    and queued jobs are enqueued again (a duplicate message is harmless: a worker only claims a
-    job that is still queued)."""
-    from service import jobs
-    from service.db import session_scope
+    """At start-up, one reconciliation pass (`service/reconcile.py`): jobs whose lease expired
+    are re-queued (or failed after MOLA_MAX_ATTEMPTS), and queued jobs the broker does not hold
+    are enqueued again, without waiting (a duplicate message is harmless: a worker only claims
+    a job that is still queued). The workers keep reconciling while they run."""
     from service.queue import CeleryQueue
+    from service.reconcile import reconcile
 
-    with session_scope(_sessions(settings)) as session:
-        for job_id in jobs.fail_abandoned_jobs(session):
-            logger.warning("job %s was running when its worker stopped; marked failed", job_id)
-        queued = jobs.queued_job_ids(session)
-    queue = CeleryQueue(settings)
     try:
-        for job_id in queued:
-            queue.enqueue_training(job_id)
+        report = reconcile(settings, _sessions(settings), CeleryQueue(settings), requeue_after_seconds=0)
     except Exception:
-        logger.exception("could not re-enqueue the queued jobs; they wait for the next start")
-    if queued:
-        logger.info("re-enqueued %d queued job(s)", len(queued))
+        logger.exception("could not reconcile the jobs with the broker; the workers will")
+        return
+    if report.enqueued:
+        logger.info("enqueued %d queued job(s) again", len(report.enqueued))
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Run the reconciliation once, or every MOLA_RECONCILE_SECONDS with --loop."""
+    from service.queue import CeleryQueue
+    from service.reconcile import reconcile
+
+    settings = _settings(args)
+    sessions, queue = _sessions(settings), CeleryQueue(settings)
+    while True:
+        try:
+            report = reconcile(settings, sessions, queue, requeue_after_seconds=args.requeue_after)
+            print(f"re-queued {len(report.requeued)}, failed {len(report.failed)}, enqueued {len(report.enqueued)}", flush=True)
+        except Exception:
+            if not args.loop:
+                raise
+            logger.exception("reconciliation failed; retrying")
+        if not args.loop:
+            return 0
+        time.sleep(settings.reconcile_seconds)
 
 
 def _ensure_first_key(settings) -> str | None:
@@ -209,25 +224,25 @@ class WorkerProcess:
             if self.stopping:
                 return
             logger.error("embedded worker exited with %s; restarting in 2 s", code)
-            self._fail_its_jobs(self.proc.pid, code)
+            self._recover_its_jobs(self.proc.pid, code)
             time.sleep(2)
             if not self.stopping:
                 self._spawn()
 
     @staticmethod
-    def _fail_its_jobs(pid: int, code: int) -> None:
-        """The dead worker's running job will never finish: say so now rather than when its
-        lease expires."""
+    def _recover_its_jobs(pid: int, code: int) -> None:
+        """The dead worker's running job will never finish there: end its lease now, so the
+        restarted worker's first reconciliation re-queues it (it resumes from its last
+        checkpoint; after MOLA_MAX_ATTEMPTS such deaths it fails)."""
         from service import jobs
         from service.db import session_scope
         from service.settings import get_settings
         from worker.runner import worker_prefix
 
-        message = f"the worker process died (exit code {code}) while running this job; submit it again"
         try:
             with session_scope(_sessions(get_settings())) as session:
-                for job_id in jobs.fail_jobs_of_worker(session, worker_prefix(pid), message):
-                    logger.error("job %s failed: its worker died", job_id)
+                for job_id in jobs.expire_leases_of_worker(session, worker_prefix(pid)):
+                    logger.error("job %s: its worker died (exit code %s); it will resume from its last checkpoint", job_id, code)
         except Exception:
             logger.exception("could not update the jobs of the dead worker")
 
@@ -298,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="solo", choices=("solo", "prefork", "threads"), help="Celery pool (solo: jobs run in this process)")
     p.add_argument("--concurrency", type=int, default=1)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("reconcile", help="re-queue jobs of dead workers, enqueue queued jobs the broker lost (workers do this on their own)")
+    _server_options(p)
+    p.add_argument("--loop", action="store_true", help="every MOLA_RECONCILE_SECONDS until stopped")
+    p.add_argument("--requeue-after", type=float, default=None, metavar="SECONDS", help="enqueue again queued jobs unclaimed this long (default MOLA_REQUEUE_AFTER_SECONDS)")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("migrate", help="apply database migrations")
     _server_options(p)

@@ -13,7 +13,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from mola.allocation import expand_allocation, expand_top_k
@@ -303,15 +303,30 @@ def heartbeat(
 
 
 def release_job(session: Session, job_id: str, owner: str) -> bool:
-    """Give a running job back to the queue (its worker is shutting down)."""
+    """Give a running job back to the queue (its worker is shutting down, after a checkpoint).
+    The run does not count against `max_attempts`: nothing was lost."""
     return bool(
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
-            .values(status="queued", lease_owner=None, lease_expires_at=None, updated_at=utcnow())
+            .values(
+                status="queued",
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=Job.attempts - 1,  # a running job was claimed, so this stays >= 0
+                updated_at=utcnow(),
+            )
         ).rowcount
     )
 
+
+def prepare_resume(session: Session, job_id: str, from_step: int) -> int:
+    """A new run of the job starts at ``from_step`` (its latest checkpoint, 0 without one):
+    metrics of later steps came from a run whose work is lost, and the new run writes them
+    again, so they are deleted; progress goes back to ``from_step``. Returns the rows deleted."""
+    deleted = session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > from_step)).rowcount
+    session.execute(update(Job).where(Job.id == job_id).values(step=from_step))
+    return deleted
 
 def cancel_requested(session: Session, job_id: str) -> bool:
     return session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
@@ -378,44 +393,68 @@ def record_token_stats(session: Session, dataset_id: str, model_name: str, stats
         dataset.token_stats = {**(dataset.token_stats or {}), model_name: stats}
 
 
-def fail_abandoned_jobs(session: Session) -> list[str]:
-    """Mark failed the running jobs whose lease has expired (their worker is gone). Returns
-    their ids. (Resuming them from their last checkpoint instead is the production recovery.)"""
-    now = utcnow()
-    ids = list(
-        session.scalars(select(Job.id).where(Job.status == "running", Job.lease_expires_at < now))
+# ---- recovery (see service/reconcile.py) ----------------------------------------------------
+def abandoned_error(attempts: int, max_attempts: int) -> str:
+    return (
+        f"the job's worker stopped without finishing it {attempts} time(s) (MOLA_MAX_ATTEMPTS={max_attempts}); "
+        "not retrying. A job that kills its worker (out of host memory, a crash in a native library) "
+        "does so again: check the worker logs, then submit it again"
     )
-    if ids:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids), Job.status == "running", Job.lease_expires_at < now)
-            .values(
-                status="failed",
-                error="the worker running this job stopped before it finished; submit it again",
-                finished_at=now,
-                updated_at=now,
-                lease_expires_at=None,
-            )
-        )
-    return ids
 
 
-def fail_jobs_of_worker(session: Session, owner_prefix: str, error: str) -> list[str]:
-    """Mark failed the running jobs held by a worker known to be dead (its lease owner starts
-    with ``owner_prefix``, e.g. ``host:pid:``), without waiting for the lease to expire."""
+def recover_expired_leases(session: Session, max_attempts: int, job_id: str | None = None) -> tuple[list[str], list[str]]:
+    """Running jobs whose lease expired (their worker died or hung): back to `queued`, to resume
+    from their last checkpoint, or `failed` once they have used ``max_attempts`` runs
+    (`cancelled` if a cancellation was pending). Limited
+    to ``job_id`` when given. Returns (requeued ids, failed ids); the caller enqueues the first.
+
+    Each change is a conditional UPDATE on the expired lease, so reconcilers running at once
+    (one per worker) and a worker renewing its lease at that moment cannot both win."""
     now = utcnow()
-    ids = list(session.scalars(select(Job.id).where(Job.status == "running", Job.lease_owner.startswith(owner_prefix, autoescape=True))))
+    expired = (Job.status == "running", Job.lease_expires_at < now)
+    if job_id is not None:
+        expired += (Job.id == job_id,)
+    rows = session.execute(select(Job.id, Job.attempts, Job.cancel_requested_at).where(*expired).order_by(Job.id)).all()
+    requeued, failed = [], []
+    for id_, attempts, cancel_requested_at in rows:
+        still_expired = (Job.id == id_, *expired)
+        end = dict(finished_at=now, lease_expires_at=None, updated_at=now)
+        if cancel_requested_at is not None:  # nobody is left to stop it: it stops here
+            session.execute(update(Job).where(*still_expired).values(status="cancelled", **end))
+        elif attempts >= max_attempts:
+            if session.execute(update(Job).where(*still_expired).values(status="failed", error=abandoned_error(attempts, max_attempts), **end)).rowcount:
+                failed.append(id_)
+        elif session.execute(
+            update(Job).where(*still_expired).values(status="queued", lease_owner=None, lease_expires_at=None, updated_at=now)
+        ).rowcount:
+            requeued.append(id_)
+    return requeued, failed
+
+
+def expire_leases_of_worker(session: Session, owner_prefix: str) -> list[str]:
+    """End now the leases of a worker known to be dead (its lease owner starts with
+    ``owner_prefix``, e.g. ``host:pid:``), so the next reconciliation recovers its job without
+    waiting for the lease to run out."""
+    now = utcnow()
+    held = (Job.status == "running", Job.lease_owner.startswith(owner_prefix, autoescape=True))
+    ids = list(session.scalars(select(Job.id).where(*held)))
     if ids:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids), Job.status == "running")
-            .values(status="failed", error=error, finished_at=now, updated_at=now, lease_expires_at=None)
-        )
+        session.execute(update(Job).where(Job.id.in_(ids), *held).values(lease_expires_at=now - timedelta(seconds=1)))
     return ids
 
 
-def queued_job_ids(session: Session) -> list[str]:
-    return list(session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.id)))
+def touch_stale_queued(session: Session, older_than_seconds: float, limit: int = 1000) -> list[str]:
+    """Queued jobs that nobody claimed for ``older_than_seconds`` (their message may be lost),
+    marked as just handled (``updated_at``) so that the next look, by this reconciler or
+    another, waits as long again. Returns the ids this call marked, oldest first."""
+    now = utcnow()
+    stale = (Job.status == "queued", Job.updated_at < now - timedelta(seconds=older_than_seconds))
+    ids = list(session.scalars(select(Job.id).where(*stale).order_by(Job.id).limit(limit)))
+    marked = []
+    for id_ in ids:
+        if session.execute(update(Job).where(Job.id == id_, *stale).values(updated_at=now)).rowcount:
+            marked.append(id_)
+    return marked
 
 
 def _insert_ignore(session: Session, table: type, conflict_columns: tuple[str, ...]):

@@ -24,10 +24,25 @@ class CeleryQueue:
         self.settings = settings
         self._app = None
 
-    def enqueue_training(self, job_id: str) -> None:
+    @property
+    def app(self):
         if self._app is None:
             from worker.celery_app import create_celery_app
 
             self._app = create_celery_app(self.settings)
-        self._app.send_task(TRAIN_TASK, args=[job_id], queue=self.settings.queue)
+        return self._app
+
+    def enqueue_training(self, job_id: str) -> None:
+        self.app.send_task(TRAIN_TASK, args=[job_id], queue=self.settings.queue)
         logger.info("enqueued %s on %s", job_id, self.settings.queue)
+
+    def waiting(self) -> int:
+        """Messages waiting in the broker's queue (not those a worker has taken); 0 when the
+        broker does not know the queue, e.g. after a restart without persistence."""
+        from kombu.exceptions import ChannelError
+
+        with self.app.connection_for_read() as connection:
+            try:
+                return connection.default_channel.queue_declare(self.settings.queue, passive=True).message_count
+            except ChannelError:
+                return 0

@@ -5,11 +5,18 @@
   `metrics_flush_seconds`), so training never waits on the database for each step.
 - Cancellation is a cheap read of one column, at most every `cancel_poll_seconds`; the callback
   then returns True and the trainer stops after the step (writing a checkpoint first).
-- A heartbeat thread renews the job's lease; if the lease is lost (another worker took the job
-  over) the run stops and writes nothing more.
+- A heartbeat thread renews the job's lease every quarter of `lease_seconds`; if the lease is
+  lost (the job was recovered from this worker and maybe taken by another) the run stops at its
+  next step, and every write it makes (metrics, checkpoint rows, the final state) is made in
+  one transaction with a lease check, so it writes nothing more.
 - Checkpoints are uploaded to storage as they are written; a job that is claimed again (after a
-  worker shutdown) resumes from its latest one. The final adapter is uploaded as a `.tar.gz`
-  with `adapter_config.json`, `adapter_model.safetensors` and a `README.md` model card.
+  warm shutdown, or after its worker died and its lease expired) resumes from its latest one,
+  and the metrics the lost run wrote after that step are deleted first: the new run writes
+  them again, so every step has exactly one row, from the run the adapter continues.
+- Warm shutdown (SIGTERM): the run stops after its current step, checkpoints, gives the job
+  back (`queued`) and enqueues it again, for this or another worker to resume.
+- The final adapter is uploaded as a `.tar.gz` with `adapter_config.json`,
+  `adapter_model.safetensors` and a `README.md` model card.
 
 No transaction is held across training: every write is a short session of its own.
 """
@@ -35,6 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import jobs as job_service
 from service.db import make_engine, make_sessionmaker, session_scope
 from service.models import Checkpoint, Dataset, Job
+from service.queue import CeleryQueue
 from service.settings import Settings
 from service.storage import Storage, make_storage
 
@@ -147,6 +155,7 @@ class Reporter:
     @staticmethod
     def _row(event: dict[str, Any]) -> dict[str, Any]:
         values = {k: v for k, v in event.items() if k not in ("kind", "step", "total_steps")}
+        values["time"] = time.time()  # when the step ended (unix seconds; rows are written later)
         return {"step": int(event["step"]), "kind": event["kind"], "values": _clean(values)}
 
     def should_stop(self) -> bool:
@@ -168,8 +177,11 @@ class Reporter:
         if self.heartbeat.lost:
             return
         with session_scope(self.res.sessions) as session:
-            job_service.record_metrics(session, self.job_id, rows)
+            # The lease first: its UPDATE locks the job's row, so a recovery cannot slip in
+            # between, and a worker that lost the job writes no metrics over the new run's.
             held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds, **self.progress)
+            if held:
+                job_service.record_metrics(session, self.job_id, rows)
         if not held:
             self.heartbeat.lost = True
 
@@ -179,12 +191,18 @@ class Reporter:
         prefix = f"jobs/{self.job_id}/checkpoints/checkpoint-{step}"
         size = self.res.storage.put_dir(prefix, path)
         with session_scope(self.res.sessions) as session:
-            job_service.record_checkpoint(session, self.job_id, step, prefix, size, _clean({"epoch": event.get("epoch")}))
+            held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds)
+            if held:
+                job_service.record_checkpoint(session, self.job_id, step, prefix, size, _clean({"epoch": event.get("epoch")}))
+        if not held:
+            self.heartbeat.lost = True
+            return
         logger.info("job %s: checkpoint at step %d uploaded (%d bytes)", self.job_id, step, size)
 
 
 class Heartbeat(threading.Thread):
-    """Renews the job's lease every quarter of its length until stopped."""
+    """Renews the job's lease every quarter of its length until stopped; sets `lost` when the
+    job is no longer this worker's."""
 
     def __init__(self, job_id: str, owner: str, res: Resources) -> None:
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
@@ -193,7 +211,7 @@ class Heartbeat(threading.Thread):
         self.lost = False
 
     def run(self) -> None:
-        interval = max(1.0, self.res.settings.lease_seconds / 4)
+        interval = max(0.2, self.res.settings.lease_seconds / 4)
         while not self.done.wait(interval):
             try:
                 with session_scope(self.res.sessions) as session:
@@ -216,6 +234,9 @@ def run_job(job_id: str, settings: Settings) -> str:
         logger.info("job %s: worker shutting down, not starting it", job_id)
         return "skipped"
     with session_scope(res.sessions) as session:
+        # A stale lease (its worker is gone) is taken over here rather than at the next
+        # reconciliation; a live one makes this delivery a no-op.
+        job_service.recover_expired_leases(session, settings.max_attempts, job_id)
         job = job_service.claim_job(session, job_id, owner, settings.lease_seconds)
         if job is None:
             current = session.get(Job, job_id)
@@ -225,7 +246,11 @@ def run_job(job_id: str, settings: Settings) -> str:
         datasets = {d.id: d.storage_key for d in session.scalars(select(Dataset).where(Dataset.id.in_([job.dataset_id, job.validation_dataset_id or ""])))}
         checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1))
         resume_prefix = checkpoint.storage_prefix if checkpoint else None
-    logger.info("job %s: running as %s (%s on %s)", job_id, owner, spec["method"], spec["base_model"])
+        replaced = job_service.prepare_resume(session, job_id, checkpoint.step if checkpoint else 0)
+        attempt = job.attempts
+    logger.info("job %s: running as %s, attempt %d (%s on %s)", job_id, owner, attempt, spec["method"], spec["base_model"])
+    if resume_prefix or replaced:
+        logger.info("job %s: resuming from %s; %d metric rows of later steps replaced", job_id, resume_prefix or "the start", replaced)
 
     work = settings.scratch_dir / job_id
     shutil.rmtree(work, ignore_errors=True)
@@ -355,6 +380,9 @@ def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(adapter_dir.iterdir()):
             tar.add(path, arcname=path.name)
+    if reporter.heartbeat.lost:  # the job is no longer ours: leave its adapter to its owner
+        logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
+        return "lost"
     key = f"jobs/{job_id}/adapter.tar.gz"
     res.storage.put_file(key, archive)
     with session_scope(res.sessions) as session:
@@ -374,11 +402,19 @@ def _stopped_early(job_id: str, owner: str, reason: str, res: Resources, reporte
         if reason == "cancel":
             job_service.finish_job(session, job_id, owner, "cancelled")
             return "cancelled"
-        # Worker shutdown: back to queued; the next claim resumes from the last checkpoint. It
-        # is not re-enqueued from here (this worker would take the message again on its way
-        # out): `mola serve` re-enqueues queued jobs when it starts.
-        job_service.release_job(session, job_id, owner)
-    logger.info("job %s: worker shutting down, job returned to queued", job_id)
+        # Warm shutdown: back to queued, and a new message for the next worker, which resumes
+        # from the checkpoint just written. (This worker takes no more messages; if the broker
+        # hands it this one anyway, it goes back at the shutdown. If the send fails, the
+        # reconciler enqueues the job later.)
+        released = job_service.release_job(session, job_id, owner)
+    if not released:
+        logger.warning("job %s: lease lost while shutting down", job_id)
+        return "lost"
+    try:
+        CeleryQueue(res.settings).enqueue_training(job_id)
+    except Exception:
+        logger.warning("job %s: could not enqueue it again; the reconciler will", job_id, exc_info=True)
+    logger.info("job %s: worker shutting down; job returned to the queue", job_id)
     return "requeued"
 
 

@@ -1,16 +1,20 @@
-"""Celery tasks: take a job id, let the runner re-read the row and do the work."""
+"""Celery tasks: take a job id, let the runner re-read the row and do the work. Signal handlers
+start the reconciler thread when the worker is ready and stop the running job at a warm
+shutdown."""
 
 from __future__ import annotations
 
 import logging
 
 from celery import shared_task
-from celery.signals import worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from service.queue import TRAIN_TASK
 from service.settings import get_settings
 
 logger = logging.getLogger(__name__)
+
+_reconciler = None
 
 
 @shared_task(name=TRAIN_TASK, acks_late=True, ignore_result=True)
@@ -18,6 +22,26 @@ def train_job(job_id: str) -> str:
     from worker.runner import run_job  # torch and mola load here, in the worker process
 
     return run_job(job_id, get_settings())
+
+
+@worker_ready.connect
+def _start_reconciler(**_kwargs) -> None:
+    """Every worker reconciles the broker with the database (`service/reconcile.py`): jobs of
+    dead workers are re-queued, queued jobs the broker lost are enqueued again."""
+    global _reconciler
+    from service.reconcile import ReconcilerThread
+    from worker.runner import Resources
+
+    settings = get_settings()
+    _reconciler = ReconcilerThread(settings, Resources.of(settings).sessions)
+    _reconciler.start()
+    logger.info("reconciler started (every %.0f s)", settings.reconcile_seconds)
+
+
+@worker_shutdown.connect
+def _stop_reconciler(**_kwargs) -> None:
+    if _reconciler is not None:
+        _reconciler.stop()
 
 
 @worker_shutting_down.connect

@@ -1,0 +1,98 @@
+"""Reconciling the broker with the database, which is the source of truth for every job.
+
+Two things go wrong between them, and one pass of `reconcile` repairs both:
+
+- A running job whose lease expired lost its worker (killed, out of memory, machine gone, or
+  hung past its heartbeats). It goes back to `queued` and is enqueued again, and the next worker
+  resumes it from its last checkpoint; after `max_attempts` such runs it fails with an error
+  that says so. (`service.jobs.recover_expired_leases`.)
+- A queued job that nobody claimed for `requeue_after_seconds` may have no message: the broker
+  restarted without persistence, or the API died between its commit and the enqueue. When the
+  broker holds fewer waiting messages than there are queued jobs, those jobs are enqueued again.
+  A job waiting behind a busy worker is not, so long queues do not fill with copies.
+
+Every worker runs a `ReconcilerThread` (started by `worker/tasks.py` when it is ready), and
+`mola serve` runs one pass at start-up; `mola reconcile` runs it by hand or in a loop. Any
+number of them may run at once: each change is a conditional UPDATE, so one reconciler wins
+each job, and an extra message is harmless because a worker only claims a job that is queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import jobs as job_service
+from service.db import session_scope
+from service.models import Job
+from service.queue import CeleryQueue
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    requeued: list[str] = field(default_factory=list)  # expired leases, back to queued
+    failed: list[str] = field(default_factory=list)  # expired leases, out of attempts
+    enqueued: list[str] = field(default_factory=list)  # messages sent
+
+    def __bool__(self) -> bool:
+        return bool(self.requeued or self.failed or self.enqueued)
+
+
+def reconcile(settings: Settings, sessions: sessionmaker[Session], queue: CeleryQueue, requeue_after_seconds: float | None = None) -> Report:
+    """One pass; see the module's docstring. ``requeue_after_seconds`` overrides the setting
+    (`mola serve` passes 0 at start-up: nothing is waiting in a broker that just started)."""
+    report = Report()
+    with session_scope(sessions) as session:
+        report.requeued, report.failed = job_service.recover_expired_leases(session, settings.max_attempts)
+    for job_id in report.failed:
+        logger.error("job %s: its worker stopped %d times; failed", job_id, settings.max_attempts)
+    to_send = list(report.requeued)
+
+    after = settings.requeue_after_seconds if requeue_after_seconds is None else requeue_after_seconds
+    with session_scope(sessions) as session:
+        queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) - len(to_send)
+    if queued > 0:
+        waiting = queue.waiting()
+        if waiting < queued:
+            with session_scope(sessions) as session:
+                stale = job_service.touch_stale_queued(session, after)
+            to_send += [job_id for job_id in stale if job_id not in to_send]
+            if stale:
+                logger.warning("%d queued job(s), %d message(s) waiting: enqueuing %d again", queued, waiting, len(stale))
+
+    for job_id in to_send:  # after the commits, like the API
+        queue.enqueue_training(job_id)
+        report.enqueued.append(job_id)
+    if report.requeued:
+        logger.warning("re-queued %d job(s) whose worker stopped: %s", len(report.requeued), ", ".join(report.requeued))
+    return report
+
+
+class ReconcilerThread(threading.Thread):
+    """Runs `reconcile` every `reconcile_seconds`, the first pass at once, until stopped. A
+    failed pass (database or broker down) is logged and retried at the next one."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], queue: CeleryQueue | None = None) -> None:
+        super().__init__(name="mola-reconciler", daemon=True)
+        self.settings, self.sessions = settings, sessions
+        self.queue = queue or CeleryQueue(settings)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                reconcile(self.settings, self.sessions, self.queue)
+            except Exception:
+                logger.warning("reconciliation failed; retrying in %.0f s", self.settings.reconcile_seconds, exc_info=True)
+            if self.done.wait(self.settings.reconcile_seconds):
+                return
+
+    def stop(self) -> None:
+        self.done.set()
