@@ -283,6 +283,9 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
         raise Stop(reporter.stop_reason or "cancel")
     device = res.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_base_model(spec["base_model"], device=device)
+    # The adapter's initial weights come from the job's seed, as in `mola train`: the same
+    # request gives the same adapter on any worker (a resumed run loads them from its checkpoint).
+    torch.manual_seed(hp.get("seed", 42))
     model = _adapter(model, spec)
 
     train_path = res.storage.get_file(datasets[spec["dataset_id"]], work / "train.jsonl")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
+from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from service.queue import TRAIN_TASK
@@ -19,9 +20,11 @@ _reconciler = None
 
 @shared_task(name=TRAIN_TASK, acks_late=True, ignore_result=True)
 def train_job(job_id: str) -> str:
-    from worker.runner import run_job  # torch and mola load here, in the worker process
+    from worker import runner  # torch and mola load in the run, in the worker process
 
-    return run_job(job_id, get_settings())
+    if runner.SHUTDOWN.is_set():  # taken on the way out: back to the broker for another worker
+        raise Reject("worker shutting down", requeue=True)
+    return runner.run_job(job_id, get_settings())
 
 
 @worker_ready.connect
