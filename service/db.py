@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
@@ -40,7 +40,9 @@ def make_engine(settings: Settings) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A database host that does not answer fails a connection after 10 s, not the OS's minutes.
+    connect_args = {"connect_timeout": 10} if make_url(url).get_driver_name() in ("psycopg", "psycopg2") else {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
