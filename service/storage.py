@@ -200,6 +200,7 @@ class S3Storage(Storage):
         self.public_endpoint_url = public_endpoint_url or endpoint_url
         self.client = self._client(endpoint_url, connect_timeout=5, read_timeout=60, attempts=4)
         self._presigner = self._client(self.public_endpoint_url, connect_timeout=5, read_timeout=60, attempts=1)
+        self._check_clients: dict[float, object] = {}  # short timeouts, no retries: readiness
         chunk = max(8 * 1024 * 1024, multipart_threshold_bytes // 8)
         self.transfer = TransferConfig(multipart_threshold=multipart_threshold_bytes, multipart_chunksize=chunk)
 
@@ -324,7 +325,11 @@ class S3Storage(Storage):
     def check(self, timeout_s: float = 2.0) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        client = self._client(self.endpoint_url, connect_timeout=timeout_s, read_timeout=timeout_s, attempts=1)
+        client = self._check_clients.get(timeout_s)
+        if client is None:
+            client = self._check_clients[timeout_s] = self._client(
+                self.endpoint_url, connect_timeout=timeout_s, read_timeout=timeout_s, attempts=1
+            )
         try:
             client.head_bucket(Bucket=self.bucket)
         except ClientError as error:

@@ -221,17 +221,15 @@ def download_adapter(
     if job.adapter_key is None:
         raise NotFound(f"job {job_id} has no adapter (status: {job.status})")
     filename = f"{job.id}-adapter.tar.gz"
+    if not storage.exists(job.adapter_key):
+        raise NotFound(f"the adapter file of job {job_id} is missing from storage")
     if settings.download_mode == "redirect":  # a folder has no URLs: it streams
         url = storage.presigned_url(job.adapter_key, settings.presign_seconds, filename)
         if url is not None:
             return RedirectResponse(url, status_code=307)
     path = storage.local_path(job.adapter_key)
     if path is not None:
-        if not path.is_file():
-            raise NotFound(f"the adapter file of job {job_id} is missing from storage")
         return FileResponse(path, media_type="application/gzip", filename=filename)
-    if not storage.exists(job.adapter_key):
-        raise NotFound(f"the adapter file of job {job_id} is missing from storage")
     return StreamingResponse(
         storage.iter_chunks(job.adapter_key),
         media_type="application/gzip",

@@ -115,6 +115,11 @@ def test_a_job_on_postgres_redis_and_s3(api, settings: Settings, broker, tmp_pat
     finally:
         streaming.state.engine.dispose()
 
+    # An object gone from the bucket is the API's 404, not a redirect to the store's error.
+    storage.delete(f"jobs/{job_id}/adapter.tar.gz")
+    response = client.get(f"/jobs/{job_id}/adapter", headers=auth(token), follow_redirects=False)
+    assert response.status_code == 404 and "missing from storage" in response.json()["detail"]
+
 
 def test_readyz_against_the_real_servers(api) -> None:
     client, _ = api
