@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from mola.config import MolaConfig
     from mola.data import load_training_data
-    from mola.lora import get_lora_model, matched_rank_pattern
+    from mola.lora import get_lora_model, matched_alpha_pattern, matched_rank_pattern
     from mola.model import get_mola_model
     from mola.models import load_base_model
     from mola.train import TrainConfig, list_checkpoints, train
@@ -103,7 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = get_mola_model(model, mola_config)
     else:
         pattern = matched_rank_pattern(model, mola_config) if args.match_mola else None
-        model = get_lora_model(model, rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, rank_pattern=pattern)
+        # Keep alpha / rank equal to MoLA's scaling, so one learning rate fits both.
+        alphas = matched_alpha_pattern(pattern, mola_config.scaling) if pattern else None
+        model = get_lora_model(model, rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, rank_pattern=pattern, alpha_pattern=alphas)
 
     output = Path(args.output)
     checkpoints = output / "checkpoints"

@@ -53,7 +53,8 @@ class RoutingRecorder:
 
     def start(self, token_mask: Tensor | None) -> None:
         self.active = True
-        self.token_mask = token_mask
+        # float32 once per forward pass, not once per module
+        self.token_mask = token_mask.float() if token_mask is not None else None
         self.records = []
 
     def stop(self) -> list[tuple[MolaLinear, RoutingStats]]:
@@ -126,21 +127,24 @@ class MolaLinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (T, in) -> (gates, probs, selected), each (T, N) float32."""
-        logits = self.router(x.to(self.router.weight.dtype))  # (T, N)
-        return top_k_gates(logits, self.top_k)
+        """x: (T, in), in the adapter's dtype or under autocast -> (gates, probs, selected),
+        each (T, N) float32."""
+        return top_k_gates(self.router(x), self.top_k)  # router logits (T, N)
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)  # (..., out)
         n, r = self.num_experts, self.rank
         x2 = x.reshape(-1, self.in_features)  # (T, in)
+        # One input for the router and the experts. Under autocast the matmuls cast to bf16
+        # themselves, so an fp32 copy would only cost bandwidth and saved memory.
+        if not torch.is_autocast_enabled(x.device.type):
+            x2 = x2.to(self.lora_A.dtype)
         gates, probs, selected = self.route(x2)
         if self.recorder is not None and (self.recorder.active or self.training):
             self.recorder.observe(self, gates, probs, selected)
-        dtype = self.lora_A.dtype
         a = self.lora_A.reshape(n * r, self.in_features)  # (N*r, in)
         b = self.lora_B.permute(1, 0, 2).reshape(self.out_features, n * r)  # (out, N*r)
-        h = self.lora_dropout(x2.to(dtype)) @ a.t()  # (T, N*r)
+        h = self.lora_dropout(x2) @ a.t()  # (T, N*r)
         h = h.view(-1, n, r) * (gates * self.scaling).to(h.dtype).unsqueeze(-1)  # (T, N, r)
         delta = h.view(-1, n * r) @ b.t()  # (T, out)
         return result + delta.view(result.shape).to(result.dtype)

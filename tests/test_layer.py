@@ -125,3 +125,22 @@ def test_rejects_unsupported_modules_and_bad_top_k():
         MolaLinear(nn.Embedding(10, 4), 2, 1, 4, 8)
     with pytest.raises(ValueError, match="top_k must be in"):
         MolaLinear(nn.Linear(4, 4), 2, 3, 4, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are only observable on CUDA")
+def test_no_host_sync_in_forward_and_backward_on_cuda():
+    layer = make_layer(8, 2, torch.float32).cuda()
+    recorder = RoutingRecorder()
+    layer.recorder = recorder
+    x = torch.randn(64, 24, device="cuda", requires_grad=True)
+    mask = torch.ones(64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        recorder.start(mask)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        records = [s for _, s in recorder.stop()]
+        (y.float().sum() + load_balancing_loss(records, 2)).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
