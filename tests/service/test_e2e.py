@@ -45,6 +45,7 @@ class Server:
             "MOLA_HOST": "127.0.0.1",
             "MOLA_METRICS_FLUSH_SECONDS": "0.5",
             "MOLA_CANCEL_POLL_SECONDS": "0.2",
+            "OMP_NUM_THREADS": "1",  # steady steps on a shared 2-core machine (no thread oversubscription)
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve"],
@@ -193,6 +194,9 @@ def test_a_dead_worker_is_replaced_and_its_job_resumes(server, client, dataset_i
     os.kill(worker_pid, signal.SIGKILL)
     # `mola serve` ends the dead worker's lease; the restarted worker re-queues the job and
     # resumes it from its last checkpoint.
-    job = client.wait(job.id, timeout=120, poll=0.5)
+    try:
+        job = client.wait(job.id, timeout=120, poll=0.5)
+    except TimeoutError as error:
+        raise AssertionError("".join(line for line in server.lines if '"GET /' not in line)[-8000:]) from error
     assert job.status == "succeeded" and job.attempts == 2 and job.result["steps"] == 200, server.log()
     assert [m.step for m in client.all_metrics(job.id, kind="train")] == list(range(1, 201))
