@@ -104,6 +104,34 @@ def _resolve(name_or_path: str, cache_dir: str | os.PathLike | None) -> tuple[st
     return name_or_path, {"local_files_only": True}
 
 
+def _not_found(name_or_path: str, error: Exception) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"model {name_or_path!r} not found: not a built-in name ({', '.join(builtin_model_names())}), "
+        f"a local directory, or a model in the offline Hugging Face cache ({error})"
+    )
+
+
+def _is_tiny(name_or_path: str) -> bool:
+    return name_or_path.startswith(TINY_PREFIX) and name_or_path[len(TINY_PREFIX):] in TINY_ARCHITECTURES
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> Any:
+    """The tokenizer :func:`load_base_model` gives for ``name_or_path``, without the weights."""
+    if _is_tiny(name_or_path):
+        tokenizer = byte_tokenizer()
+    else:
+        source, extra = _resolve(name_or_path, cache_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **extra)
+        except OSError as error:
+            raise _not_found(name_or_path, error) from None
+        if name_or_path == SMOLLM2_NAME:
+            _fix_smollm2_tokenizer(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base_model(
     name_or_path: str,
     dtype: torch.dtype | None = None,
@@ -111,23 +139,16 @@ def load_base_model(
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) for a built-in name, a local directory or an offline-cached hub id."""
-    if name_or_path.startswith(TINY_PREFIX) and name_or_path[len(TINY_PREFIX):] in TINY_ARCHITECTURES:
-        model, tokenizer = tiny_model(name_or_path[len(TINY_PREFIX):]), byte_tokenizer()
+    tokenizer = load_tokenizer(name_or_path, cache_dir)
+    if _is_tiny(name_or_path):
+        model = tiny_model(name_or_path[len(TINY_PREFIX):])
     else:
         source, extra = _resolve(name_or_path, cache_dir)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **extra)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, trust_remote_code=False, **extra)
         except OSError as error:
-            raise FileNotFoundError(
-                f"model {name_or_path!r} not found: not a built-in name ({', '.join(builtin_model_names())}), "
-                f"a local directory, or a model in the offline Hugging Face cache ({error})"
-            ) from None
-        if name_or_path == SMOLLM2_NAME:
-            _fix_smollm2_tokenizer(tokenizer)
+            raise _not_found(name_or_path, error) from None
         model.config._name_or_path = name_or_path
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
