@@ -52,6 +52,19 @@ class BaseModelList(BaseModel):
 
 
 # ---- datasets ------------------------------------------------------------------------------
+class TokenCounts(BaseModel):
+    status: Literal["pending", "ready", "failed"] | None = Field(
+        description="pending until the quick job has counted; null for datasets uploaded before token counts existed"
+    )
+    models: dict[str, dict[str, Any]] = Field(
+        description=(
+            "per base model of GET /models: total_tokens, mean_tokens, max_tokens, cutoff_len (the "
+            "default of a job), over_cutoff (rows a job would cut), dropped_at_cutoff, valid_rows"
+        )
+    )
+    error: str | None = Field(None, description="why counting failed, for all models or the ones named")
+
+
 class DatasetPublic(BaseModel):
     id: str
     filename: str
@@ -62,6 +75,7 @@ class DatasetPublic(BaseModel):
     created_at: datetime
     report: dict[str, Any] = Field(description="the validation report: rows, formats, errors")
     token_stats: dict[str, Any] = Field(description="token statistics per base model, filled in by the jobs that tokenized it")
+    token_counts: TokenCounts = Field(description="token counts per base model at the default cutoff, from a quick job after the upload")
 
     @classmethod
     def of(cls, row: Dataset) -> "DatasetPublic":
@@ -75,6 +89,7 @@ class DatasetPublic(BaseModel):
             created_at=row.created_at,
             report=row.report or {},
             token_stats=row.token_stats or {},
+            token_counts=TokenCounts(status=row.token_counts_status, models=row.token_counts or {}, error=row.token_counts_error),
         )
 
 

@@ -87,6 +87,8 @@ class Dataset:
     created_at: datetime | None
     report: dict[str, Any] = field(default_factory=dict)
     token_stats: dict[str, Any] = field(default_factory=dict)
+    # {status: pending|ready|failed, models: {name: {total_tokens, ...}}, error}: poll get_dataset
+    token_counts: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Dataset":

@@ -124,7 +124,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "worker",
         f"--pool={args.pool}",
         f"--concurrency={args.concurrency}",
-        f"--queues={settings.queue}",
+        f"--queues={args.queues or settings.queue}",
         f"--hostname=mola-{os.getpid()}@%h",
         f"--loglevel={settings.log_level}",
         "--without-gossip",
@@ -199,31 +199,33 @@ def _exit_with_parent() -> None:
 
 
 class WorkerProcess:
-    """The embedded worker: `mola worker` as a child process, restarted if it dies."""
+    """The embedded worker: `mola worker` as a child process, restarted if it dies. ``args``
+    are extra `mola worker` options (the quick worker: `--queues MOLA_QUICK_QUEUE`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, args: Sequence[str] = (), name: str = "worker") -> None:
+        self.args, self.name = list(args), name
         self.proc: subprocess.Popen | None = None
         self.stopping = False
-        self.thread = threading.Thread(target=self._watch, name="worker-watch", daemon=True)
+        self.thread = threading.Thread(target=self._watch, name=f"{name}-watch", daemon=True)
 
     def start(self) -> None:
         self._spawn()
         self.thread.start()
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-m", "service.cli", "worker"]
+        cmd = [sys.executable, "-m", "service.cli", "worker", *self.args]
         # Its own session: a Ctrl-C in the terminal reaches `mola serve`, which then stops the
         # worker with one SIGTERM (a second signal would make Celery stop without waiting).
         env = {**os.environ, "MOLA_SERVE_PID": str(os.getpid())}
         self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        logger.info("embedded worker started (pid %d)", self.proc.pid)
+        logger.info("embedded %s started (pid %d)", self.name, self.proc.pid)
 
     def _watch(self) -> None:
         while not self.stopping:
             code = self.proc.wait()
             if self.stopping:
                 return
-            logger.error("embedded worker exited with %s; restarting in 2 s", code)
+            logger.error("embedded %s exited with %s; restarting in 2 s", self.name, code)
             self._recover_its_jobs(self.proc.pid, code)
             time.sleep(2)
             if not self.stopping:
@@ -276,8 +278,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"    export MOLA_API_KEY={token}\n",
             flush=True,
         )
-    worker = WorkerProcess() if settings.embedded_worker else None
-    if worker:
+    # Two children: the training worker (MOLA_QUEUE) and a quick worker (MOLA_QUICK_QUEUE, one
+    # task at a time: an upload's token counts), so a quick task never waits behind training.
+    workers = (
+        [WorkerProcess(), WorkerProcess(["--queues", settings.quick_queue], name="quick worker")]
+        if settings.embedded_worker
+        else []
+    )
+    for worker in workers:
         worker.start()
     import uvicorn
 
@@ -291,7 +299,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level=settings.log_level.lower(),
         )
     finally:
-        if worker:
+        for worker in reversed(workers):  # the quick one first: it stops at once
             worker.stop()
     return 0
 
@@ -312,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     _server_options(p)
     p.add_argument("--pool", default="solo", choices=("solo", "prefork", "threads"), help="Celery pool (solo: jobs run in this process)")
     p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--queues", help="comma-separated queues to consume (default MOLA_QUEUE, the training queue; MOLA_QUICK_QUEUE for a quick worker)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("reconcile", help="re-queue jobs of dead workers, enqueue queued jobs the broker lost (workers do this on their own)")

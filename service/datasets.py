@@ -90,6 +90,8 @@ def create_dataset(
         storage_key=key,
         report=report,
         token_stats={},
+        token_counts={},
+        token_counts_status="pending",
     )
     session.add(dataset)
     try:
@@ -144,3 +146,22 @@ def delete_dataset(session: Session, dataset: Dataset) -> str:
     dataset.deleted_at = utcnow()
     session.flush()
     return dataset.storage_key
+
+
+# ---- token counts (the quick task `mola.count_tokens`, see worker/token_counts.py) ----------
+TOKEN_COUNT_FIELDS = ("total_tokens", "mean_tokens", "max_tokens", "cutoff_len", "over_cutoff", "dropped_at_cutoff", "valid_rows")
+
+
+def record_token_counts(
+    session: Session, dataset_id: str, counts: dict[str, Any], status: str, error: str | None = None
+) -> bool:
+    """Store the token counts of a dataset and their status; False when the row is gone.
+    Flushes; the caller commits."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        return False
+    dataset.token_counts = _jsonable(counts)
+    dataset.token_counts_status = status
+    dataset.token_counts_error = error
+    session.flush()
+    return True

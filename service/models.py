@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+TOKEN_COUNT_STATUSES = ("pending", "ready", "failed")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -135,6 +136,12 @@ class Dataset(Base):
     # Token statistics per base model, filled in by the worker the first time it tokenizes the
     # dataset for that model: {model_name: {...}}.
     token_stats: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # Token counts per catalogue model at the default cutoff, computed by the quick task
+    # `mola.count_tokens` after the upload: {model_name: {total_tokens, ...} | {error}}, with
+    # their status (pending, ready, failed; None for rows uploaded before the task existed).
+    token_counts: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    token_counts_status: Mapped[str | None] = mapped_column(String(16))
+    token_counts_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

@@ -11,10 +11,13 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 TRAIN_TASK = "mola.train_job"
+COUNT_TOKENS_TASK = "mola.count_tokens"
 
 
 class JobQueue(Protocol):
     def enqueue_training(self, job_id: str) -> None: ...
+
+    def enqueue_token_count(self, dataset_id: str) -> None: ...
 
 
 class CeleryQueue:
@@ -35,6 +38,12 @@ class CeleryQueue:
     def enqueue_training(self, job_id: str) -> None:
         self.app.send_task(TRAIN_TASK, args=[job_id], queue=self.settings.queue)
         logger.info("enqueued %s on %s", job_id, self.settings.queue)
+
+    def enqueue_token_count(self, dataset_id: str) -> None:
+        """Sends `mola.count_tokens(dataset_id)` to the quick queue (a worker with
+        `--queues` naming it takes it, never behind a training job)."""
+        self.app.send_task(COUNT_TOKENS_TASK, args=[dataset_id], queue=self.settings.quick_queue)
+        logger.info("enqueued the token count of %s on %s", dataset_id, self.settings.quick_queue)
 
     def waiting(self) -> int:
         """Messages waiting in the broker's queue (not those a worker has taken); 0 when the

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/mola.db")
     broker_url: str | None = Field(None, description="Celery broker URL; default a folder broker under DATA_DIR/broker")
     queue: str = Field("mola.train", description="Celery queue the training jobs go to")
+    quick_queue: str = Field("mola.quick", description="Celery queue of quick tasks (token counts of an upload), so they never wait behind training")
     storage: Literal["local", "s3"] = Field("local", description="artifact storage backend: a local folder or an S3-compatible object store")
     storage_dir: Path | None = Field(None, description="folder of the local storage; default DATA_DIR/artifacts")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, SeaweedFS, ...); unset for AWS S3")

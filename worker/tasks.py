@@ -10,7 +10,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from service.queue import TRAIN_TASK
+from service.queue import COUNT_TOKENS_TASK, TRAIN_TASK
 from service.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -25,6 +25,17 @@ def train_job(job_id: str) -> str:
     if runner.SHUTDOWN.is_set():  # taken on the way out: back to the broker for another worker
         raise Reject("worker shutting down", requeue=True)
     return runner.run_job(job_id, get_settings())
+
+
+@shared_task(name=COUNT_TOKENS_TASK, acks_late=True, ignore_result=True)
+def count_tokens(dataset_id: str) -> str:
+    """The token counts of an upload (quick queue, `MOLA_QUICK_QUEUE`): tokenizers only."""
+    from worker.runner import Resources
+    from worker.token_counts import count_tokens as count
+
+    settings = get_settings()
+    res = Resources.of(settings)
+    return count(dataset_id, settings, res.sessions, res.storage)
 
 
 @worker_ready.connect

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -9,11 +10,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDep
 from api.middleware import too_large_detail
 from api.schemas import DatasetList, DatasetPublic, Deleted, ErrorResponse
 from service import datasets as dataset_service
 from service.errors import PayloadTooLarge
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses={401: {"model": ErrorResponse}})
 
@@ -35,7 +38,9 @@ def _clean_filename(name: str | None) -> str:
         "Multipart upload (field `file`) of a JSONL file in a format mola reads: alpaca "
         "{instruction, input?, output}, chat {messages}, completion {prompt, completion} or "
         "text {text}. It is validated before it is stored: a file with errors gets a 422 whose "
-        "`report` lists the first errors with their line numbers, and nothing is kept."
+        "`report` lists the first errors with their line numbers, and nothing is kept. Token "
+        "counts per base model follow from a quick job: `token_counts.status` is `pending` in "
+        "this response; poll `GET /datasets/{id}` until it is `ready` (or `failed`)."
     ),
     responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
 )
@@ -45,6 +50,7 @@ def upload_dataset(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
+    queue: QueueDep,
 ) -> DatasetPublic:
     upload_dir = settings.data_dir / "uploads"
     upload_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +71,10 @@ def upload_dataset(
         session.commit()
     finally:
         path.unlink(missing_ok=True)
+    try:
+        queue.enqueue_token_count(dataset.id)
+    except Exception:  # the upload stands; its token counts stay pending
+        logger.exception("could not enqueue the token count of dataset %s", dataset.id)
     return DatasetPublic.of(dataset)
 
 

@@ -34,6 +34,7 @@ SCRIPT = textwrap.dedent(
 
     class Queue:
         def enqueue_training(self, job_id): pass
+        def enqueue_token_count(self, dataset_id): pass
 
     with TestClient(api.main.create_app(settings, queue=Queue())) as client:
         h = {"Authorization": f"Bearer {key}"}

@@ -124,6 +124,40 @@ def test_the_api_process_has_no_torch(server):
     assert "libtorch" not in maps.read_text()
 
 
+def _token_counts_when_done(client, dataset_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (counts := client.get_dataset(dataset_id).token_counts)["status"] == "pending":
+        assert time.monotonic() < deadline, f"token counts still pending after {timeout} s"
+        time.sleep(0.3)
+    return counts
+
+
+def test_token_counts_become_ready_after_an_upload(server, client, dataset_id):
+    counts = _token_counts_when_done(client, dataset_id)
+    assert counts["status"] == "ready", (counts, server.log())
+    stats = counts["models"]["tiny-llama"]
+    assert set(counts["models"]) == {"tiny-llama"} and stats["valid_rows"] == 24
+    assert 0 < stats["max_tokens"] <= stats["total_tokens"] and stats["cutoff_len"] == 256
+
+
+def test_token_counts_do_not_wait_behind_a_training_job(server, client, dataset_id, tmp_path):
+    job = client.create_job("tiny-llama", dataset_id, hyperparameters={**FAST, "max_steps": 5000})
+    try:
+        for event, data in client.events(job.id):
+            if event == "metric" and data.step >= 1:
+                break
+        path = tmp_path / "more.jsonl"
+        path.write_bytes(jsonl(ROWS[:5]))
+        uploaded = client.upload_dataset(path)
+        assert uploaded.token_counts["status"] == "pending"
+        counts = _token_counts_when_done(client, uploaded.id, timeout=60)
+        assert counts["status"] == "ready" and counts["models"]["tiny-llama"]["valid_rows"] == 5, server.log()
+        assert client.get_job(job.id).status == "running"  # counted while the training ran
+    finally:
+        client.cancel_job(job.id)
+        assert client.wait(job.id, timeout=60, poll=0.2).status == "cancelled", server.log()
+
+
 def test_train_follow_download_load_generate(server, client, dataset_id, tmp_path):
     assert [m.name for m in client.list_models()] == ["tiny-llama"]
     hp = {**FAST, "max_steps": 6, "checkpoint_every": 3}
@@ -190,7 +224,8 @@ def test_a_dead_worker_is_replaced_and_its_job_resumes(server, client, dataset_i
     children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
     if not children.exists():
         pytest.skip("needs /proc")
-    worker_pid = int(children.read_text().split()[0])
+    # The training worker, not the quick worker (`mola worker --queues MOLA_QUICK_QUEUE`).
+    worker_pid = next(int(p) for p in children.read_text().split() if b"--queues" not in Path(f"/proc/{p}/cmdline").read_bytes())
     os.kill(worker_pid, signal.SIGKILL)
     # `mola serve` ends the dead worker's lease; the restarted worker re-queues the job and
     # resumes it from its last checkpoint.
