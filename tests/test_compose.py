@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-APP_SERVICES = ("api", "worker", "migrate")  # the ones running the mola image
+APP_SERVICES = ("api", "worker", "quick-worker", "migrate")  # the ones running the mola image
 INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -66,7 +66,8 @@ def one_shot(service: dict) -> bool:
 
 
 def test_the_services(services) -> None:
-    assert set(services) == {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker"}
+    assert set(services) == {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "quick-worker"}
+    assert services["quick-worker"]["command"][:3] == ["worker", "--queues", "${MOLA_QUICK_QUEUE:-mola.quick}"]
     assert services["api"]["command"] == ["serve", "--no-worker"]
     assert "mola migrate" in services["migrate"]["command"][0] and "mola models sync" in services["migrate"]["command"][0]
     assert "mc mb" in services["minio-init"]["command"][0]
