@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.errors import Conflict, InvalidRequest, NotFound
@@ -92,6 +94,7 @@ def create_dataset(
         token_stats={},
         token_counts={},
         token_counts_status="pending",
+        token_counts_requested_at=utcnow(),
     )
     session.add(dataset)
     try:
@@ -165,3 +168,21 @@ def record_token_counts(
     dataset.token_counts_error = error
     session.flush()
     return True
+
+
+def touch_stale_token_counts(session: Session, older_than_seconds: float, limit: int = 1000) -> list[str]:
+    """Datasets whose token count has been pending for ``older_than_seconds`` (the quick task's
+    message may be lost), marked as asked again now so that the next look waits as long again.
+    Returns the ids this call marked. Counting is idempotent, so a late duplicate is harmless."""
+    now = utcnow()
+    stale = (
+        Dataset.token_counts_status == "pending",
+        Dataset.deleted_at.is_(None),
+        (Dataset.token_counts_requested_at.is_(None)) | (Dataset.token_counts_requested_at < now - timedelta(seconds=older_than_seconds)),
+    )
+    ids = list(session.scalars(select(Dataset.id).where(*stale).order_by(Dataset.id).limit(limit)))
+    marked = []
+    for id_ in ids:
+        if session.execute(update(Dataset).where(Dataset.id == id_, *stale).values(token_counts_requested_at=now)).rowcount:
+            marked.append(id_)
+    return marked

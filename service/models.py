@@ -142,6 +142,9 @@ class Dataset(Base):
     token_counts: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     token_counts_status: Mapped[str | None] = mapped_column(String(16))
     token_counts_error: Mapped[str | None] = mapped_column(Text)
+    # When the count was last asked of the quick queue; the reconciler asks again when a pending
+    # count has waited too long (its message may be lost).
+    token_counts_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

@@ -1,6 +1,7 @@
 """Reconciling the broker with the database, which is the source of truth for every job.
 
-Two things go wrong between them, and one pass of `reconcile` repairs both:
+Two things go wrong between them, and one pass of `reconcile` repairs both (and re-sends the
+token counts of uploads whose quick-queue message was lost, see the end of `reconcile`):
 
 - A running job whose lease expired lost its worker (killed, out of memory, machine gone, or
   hung past its heartbeats). It goes back to `queued` and is enqueued again, and the next worker
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import datasets as dataset_service
 from service import jobs as job_service
 from service.db import session_scope
 from service.models import Job
@@ -40,9 +42,10 @@ class Report:
     requeued: list[str] = field(default_factory=list)  # expired leases, back to queued
     failed: list[str] = field(default_factory=list)  # expired leases, out of attempts
     enqueued: list[str] = field(default_factory=list)  # messages sent
+    token_counts: list[str] = field(default_factory=list)  # datasets whose count was asked again
 
     def __bool__(self) -> bool:
-        return bool(self.requeued or self.failed or self.enqueued)
+        return bool(self.requeued or self.failed or self.enqueued or self.token_counts)
 
 
 def reconcile(settings: Settings, sessions: sessionmaker[Session], queue: CeleryQueue, requeue_after_seconds: float | None = None) -> Report:
@@ -70,6 +73,15 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], queue: Celery
     for job_id in to_send:  # after the commits, like the API
         queue.enqueue_training(job_id)
         report.enqueued.append(job_id)
+
+    # Token counts run on the quick queue, whose messages can be lost the same way; a count is
+    # cheap and idempotent, so a pending one that waited too long is simply asked for again.
+    with session_scope(sessions) as session:
+        report.token_counts = dataset_service.touch_stale_token_counts(session, after)
+    for dataset_id in report.token_counts:
+        queue.enqueue_token_count(dataset_id)
+    if report.token_counts:
+        logger.warning("asked again for the token counts of %d dataset(s): %s", len(report.token_counts), ", ".join(report.token_counts))
     if report.requeued:
         logger.warning("re-queued %d job(s) whose worker stopped: %s", len(report.requeued), ", ".join(report.requeued))
     return report

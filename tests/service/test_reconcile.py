@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 
 from service import jobs as job_service
 from service.db import session_scope
-from service.models import Job, JobMetric, utcnow
+from service.models import Dataset, Job, JobMetric, utcnow
 from service.reconcile import reconcile
 from tests.service.conftest import auth, job_body, make_dataset
 
@@ -21,6 +21,7 @@ class Broker:
     def __init__(self, waiting: int = 0) -> None:
         self.messages = waiting
         self.enqueued: list[str] = []
+        self.counted: list[str] = []
 
     def waiting(self) -> int:
         return self.messages
@@ -28,6 +29,9 @@ class Broker:
     def enqueue_training(self, job_id: str) -> None:
         self.enqueued.append(job_id)
         self.messages += 1
+
+    def enqueue_token_count(self, dataset_id: str) -> None:
+        self.counted.append(dataset_id)
 
 
 def _jobs(client, key, n: int = 1) -> list[str]:
@@ -155,3 +159,19 @@ def test_a_resumed_run_replaces_the_metrics_after_its_checkpoint(client, key, se
         kept = session.execute(select(JobMetric.step, JobMetric.kind).where(JobMetric.job_id == job_id).order_by(JobMetric.step, JobMetric.kind)).all()
         assert kept == [(1, "train"), (2, "train"), (3, "train"), (4, "eval"), (4, "train")]
         assert session.get(Job, job_id).step == 4
+
+
+def test_a_pending_token_count_is_asked_for_again_once_it_waited_too_long(client, key, settings, sessions):
+    waiting, done = make_dataset(client, key), make_dataset(client, key, rows=[{"prompt": "Say hi. ", "completion": "hi"}])
+    with session_scope(sessions) as session:
+        session.execute(update(Dataset).where(Dataset.id == done).values(token_counts_status="ready"))
+    broker = Broker()
+    assert reconcile(settings, sessions, broker).token_counts == []  # asked for just now
+    with session_scope(sessions) as session:
+        long_ago = utcnow() - timedelta(seconds=settings.requeue_after_seconds + 1)
+        session.execute(update(Dataset).values(token_counts_requested_at=long_ago))
+    report = reconcile(settings, sessions, broker)
+    assert report.token_counts == [waiting] and broker.counted == [waiting]
+    assert reconcile(settings, sessions, broker).token_counts == []  # marked: waits as long again
+    with sessions() as session:
+        assert session.get(Dataset, waiting).token_counts_requested_at > long_ago
