@@ -10,9 +10,10 @@ from typing import Any
 
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service.db import mark_each
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.models import Dataset, Job, new_id, utcnow
 from service.storage import Storage
@@ -180,9 +181,4 @@ def touch_stale_token_counts(session: Session, older_than_seconds: float, limit:
         Dataset.deleted_at.is_(None),
         (Dataset.token_counts_requested_at.is_(None)) | (Dataset.token_counts_requested_at < now - timedelta(seconds=older_than_seconds)),
     )
-    ids = list(session.scalars(select(Dataset.id).where(*stale).order_by(Dataset.id).limit(limit)))
-    marked = []
-    for id_ in ids:
-        if session.execute(update(Dataset).where(Dataset.id == id_, *stale).values(token_counts_requested_at=now)).rowcount:
-            marked.append(id_)
-    return marked
+    return mark_each(session, Dataset, stale, {"token_counts_requested_at": now}, limit)

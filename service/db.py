@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, make_url, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
@@ -87,3 +89,12 @@ def downgrade(settings: Settings, revision: str = "base") -> None:
     from alembic import command
 
     command.downgrade(alembic_config(settings), revision)
+
+
+def mark_each(session: Session, model: Any, conditions: tuple, values: dict[str, Any], limit: int = 1000) -> list[str]:
+    """Set ``values`` on the rows of ``model`` that meet ``conditions``, one conditional UPDATE
+    per row, and return the ids this call changed (in id order). A row that another session
+    changed in between no longer meets the conditions and is left out, so concurrent callers
+    (several reconcilers, say) each act on a row at most once."""
+    ids = list(session.scalars(select(model.id).where(*conditions).order_by(model.id).limit(limit)))
+    return [id_ for id_ in ids if session.execute(update(model).where(model.id == id_, *conditions).values(**values)).rowcount]

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from mola.allocation import expand_allocation, expand_top_k
 from mola.config import MolaConfig
 from service.datasets import get_dataset
+from service.db import mark_each
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.models import (
     JOB_STATUSES,
@@ -449,12 +450,7 @@ def touch_stale_queued(session: Session, older_than_seconds: float, limit: int =
     another, waits as long again. Returns the ids this call marked, oldest first."""
     now = utcnow()
     stale = (Job.status == "queued", Job.updated_at < now - timedelta(seconds=older_than_seconds))
-    ids = list(session.scalars(select(Job.id).where(*stale).order_by(Job.id).limit(limit)))
-    marked = []
-    for id_ in ids:
-        if session.execute(update(Job).where(Job.id == id_, *stale).values(updated_at=now)).rowcount:
-            marked.append(id_)
-    return marked
+    return mark_each(session, Job, stale, {"updated_at": now}, limit)
 
 
 def _insert_ignore(session: Session, table: type, conflict_columns: tuple[str, ...]):
