@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.data import IGNORE_INDEX, collate
+from mola.logits import forward_logits_at, next_token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +90,11 @@ def evaluate_loss(
         for start in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
             batch = {k: to_device(v, device) for k, v in batch.items()}
+            positions, targets = next_token_positions(batch["labels"], IGNORE_INDEX)  # (B, T), (n,)
             with _autocast(device, autocast_dtype):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # (B, T, V)
-            targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-            mask = targets != IGNORE_INDEX  # (B, T-1)
-            # Upcast only the labelled positions: a full (B, T, V) float copy can be large.
-            picked = logits[:, :-1][mask].float()  # (n, V)
-            loss_sum += F.cross_entropy(picked, targets[mask], reduction="sum").to(accumulate)
-            tokens += mask.sum()
+                _, logits = forward_logits_at(model, positions, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)  # (n, V)
+            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").to(accumulate)
+            tokens += targets.numel()
     n = int(tokens.item())
     loss = loss_sum.item() / n if n else float("nan")
     return {"eval_loss": float(loss), "eval_tokens": n}
@@ -129,15 +127,15 @@ def _option_scores(model: nn.Module, sequences: list[tuple[list[int], int, int]]
         ids = to_device(batch["input_ids"], device)  # (B, T)
         prompt_len = to_device(torch.tensor([sequences[i][1] for i in index]), device)  # (B,)
         option_len = to_device(torch.tensor([sequences[i][2] for i in index]), device)  # (B,)
-        width = max(sequences[i][2] for i in index)  # L: the longest option, known on the host
-        logits = model(input_ids=ids, attention_mask=to_device(batch["attention_mask"], device), use_cache=False).logits  # (B, T, V)
-        offsets = torch.arange(width, device=device)  # (L,)
-        # Option token j sits at prompt_len + j and is predicted by the logits one position before.
-        target_pos = (prompt_len[:, None] + offsets).clamp(max=ids.shape[1] - 1)  # (B, L)
-        window = logits.gather(1, (target_pos - 1)[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, V)
-        logp = window.float().log_softmax(-1).gather(-1, ids.gather(1, target_pos)[..., None]).squeeze(-1)  # (B, L)
-        valid = offsets[None, :] < option_len[:, None]  # (B, L)
-        total = (logp * valid).sum(-1)  # (B,)
+        # Option token j sits at prompt_len + j and is predicted at the position one before: the
+        # positions prompt_len - 1 .. prompt_len + option_len - 2 of each row.
+        steps = torch.arange(ids.shape[1], device=device)[None, :]  # (1, T)
+        positions = (steps >= prompt_len[:, None] - 1) & (steps < (prompt_len + option_len)[:, None] - 1)  # (B, T)
+        _, logits = forward_logits_at(model, positions, input_ids=ids, attention_mask=to_device(batch["attention_mask"], device), use_cache=False)  # (n, V)
+        targets = ids[:, 1:][positions[:, :-1]]  # (n,): the option tokens, in the order of logits
+        logp = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+        rows = torch.arange(len(index), device=device)[:, None].expand_as(positions)[positions]  # (n,)
+        total = torch.zeros(len(index), device=device).index_add_(0, rows, logp)  # (B,)
         if normalize:
             total = total / option_len.clamp(min=1)
         scores.index_copy_(0, to_device(torch.tensor(index), device), total)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from mola.data import collate
 from mola.evaluate import evaluate_loss
+from mola.logits import forward_logits_at, next_token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -238,11 +239,13 @@ def load_adapter_weights(model: nn.Module, directory: Path) -> None:
 # ---- the loop -------------------------------------------------------------------------------
 
 
-def _lm_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Summed next-token cross-entropy over labelled positions. logits (B, T, V), labels (B, T)."""
-    shifted = logits[:, :-1].float()  # (B, T-1, V)
-    targets = labels[:, 1:]  # (B, T-1)
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+def _forward_lm_loss_sum(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Any, Tensor]:
+    """``(output, summed next-token cross-entropy over the labelled tokens)``. The output layer
+    runs on the labelled positions alone (`mola.logits`): with the loss on responses only, most
+    of a prompt-heavy batch's (B, T, V) logits would be computed to be ignored."""
+    positions, targets = next_token_positions(inputs["labels"])  # (B, T), (n,)
+    out, logits = forward_logits_at(model, positions, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])  # (n, V)
+    return out, F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -345,8 +348,8 @@ def train(
             inputs = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
             input_tokens += int(inputs["attention_mask"].sum())
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-                lm = _lm_loss_sum(out.logits, inputs["labels"]) / max(1, label_tokens)
+                out, lm_sum_chunk = _forward_lm_loss_sum(model, inputs)
+                lm = lm_sum_chunk / max(1, label_tokens)
                 aux = getattr(out, "aux_loss", None)
                 loss = lm
                 if aux is not None:
