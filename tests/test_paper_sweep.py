@@ -80,3 +80,36 @@ def test_report_builds_tables_and_plots(smoke):
     for name in ("cola-redundancy.png", "cola-routing.png", "cola-loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(report["analysis"]["cola"]["redundancy"]["mola-5555"]["layers"]) == 4
+
+
+def test_report_tests_the_claims_on_paired_questions(smoke):
+    _, out = smoke
+    report = _load("report").build_report(out, DATA)
+    claims = report["analysis"]["cola"]["claims"]
+    pairs = {(c["better"], c["worse"], c["metric"]) for c in claims["comparisons"]}
+    assert ("mola-2468", "mola-5555", "multiple_choice") in pairs and ("mola-8228", "lora-matched", "generation") in pairs
+    assert len(pairs) == (3 + 4 * 2) * 2
+    for row in claims["comparisons"]:
+        assert row["questions"] == 2 and row["seeds"] == [0]
+        assert row["ci95"][0] <= row["difference"] <= row["ci95"][1]
+    assert claims["redundancy_trend"]["verdict"] in {"supported", "contradicted", "not resolved"}
+    assert "the paper's claims, tested" in (out / "report.md").read_text()
+
+
+def test_paired_difference_and_trend_verdicts():
+    claims = _load("claims")
+    right = {s: [1] * 150 + [0] * 50 for s in range(3)}
+    wrong = {s: [0] * 100 + [1] * 50 + [0] * 50 for s in range(3)}
+    clear = claims.paired_difference(right, wrong)
+    assert clear["difference"] == pytest.approx(50.0) and clear["verdict"] == "supported"
+    assert claims.paired_difference(wrong, right)["verdict"] == "contradicted"
+    # The same accuracy reached on different questions: no resolved difference.
+    other = {s: [0] * 50 + [1] * 150 for s in range(3)}
+    tie = claims.paired_difference(right, other)
+    assert tie["difference"] == 0 and tie["ci95"][0] < 0 < tie["ci95"][1] and tie["verdict"] == "not resolved"
+    layers = list(range(30))
+    assert claims.spearman(layers, [2 * x + 1 for x in layers]) == pytest.approx(1.0)
+    assert claims.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties share ranks
+    rising = claims.redundancy_trend(layers, [0.1 + 0.01 * x for x in layers])
+    assert rising["verdict"] == "supported" and rising["p_value"] < 0.01 and rising["top_over_bottom"] > 1
+    assert claims.redundancy_trend(layers, [1.0 - 0.01 * x for x in layers])["verdict"] == "contradicted"

@@ -11,7 +11,10 @@ Writes into the results folder:
   paper's Figure 3), for MoLA-□ (bold) and the other allocations, mean over seeds;
 * ``<task>-routing.png``: MoLA-□'s routing, share of tokens selecting each expert per layer
   (first seed), and the per-layer imbalance (largest share / top_k / N uniform share);
-* ``<task>-loss.png``: training loss curves, mean over seeds.
+* ``<task>-loss.png``: training loss curves, mean over seeds;
+* the claims (`claims.py`): each comparison of the paper's claims as a paired difference with a
+  95% bootstrap interval and a verdict, and the redundancy trend of MoLA-□. Pairing needs the
+  questions' answers, read from ``--data-root`` (the shared data); without it, no claims section.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+from claims import check_claims  # noqa: E402
 ORDER = ["zero-shot", "lora-r8", "lora-matched", "mola-2468", "mola-5555", "mola-8642", "mola-8228"]
 LABELS = {
     "zero-shot": "zero-shot base",
@@ -218,15 +225,69 @@ def plot_loss(task: str, configs: dict[str, list[dict[str, Any]]], path: Path) -
     plt.close(fig)
 
 
+# ---- claims ----------------------------------------------------------------------------------
+
+
+def scorers_for(task: str, configs: dict[str, list[dict[str, Any]]], data_root: Path | None) -> dict[str, Any] | None:
+    """Per-question correctness functions for both metrics, from the evaluation split's answers
+    (the first ``eval_rows`` rows, as the sweep took them); None without the data."""
+    if data_root is None or not data_root.is_dir():
+        return None
+    from mola.evaluate import answers_match
+    from mola.tasks import load_task
+
+    first = next(iter(configs.values()))[0]
+    eval_task = load_task(task, data_root, first["data"]["eval_split"], first["data"]["eval_rows"])
+    choice = [it["answer"] for it in eval_task.choice_items()]
+    expected = [it["answer"] for it in eval_task.generation_items()]
+
+    def multiple_choice(record: dict[str, Any]) -> list[bool]:
+        return [p == a for p, a in zip(record["eval"]["multiple_choice"]["predictions"], choice, strict=True)]
+
+    def generation(record: dict[str, Any]) -> list[bool]:
+        return [answers_match(p, a) for p, a in zip(record["eval"]["generation"]["predictions"], expected, strict=True)]
+
+    return {"multiple_choice": multiple_choice, "generation": generation}
+
+
+def claims_markdown(task: str, claims: dict[str, Any]) -> list[str]:
+    if not claims["comparisons"] and not claims["redundancy_trend"]:
+        return []
+    lines = [
+        f"### {task}: the paper's claims, tested",
+        "",
+        "Paired differences in accuracy points (better − worse as the paper orders them), mean over "
+        "seeds and questions, with a 95% hierarchical bootstrap interval (seeds, then questions). "
+        "Supported: the interval is above 0; contradicted: below 0; not resolved: it spans 0.",
+        "",
+        "| claim | metric | difference | 95% interval | verdict |",
+        "|---|---|---:|---:|---|",
+    ]
+    for row in claims["comparisons"]:
+        low, high = row["ci95"]
+        lines.append(f"| {row['claim']} | {row['metric'].replace('_', ' ')} | {row['difference']:+.1f} | [{low:+.1f}, {high:+.1f}] | {row['verdict']} |")
+    trend = claims["redundancy_trend"]
+    if trend:
+        lines += [
+            "",
+            f"Redundancy (MoLA-□): Spearman ρ(layer, mean pairwise distance) = {trend['spearman_rho']:+.2f}, "
+            f"one-sided permutation p = {trend['p_value']:.3g}; top-quarter / bottom-quarter mean distance = "
+            f"{trend['top_over_bottom']:.2f}. Lower layers' experts more alike: **{trend['verdict']}**.",
+        ]
+    return lines + [""]
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def build_report(results: str | os.PathLike) -> dict[str, Any]:
-    """Tables and plots for every task with finished runs under ``results``; returns the JSON."""
+def build_report(results: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Tables, plots and claims for every task with finished runs under ``results``; returns the
+    JSON. ``data_root``: the shared data, for the claims' per-question pairing."""
     results = Path(results)
+    data_root = Path(data_root) if data_root is not None else None
     runs = load_runs(results)
     tables = summarise(runs)
     analysis: dict[str, Any] = {}
@@ -244,19 +305,33 @@ def build_report(results: str | os.PathLike) -> dict[str, Any]:
         if any(r["train"]["loss_curve"] for records in configs.values() for r in records):
             plot_loss(task, configs, results / f"{task}-loss.png")
             plots.append(f"{task}-loss.png")
+        scorers = scorers_for(task, configs, data_root)
+        if scorers is not None:
+            entry["claims"] = check_claims(configs, scorers, entry.get("redundancy"))
         analysis[task] = entry
     report = {"tables": tables, "analysis": analysis, "plots": plots}
     write_atomic(results / "report.json", json.dumps(report, indent=1) + "\n")
-    write_atomic(results / "report.md", markdown(tables))
+    write_atomic(results / "report.md", full_markdown(report))
     return report
+
+
+def full_markdown(report: dict[str, Any]) -> str:
+    lines = [markdown(report["tables"])]
+    for task, entry in report["analysis"].items():
+        if "claims" in entry:
+            lines += claims_markdown(task, entry["claims"])
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Tables and plots from the MoLA allocation sweep's JSONs")
     p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"), help="the shared data, for pairing questions in the claims (default ../shared/data)")
     args = p.parse_args(argv)
-    report = build_report(args.results)
-    sys.stdout.write(markdown(report["tables"]) + "\n")
+    if not Path(args.results).is_dir():
+        raise SystemExit(f"no results folder {args.results}: run bench/paper/sweep.py first")
+    report = build_report(args.results, args.data_root)
+    sys.stdout.write(full_markdown(report) + "\n")
     print(f"plots: {', '.join(report['plots']) or 'none'}")
     return 0
 
