@@ -113,3 +113,19 @@ def test_paired_difference_and_trend_verdicts():
     rising = claims.redundancy_trend(layers, [0.1 + 0.01 * x for x in layers])
     assert rising["verdict"] == "supported" and rising["p_value"] < 0.01 and rising["top_over_bottom"] > 1
     assert claims.redundancy_trend(layers, [1.0 - 0.01 * x for x in layers])["verdict"] == "contradicted"
+
+
+@pytest.mark.parametrize("layers", [4, 22, 30, 32])
+def test_allocations_have_equal_total_experts(layers):
+    sweep = _load("sweep")
+    from mola.allocation import expand_allocation
+
+    for digits in ("2468", "5555", "8642", "8228"):
+        experts = sweep.equal_total_allocation(digits, layers)
+        assert len(experts) == layers and sum(experts) == 5 * layers, digits
+        blocks = [e for i, e in enumerate(experts) if i == 0 or experts[i - 1] != e]
+        assert blocks == [int(d) for i, d in enumerate(digits) if i == 0 or digits[i - 1] != d]  # contiguous groups, in order
+    # 30 layers: the default split (8, 8, 7, 7) would give ▽ 146 and △ 154; (8, 7, 7, 8) gives 150.
+    if layers == 30:
+        assert sum(expand_allocation("2468", 30)) == 146
+        assert sweep.equal_total_allocation("2468", 30) == [2] * 8 + [4] * 7 + [6] * 7 + [8] * 8

@@ -19,6 +19,7 @@ between experts per layer (`mola.analysis.expert_redundancy`) and the routing st
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 
+from mola.allocation import group_sizes  # noqa: E402
 from mola.config import MolaConfig  # noqa: E402
 from mola.data import collate, load_training_data  # noqa: E402
 from mola.tasks import EVAL_SPLITS, TASKS, load_task  # noqa: E402
@@ -101,10 +103,27 @@ COMMON = {"learning_rate": 3e-4, "cutoff_len": 256, "warmup_ratio": 0.03, "lr_sc
 # ---- building one run ------------------------------------------------------------------------
 
 
+def equal_total_allocation(digits: str, num_layers: int, per_layer: int = 5) -> list[int]:
+    """Experts per layer for the paper's four-group ``digits`` with exactly ``per_layer *
+    num_layers`` experts in all, as MoLA-□ has.
+
+    The paper's 32 layers split into equal quarters; 30 cannot, and the library's default split
+    (8, 8, 7, 7 layers) would give ▽ 146 experts and △ 154 against □'s 150. So among the splits
+    into groups of floor/ceil(num_layers / 4) layers (the default one first), take the first whose
+    total is equal: (8, 7, 7, 8) for ▽ and △ and the default for ▷◁ on SmolLM2's 30 layers.
+    """
+    counts = [int(c) for c in digits]
+    default = tuple(group_sizes(num_layers, len(counts)))
+    for sizes in [default, *sorted(set(itertools.permutations(default)) - {default}, reverse=True)]:
+        if sum(c * n for c, n in zip(counts, sizes)) == per_layer * num_layers:
+            return [c for c, n in zip(counts, sizes) for _ in range(n)]
+    raise ValueError(f"no split of {num_layers} layers gives {digits!r} {per_layer * num_layers} experts")
+
+
 def precision(choice: str, device: torch.device) -> torch.dtype:
     """The base weights' dtype, also the autocast dtype of training. "auto": bf16 on CUDA and on
-    CPUs with native bf16 matmuls (AVX512-BF16 or AMX: ~1.7x faster than fp32 on the 2 cores
-    measured), fp32 elsewhere. Adapter weights stay fp32 either way."""
+    CPUs with native bf16 matmuls (AVX512-BF16 or AMX), fp32 elsewhere. Adapter weights stay
+    fp32 either way."""
     if choice != "auto":
         return getattr(torch, choice)
     if device.type == "cuda":
@@ -116,6 +135,7 @@ def precision(choice: str, device: torch.device) -> torch.dtype:
 
 def build_model(config_name: str, base: torch.nn.Module, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model of ``config_name`` on ``base`` (adapter initialised from ``seed``), and its spec."""
+    from mola.architectures import num_decoder_layers
     from mola.lora import get_lora_model, matched_alpha_pattern, matched_rank_pattern, parameter_counts
     from mola.model import get_mola_model
 
@@ -125,7 +145,8 @@ def build_model(config_name: str, base: torch.nn.Module, seed: int) -> tuple[tor
         base.requires_grad_(False)
         return base, {**spec, "trainable_parameters": 0}
     if spec["method"] == "mola":
-        model = get_mola_model(base, MolaConfig(experts=spec["experts"], **ADAPTER))
+        experts = equal_total_allocation(spec["experts"], num_decoder_layers(base))
+        model = get_mola_model(base, MolaConfig(experts=experts, **ADAPTER))
         spec.update(experts_per_layer=model.experts_per_layer, top_k_per_layer=model.top_k_per_layer)
     else:
         pattern, alphas = None, None
