@@ -35,10 +35,16 @@ def tolerances(dtype):
     return {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
 
 
+# The same check on a GPU where there is one (CI has none: these are skipped there; the device
+# machine runs them, see bench/README.md).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("experts, top_k, dtype", CASES)
-def test_forward_and_gradients_match_the_loop(experts, top_k, dtype):
-    layer = make_layer(experts, top_k, dtype)
-    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+def test_forward_and_gradients_match_the_loop(experts, top_k, dtype, device):
+    layer = make_layer(experts, top_k, dtype).to(device)
+    x = torch.randn(3, 5, 24, dtype=dtype).to(device).requires_grad_()
     recorder = RoutingRecorder()
     layer.recorder = recorder
     recorder.start(None)
