@@ -89,11 +89,10 @@ def evaluate_loss(
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
-            batch = {k: to_device(v, device) for k, v in batch.items()}
-            positions, targets = next_token_positions(batch["labels"], IGNORE_INDEX)  # (B, T), (n,)
+            positions, targets = next_token_positions(batch["labels"], IGNORE_INDEX)  # (B, T), (n,) on the host
             with _autocast(device, autocast_dtype):
-                _, logits = forward_logits_at(model, positions, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)  # (n, V)
-            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").to(accumulate)
+                _, logits = forward_logits_at(model, positions, input_ids=to_device(batch["input_ids"], device), attention_mask=to_device(batch["attention_mask"], device), use_cache=False)  # (n, V)
+            loss_sum += F.cross_entropy(logits.float(), to_device(targets, device), reduction="sum").to(accumulate)
             tokens += targets.numel()
     n = int(tokens.item())
     loss = loss_sum.item() / n if n else float("nan")
@@ -124,20 +123,20 @@ def _option_scores(model: nn.Module, sequences: list[tuple[list[int], int, int]]
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = collate([{"input_ids": sequences[i][0]} for i in index], pad_id)
-        ids = to_device(batch["input_ids"], device)  # (B, T)
-        prompt_len = to_device(torch.tensor([sequences[i][1] for i in index]), device)  # (B,)
-        option_len = to_device(torch.tensor([sequences[i][2] for i in index]), device)  # (B,)
+        ids = batch["input_ids"]  # (B, T), on the host
+        prompt_len = torch.tensor([sequences[i][1] for i in index])  # (B,)
+        option_len = torch.tensor([sequences[i][2] for i in index])  # (B,)
         # Option token j sits at prompt_len + j and is predicted at the position one before: the
-        # positions prompt_len - 1 .. prompt_len + option_len - 2 of each row.
-        steps = torch.arange(ids.shape[1], device=device)[None, :]  # (1, T)
+        # positions prompt_len - 1 .. prompt_len + option_len - 2 of each row. Found on the host.
+        steps = torch.arange(ids.shape[1])[None, :]  # (1, T)
         positions = (steps >= prompt_len[:, None] - 1) & (steps < (prompt_len + option_len)[:, None] - 1)  # (B, T)
-        _, logits = forward_logits_at(model, positions, input_ids=ids, attention_mask=to_device(batch["attention_mask"], device), use_cache=False)  # (n, V)
-        targets = ids[:, 1:][positions[:, :-1]]  # (n,): the option tokens, in the order of logits
-        logp = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (n,)
-        rows = torch.arange(len(index), device=device)[:, None].expand_as(positions)[positions]  # (n,)
-        total = torch.zeros(len(index), device=device).index_add_(0, rows, logp)  # (B,)
+        targets = ids[:, 1:][positions[:, :-1]]  # (n,): the option tokens, in the order of the logits
+        rows = torch.arange(len(index))[:, None].expand_as(positions)[positions]  # (n,): each one's sequence
+        _, logits = forward_logits_at(model, positions, input_ids=to_device(ids, device), attention_mask=to_device(batch["attention_mask"], device), use_cache=False)  # (n, V)
+        logp = logits.float().log_softmax(-1).gather(-1, to_device(targets, device)[:, None]).squeeze(-1)  # (n,)
+        total = torch.zeros(len(index), device=device).index_add_(0, to_device(rows, device), logp)  # (B,)
         if normalize:
-            total = total / option_len.clamp(min=1)
+            total = total / to_device(option_len, device).clamp(min=1)
         scores.index_copy_(0, to_device(torch.tensor(index), device), total)
     return scores.cpu().tolist()
 

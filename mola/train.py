@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.data import collate
-from mola.evaluate import evaluate_loss
+from mola.evaluate import evaluate_loss, to_device
 from mola.logits import forward_logits_at, next_token_positions
 
 logger = logging.getLogger(__name__)
@@ -239,13 +239,15 @@ def load_adapter_weights(model: nn.Module, directory: Path) -> None:
 # ---- the loop -------------------------------------------------------------------------------
 
 
-def _forward_lm_loss_sum(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Any, Tensor]:
-    """``(output, summed next-token cross-entropy over the labelled tokens)``. The output layer
-    runs on the labelled positions alone (`mola.logits`): with the loss on responses only, most
-    of a prompt-heavy batch's (B, T, V) logits would be computed to be ignored."""
-    positions, targets = next_token_positions(inputs["labels"])  # (B, T), (n,)
-    out, logits = forward_logits_at(model, positions, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])  # (n, V)
-    return out, F.cross_entropy(logits.float(), targets, reduction="sum")
+def _forward_lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], device: torch.device) -> tuple[Any, Tensor]:
+    """``(output, summed next-token cross-entropy over the labelled tokens)`` for a collated
+    host ``batch``. The output layer runs on the labelled positions alone (`mola.logits`): with
+    the loss on responses only, most of a prompt-heavy batch's (B, T, V) logits would be computed
+    to be ignored. The positions are found on the host, so the device is never waited for."""
+    positions, targets = next_token_positions(batch["labels"])  # (B, T), (n,) on the host
+    inputs = {k: to_device(batch[k], device) for k in ("input_ids", "attention_mask")}
+    out, logits = forward_logits_at(model, positions, **inputs)  # (n, V)
+    return out, F.cross_entropy(logits.float(), to_device(targets, device), reduction="sum")
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -345,10 +347,10 @@ def train(
         input_tokens = 0
         chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
         for chunk in chunks:
-            inputs = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-            input_tokens += int(inputs["attention_mask"].sum())
+            batch_cpu = collate(chunk, pad_id)
+            input_tokens += int(batch_cpu["attention_mask"].sum())
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out, lm_sum_chunk = _forward_lm_loss_sum(model, inputs)
+                out, lm_sum_chunk = _forward_lm_loss_sum(model, batch_cpu, device)
                 lm = lm_sum_chunk / max(1, label_tokens)
                 aux = getattr(out, "aux_loss", None)
                 loss = lm
