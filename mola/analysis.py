@@ -2,7 +2,9 @@
 
 * Redundancy (the paper's Figure 3): for each MoLA module, the mean pairwise Frobenius norm
   ``||dW_i - dW_j||_F`` over expert pairs, with ``dW_e = s * B_e A_e``. Small values mean the
-  experts of that module learned similar updates.
+  experts of that module learned similar updates. Also the experts' mean norm ``||dW_e||_F`` and
+  the ratio of the two (``relative_distance``): distances grow with the size of the updates, so
+  a layer whose experts simply moved less looks "more redundant"; the ratio separates the two.
 * Routing: per module and expert, the share of tokens that selected it and its mean routing
   weight, gathered over a dataset.
 """
@@ -36,34 +38,48 @@ def pairwise_expert_distances(module: MolaLinear) -> Tensor:
     return squared.sqrt().float()
 
 
-def expert_redundancy(model: Any) -> dict[str, Any]:
-    """Mean pairwise expert distance per module and per decoder layer.
+def expert_norms(module: MolaLinear) -> Tensor:
+    """(N,) Frobenius norms ||s * B_e A_e||_F, from r x r Gram matrices as above."""
+    a = module.lora_A.detach().double()  # (N, r, in)
+    b = module.lora_B.detach().double()  # (N, out, r)
+    gram_b = torch.einsum("eor,eos->ers", b, b)  # (N, r, r): B_e^T B_e
+    gram_a = torch.einsum("erk,esk->ers", a, a)  # (N, r, r): A_e A_e^T
+    return ((gram_b * gram_a).sum((-2, -1)).clamp_min(0).sqrt() * abs(module.scaling)).float()
 
-    Returns ``{"modules": {name: {"layer", "num_experts", "mean_distance"}},
-    "layers": [{"layer", "num_experts", "mean_distance"}]}``; modules with a single expert have
-    no pairs and report ``None``.
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def expert_redundancy(model: Any) -> dict[str, Any]:
+    """Mean pairwise expert distance, mean expert norm and their ratio, per module and per
+    decoder layer (layer values are means over the layer's modules).
+
+    Returns ``{"modules": {name: {"layer", "num_experts", "mean_distance", "mean_norm",
+    "relative_distance"}}, "layers": [{the same, by layer}]}``. Modules with a single expert have
+    no pairs and report ``None`` distances; the relative distance is ``None`` where the experts
+    are all zero (B at init).
     """
     modules: dict[str, dict[str, Any]] = {}
-    per_layer: dict[int, list[float]] = {}
+    per_layer: dict[int, dict[str, list[float]]] = {}
     experts_in_layer: dict[int, int] = {}
     for name, module in model.mola_modules():
         n = module.num_experts
         experts_in_layer[module.layer_index] = n
-        mean = None
+        row: dict[str, Any] = {"layer": module.layer_index, "num_experts": n, "mean_norm": float(expert_norms(module).mean())}
+        row["mean_distance"] = row["relative_distance"] = None
         if n > 1:
             distances = pairwise_expert_distances(module)
             pairs = [distances[i, j] for i, j in itertools.combinations(range(n), 2)]
-            mean = float(torch.stack(pairs).mean())
-            per_layer.setdefault(module.layer_index, []).append(mean)
-        modules[name] = {"layer": module.layer_index, "num_experts": n, "mean_distance": mean}
-    layers = [
-        {
-            "layer": j,
-            "num_experts": experts_in_layer[j],
-            "mean_distance": sum(per_layer[j]) / len(per_layer[j]) if j in per_layer else None,
-        }
-        for j in sorted(experts_in_layer)
-    ]
+            row["mean_distance"] = float(torch.stack(pairs).mean())
+            if row["mean_norm"] > 0:
+                row["relative_distance"] = row["mean_distance"] / row["mean_norm"]
+        modules[name] = row
+        sums = per_layer.setdefault(module.layer_index, {"mean_distance": [], "mean_norm": [], "relative_distance": []})
+        for key in sums:
+            if row[key] is not None:
+                sums[key].append(row[key])
+    layers = [{"layer": j, "num_experts": experts_in_layer[j], **{key: _mean(values) for key, values in per_layer[j].items()}} for j in sorted(experts_in_layer)]
     return {"modules": modules, "layers": layers}
 
 

@@ -153,10 +153,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model = load_mola_model(base, args.adapter)
     report: dict[str, Any] = {"adapter": str(args.adapter), "base_model": base_name, "redundancy": expert_redundancy(model)}
     print(f"adapter {args.adapter} on {base_name}: {description['total_experts']} experts, rank {description['rank']}")
-    print("layer  experts  top_k  mean pairwise ||dW_i - dW_j||_F")
+    print("layer  experts  top_k  mean ||dW_i - dW_j||_F  mean ||dW_e||_F  distance / norm")
     for row in report["redundancy"]["layers"]:
-        distance = "-" if row["mean_distance"] is None else f"{row['mean_distance']:.5f}"
-        print(f"{row['layer']:>5}  {row['num_experts']:>7}  {description['top_k_per_layer'][row['layer']]:>5}  {distance}")
+        distance, relative = ("-" if row[k] is None else f"{row[k]:.5f}" for k in ("mean_distance", "relative_distance"))
+        print(f"{row['layer']:>5}  {row['num_experts']:>7}  {description['top_k_per_layer'][row['layer']]:>5}  {distance:>22}  {row['mean_norm']:>15.5f}  {relative:>15}")
     if args.data:
         data = load_training_data(args.data, tokenizer)[: args.limit]
         batches = [collate(data[i : i + 8], tokenizer.pad_token_id) for i in range(0, len(data), 8)]

@@ -1,10 +1,11 @@
 import itertools
 
+import pytest
 import torch
 from torch import nn
 
 from mola import MolaConfig, byte_tokenizer, get_mola_model, tiny_model
-from mola.analysis import expert_redundancy, pairwise_expert_distances, routing_statistics
+from mola.analysis import expert_norms, expert_redundancy, pairwise_expert_distances, routing_statistics
 from mola.data import collate, load_training_data
 
 
@@ -34,7 +35,8 @@ def test_redundancy_per_layer_and_identical_experts():
     with torch.no_grad():
         module.lora_A.copy_(module.lora_A[:1].expand_as(module.lora_A))
         module.lora_B.copy_(module.lora_B[:1].expand_as(module.lora_B))
-    assert expert_redundancy(model)["modules"][name]["mean_distance"] < 1e-6
+    same = expert_redundancy(model)["modules"][name]
+    assert same["mean_distance"] < 1e-6 and same["relative_distance"] < 1e-6 and same["mean_norm"] > 0
     pairs = list(itertools.combinations(range(4), 2))
     assert len(pairs) == 6
 
@@ -52,3 +54,23 @@ def test_routing_statistics_count_real_tokens():
         assert abs(sum(row["mean_weight"]) - 1) < 1e-5  # weights of a token sum to one
     assert len(stats["layers"]) == 4
     assert model.training is False
+
+
+def test_expert_norms_and_relative_distance():
+    model = model_with_random_experts()
+    name, module = model.mola_modules()[-1]
+    dense = module.delta_weights().double()  # (N, out, in)
+    torch.testing.assert_close(expert_norms(module).double(), dense.flatten(1).norm(dim=1), rtol=1e-5, atol=1e-7)
+    before = expert_redundancy(model)["modules"][name]
+    with torch.no_grad():
+        module.lora_B.mul_(3.0)  # bigger updates, the same directions
+    after = expert_redundancy(model)["modules"][name]
+    assert after["mean_distance"] == pytest.approx(3 * before["mean_distance"], rel=1e-5)
+    assert after["mean_norm"] == pytest.approx(3 * before["mean_norm"], rel=1e-5)
+    assert after["relative_distance"] == pytest.approx(before["relative_distance"], rel=1e-5)
+    layer = expert_redundancy(model)["layers"][module.layer_index]
+    assert set(layer) == {"layer", "num_experts", "mean_distance", "mean_norm", "relative_distance"}
+    with torch.no_grad():
+        module.lora_B.zero_()  # B at init: no update, no ratio
+    zero = expert_redundancy(model)["modules"][name]
+    assert zero["mean_norm"] == 0 and zero["relative_distance"] is None

@@ -36,7 +36,7 @@ def test_train_then_analyze(tmp_path):
     report = tmp_path / "analysis.json"
     analyzed = run("analyze", str(out), "--data", str(data), "--json", str(report))
     assert analyzed.returncode == 0, analyzed.stderr
-    assert "mean pairwise" in analyzed.stdout
+    assert "mean ||dW_i - dW_j||_F" in analyzed.stdout and "distance / norm" in analyzed.stdout
     analysis = json.loads(report.read_text())
     assert len(analysis["redundancy"]["layers"]) == 4 and len(analysis["routing"]["layers"]) == 4
 

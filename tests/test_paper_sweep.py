@@ -93,6 +93,8 @@ def test_report_tests_the_claims_on_paired_questions(smoke):
         assert row["questions"] == 2 and row["seeds"] == [0]
         assert row["ci95"][0] <= row["difference"] <= row["ci95"][1]
     assert claims["redundancy_trend"]["verdict"] in {"supported", "contradicted", "not resolved"}
+    assert claims["relative_redundancy_trend"]["verdict"] in {"supported", "contradicted", "not resolved"}
+    assert "relative" in report["analysis"]["cola"]["redundancy"]["mola-5555"]
     assert "the paper's claims, tested" in (out / "report.md").read_text()
 
 

@@ -131,8 +131,10 @@ def check_claims(configs: dict[str, list[dict[str, Any]]], scorers: dict[str, Ca
     for mola in MOLA:
         for lora in LORA:
             compare(mola, lora, f"{mola} beats {lora}", "mola-vs-lora")
-    trend = None
+    trend = relative = None
     if redundancy and RECTANGLE in redundancy:
         numbers = redundancy[RECTANGLE]
         trend = redundancy_trend(numbers["layers"], numbers["mean"])
-    return {"comparisons": comparisons, "redundancy_trend": trend}
+        if "relative" in numbers:
+            relative = redundancy_trend(numbers["relative"]["layers"], numbers["relative"]["mean"])
+    return {"comparisons": comparisons, "redundancy_trend": trend, "relative_redundancy_trend": relative}

@@ -134,13 +134,15 @@ def markdown(tables: dict[str, Any]) -> str:
 # ---- analysis --------------------------------------------------------------------------------
 
 
-def redundancy_by_layer(records: list[dict[str, Any]]) -> tuple[list[int], list[float], list[float]]:
-    """Layers, mean and std over seeds of the per-layer mean pairwise expert distance."""
+def redundancy_by_layer(records: list[dict[str, Any]], key: str = "mean_distance") -> tuple[list[int], list[float], list[float]]:
+    """Layers, mean and std over seeds of a per-layer redundancy number: the mean pairwise
+    expert distance, or (``key="relative_distance"``, in runs made since mola.analysis reports
+    it) that distance over the experts' mean norm."""
     per_layer: dict[int, list[float]] = {}
     for record in records:
         for row in record.get("analysis", {}).get("redundancy", {}).get("layers", []):
-            if row["mean_distance"] is not None:
-                per_layer.setdefault(row["layer"], []).append(row["mean_distance"])
+            if row.get(key) is not None:
+                per_layer.setdefault(row["layer"], []).append(row[key])
     layers = sorted(per_layer)
     means = [statistics.fmean(per_layer[j]) for j in layers]
     stds = [statistics.stdev(per_layer[j]) if len(per_layer[j]) > 1 else 0.0 for j in layers]
@@ -148,25 +150,34 @@ def redundancy_by_layer(records: list[dict[str, Any]]) -> tuple[list[int], list[
 
 
 def plot_redundancy(task: str, configs: dict[str, list[dict[str, Any]]], path: Path) -> dict[str, Any]:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    numbers = {}
-    for name in ORDER:
-        if not name.startswith("mola-") or name not in configs:
-            continue
-        layers, means, stds = redundancy_by_layer(configs[name])
-        if not layers:
-            continue
-        numbers[name] = {"layers": layers, "mean": means, "std": stds}
-        bold = name == RECTANGLE
-        ax.plot(layers, means, marker="o" if bold else None, linewidth=2.5 if bold else 1, alpha=1 if bold else 0.6, label=LABELS[name])
-        if bold and any(stds):
-            ax.fill_between(layers, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("mean pairwise ‖ΔW_i − ΔW_j‖_F")
-    ax.set_title(f"{task}: expert redundancy per layer (lower = experts more alike)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    """The distance per layer; beside it, where the runs have it, the distance over the experts'
+    mean norm (a layer whose experts moved less looks more alike by distance alone)."""
+    relative = any(redundancy_by_layer(configs[n], "relative_distance")[0] for n in configs if n.startswith("mola-"))
+    fig, axes = plt.subplots(1, 2 if relative else 1, figsize=(12 if relative else 7, 4), squeeze=False)
+    numbers: dict[str, Any] = {}
+    panels = [("mean_distance", "mean pairwise ‖ΔW_i − ΔW_j‖_F")] + ([("relative_distance", "distance / mean ‖ΔW_e‖_F")] if relative else [])
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        for name in ORDER:
+            if not name.startswith("mola-") or name not in configs:
+                continue
+            layers, means, stds = redundancy_by_layer(configs[name], key)
+            if not layers:
+                continue
+            entry = numbers.setdefault(name, {})
+            if key == "mean_distance":
+                entry.update(layers=layers, mean=means, std=stds)
+            else:
+                entry["relative"] = {"layers": layers, "mean": means, "std": stds}
+            bold = name == RECTANGLE
+            ax.plot(layers, means, marker="o" if bold else None, linewidth=2.5 if bold else 1, alpha=1 if bold else 0.6, label=LABELS[name])
+            if bold and any(stds):
+                ax.fill_between(layers, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{task}: expert redundancy per layer (lower = experts more alike)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -273,6 +284,13 @@ def claims_markdown(task: str, claims: dict[str, Any]) -> list[str]:
             f"Redundancy (MoLA-□): Spearman ρ(layer, mean pairwise distance) = {trend['spearman_rho']:+.2f}, "
             f"one-sided permutation p = {trend['p_value']:.3g}; top-quarter / bottom-quarter mean distance = "
             f"{trend['top_over_bottom']:.2f}. Lower layers' experts more alike: **{trend['verdict']}**.",
+        ]
+    relative = claims.get("relative_redundancy_trend")
+    if relative:
+        lines += [
+            "",
+            f"The same on distance / mean expert norm: ρ = {relative['spearman_rho']:+.2f}, p = {relative['p_value']:.3g}, "
+            f"top / bottom quarter = {relative['top_over_bottom']:.2f}: **{relative['verdict']}**.",
         ]
     return lines + [""]
 
