@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.data import IGNORE_INDEX, collate
-from mola.logits import forward_logits_at, next_token_positions
+from mola.logits import forward_logits_at, next_token_positions, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +41,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """Copy a CPU tensor to ``device`` without a host sync: a plain (pageable) copy to CUDA
-    waits for the stream, a pinned non-blocking one does not (torch keeps the pinned buffer
-    alive until the copy is done)."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 
-def _to(tensor: Tensor, device: torch.device) -> Tensor:
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     """A host tensor onto ``device`` without making the host wait: a pageable copy to CUDA waits
-    for the stream, a pinned non-blocking one does not."""
+    for the stream, a pinned non-blocking one does not (torch keeps the pinned buffer alive until
+    the copy is done)."""
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
@@ -47,7 +48,7 @@ def _output_rows(model: nn.Module, positions: Tensor, rows: Tensor) -> Iterator[
         if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[:2] != positions.shape:
             return None  # not the (B, T, H) we expected: leave the call alone
         state["applied"] = True
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, _to(rows, hidden.device)), *args[1:])  # (n, H)
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, to_device(rows, hidden.device)), *args[1:])  # (n, H)
 
     handle = head.register_forward_pre_hook(gather)
     try:
@@ -69,7 +70,7 @@ def forward_logits_at(model: nn.Module, positions: Tensor, **inputs: Any) -> tup
         out = model(**inputs)
     logits = out.logits
     if not state["applied"] or logits.dim() == 3:  # the fallback on full (B, T, V) logits
-        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, _to(rows, logits.device))  # (n, V)
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, to_device(rows, logits.device))  # (n, V)
     return out, logits
 
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.data import collate
-from mola.evaluate import evaluate_loss, to_device
-from mola.logits import forward_logits_at, next_token_positions
+from mola.evaluate import evaluate_loss
+from mola.logits import forward_logits_at, next_token_positions, to_device
 
 logger = logging.getLogger(__name__)
 
