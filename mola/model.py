@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mola.architectures import find_target_modules, num_decoder_layers, set_submodule
 from mola.config import MolaConfig
@@ -32,20 +32,21 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
+# transformers 5.24 renamed the key-value cache output from `past_key_values` to `cache`; the
+# output below carries it under whichever name the installed release uses.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
-class MolaCausalLMOutput(ModelOutput):
-    """A causal-LM output with the load-balancing loss reported separately.
+class MolaCausalLMOutput(CausalLMOutputWithPast):
+    """A causal-LM output (loss, logits, cache, hidden states, attentions, as the base model's)
+    with the language-model and load-balancing losses also reported separately.
 
     ``loss`` = ``lm_loss`` + ``aux_loss_coef`` * ``aux_loss`` when labels were given.
     """
 
-    loss: Tensor | None = None
     lm_loss: Tensor | None = None
     aux_loss: Tensor | None = None
-    logits: Tensor | None = None
-    past_key_values: Any = None
-    hidden_states: Any = None
-    attentions: Any = None
 
 
 class MolaModel(nn.Module):
@@ -89,7 +90,7 @@ class MolaModel(nn.Module):
             lm_loss=lm_loss,
             aux_loss=aux,
             logits=out.get("logits"),
-            past_key_values=out.get("past_key_values"),
+            **{CACHE_FIELD: out.get(CACHE_FIELD)},
             hidden_states=out.get("hidden_states"),
             attentions=out.get("attentions"),
         )

@@ -8,6 +8,7 @@ from torch import nn
 
 from mola import MolaConfig, MolaLinear, get_mola_model, load_mola_model, read_adapter_config, tiny_model
 from mola.architectures import find_decoder_layers
+from mola.model import CACHE_FIELD
 from tests.oracle import loop_aux_loss, loop_forward
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "gpt2"]
@@ -112,6 +113,20 @@ def test_generation_uses_the_adapter_with_a_kv_cache():
     assert torch.equal(after, no_cache)
     assert not torch.equal(before, after)
 
+
+
+def test_forward_returns_the_base_models_cache_and_outputs():
+    # The cache output is `cache` from transformers 5.24 on, `past_key_values` before.
+    base = tiny_model("llama")
+    model = get_mola_model(tiny_model("llama"), MolaConfig(experts="2222"))
+    ids = torch.randint(0, 256, (2, 5))
+    out = model(input_ids=ids, labels=ids, use_cache=True, output_hidden_states=True)
+    reference = base(input_ids=ids, labels=ids, use_cache=True, output_hidden_states=True)
+    assert out[CACHE_FIELD] is not None and out[CACHE_FIELD].get_seq_length() == 5
+    assert len(out.hidden_states) == len(reference.hidden_states)
+    torch.testing.assert_close(out.logits, reference.logits)
+    torch.testing.assert_close(out.loss, out.lm_loss + model.mola_config.aux_loss_coef * out.aux_loss)
+    assert out.loss is out[0] and out.logits is out[1]  # positional access as a Hugging Face output
 
 @pytest.mark.parametrize(
     "targets, error, message",
