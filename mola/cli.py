@@ -44,6 +44,7 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--resume", help="checkpoint folder to resume from ('latest' picks the newest in --output)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (faster steps after a slower start)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA when supported)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--cache-dir", help="where converted models are cached")
@@ -91,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs,
-        seed=args.seed, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, torch_compile=args.compile,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

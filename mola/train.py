@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mola.compile import compile_decoder_layers
 from mola.data import collate
 from mola.evaluate import evaluate_loss
 from mola.logits import forward_logits_at, next_token_positions, to_device
@@ -61,6 +62,8 @@ class TrainConfig:
         seed: seeds the data order, dropout and any other randomness.
         bf16: bf16 autocast; None turns it on where CUDA supports it, off on CPU.
         gradient_checkpointing: recompute activations in backward to save memory.
+        torch_compile: compile each decoder layer with `torch.compile` (`mola.compile`): fewer,
+            fused kernels for the routing; the first steps take longer while it compiles.
         eval_every: evaluate on eval_data every this many steps (and always at the end).
         checkpoint_every: write a checkpoint every this many steps (needs checkpoint_dir).
         keep_checkpoints: how many of the newest checkpoints to keep (0 keeps all).
@@ -84,6 +87,7 @@ class TrainConfig:
     seed: int = 42
     bf16: bool | None = None
     gradient_checkpointing: bool = False
+    torch_compile: bool = False
     eval_every: int | None = None
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
@@ -246,7 +250,9 @@ def _forward_lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], device: tor
     to be ignored. The positions are found on the host, so the device is never waited for."""
     positions, targets = next_token_positions(batch["labels"])  # (B, T), (n,) on the host
     inputs = {k: to_device(batch[k], device) for k in ("input_ids", "attention_mask")}
-    out, logits = forward_logits_at(model, positions, **inputs)  # (n, V)
+    # No key-value cache: training never decodes, and a cache object in every layer's call
+    # would also make a compiled layer recompile.
+    out, logits = forward_logits_at(model, positions, use_cache=False, **inputs)  # (n, V)
     return out, F.cross_entropy(logits.float(), to_device(targets, device), reduction="sum")
 
 
@@ -300,6 +306,8 @@ def train(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         model.config.use_cache = False
+    if config.torch_compile:
+        compile_decoder_layers(model)
 
     start_step = 0
     torch.manual_seed(config.seed)

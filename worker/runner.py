@@ -67,6 +67,7 @@ TRAIN_FIELDS = (
     "seed",
     "bf16",
     "gradient_checkpointing",
+    "torch_compile",
     "eval_every",
     "checkpoint_every",
 )

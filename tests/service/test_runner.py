@@ -170,3 +170,16 @@ def test_metrics_writes_do_not_slow_training(client, key, settings, sessions):
     per_call = (time.perf_counter() - started) / calls
     assert settings_flush > 0 and per_call < 0.002, f"{per_call * 1e3:.3f} ms per step"
     assert len(_steps(sessions, job_id)) == calls
+
+
+def test_every_training_hyperparameter_reaches_the_train_config():
+    # A field added to the API's Hyperparameters but not to TRAIN_FIELDS would be accepted,
+    # echoed back in the job, and silently ignored by the trainer.
+    import dataclasses
+
+    from api.schemas import Hyperparameters
+    from mola.train import TrainConfig
+
+    adapter_fields = {"rank", "alpha", "dropout", "target_modules", "aux_loss_coef"}
+    assert set(Hyperparameters.model_fields) - adapter_fields == set(runner.TRAIN_FIELDS)
+    assert set(runner.TRAIN_FIELDS) <= {f.name for f in dataclasses.fields(TrainConfig)}
