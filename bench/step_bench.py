@@ -7,7 +7,8 @@ forward + backward + AdamW step of:
     loop[A]          the same adapter computed by the per-expert loop oracle (tests/oracle.py)
     lora-matched[A]  peft LoRA with the same trainable parameters per layer (rank_pattern)
     lora-r8          peft LoRA of rank r on every module
-    mola-compiled[A], lora-matched-compiled[A]   with --compile: torch.compile of each model
+    mola-compiled[A], lora-matched-compiled[A]   with --compile: each decoder layer compiled
+                     (mola.compile.compile_decoder_layers, as training with torch_compile does)
 
 Variants run round-robin (the order rotated every round) so that drift hits all of them alike;
 ``--repeats`` runs the whole measurement again to show the spread between runs. Prints a table
@@ -50,6 +51,7 @@ from mola.config import MolaConfig  # noqa: E402
 from mola.lora import get_lora_model, matched_alpha_pattern, matched_rank_pattern, parameter_counts  # noqa: E402
 from mola.model import get_mola_model  # noqa: E402
 from mola.architectures import set_submodule  # noqa: E402
+from mola.compile import compile_decoder_layers  # noqa: E402
 from tests.oracle import LoopMolaLinear  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
@@ -116,7 +118,7 @@ def make_step(model: nn.Module, optimizer, batch: dict, autocast: torch.dtype | 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            loss = model(**batch).loss
+            loss = model(**batch, use_cache=False).loss  # as training runs: no key-value cache
         loss.backward()
         optimizer.step()
         sink[0] = loss.detach()
@@ -132,9 +134,10 @@ def build_variants(args, base: nn.Module, batch: dict, device, autocast) -> list
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=3e-4)
-        runner = torch.compile(model, mode=args.compile_mode) if kind.endswith("-compiled") else model
+        if kind.endswith("-compiled"):  # as `TrainConfig(torch_compile=True)` does
+            compile_decoder_layers(model, mode=args.compile_mode)
         v = Variant(name, kind, allocation, model, optimizer, trainable=sum(p.numel() for p in params))
-        v.step = make_step(runner, optimizer, batch, autocast, device, v.last_loss)
+        v.step = make_step(model, optimizer, batch, autocast, device, v.last_loss)
         variants.append(v)
 
     wanted = set(args.variants.split(","))
