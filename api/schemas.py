@@ -130,7 +130,7 @@ class Hyperparameters(BaseModel):
     seed: int = Field(42, ge=0, le=2**32 - 1)
     bf16: bool | None = Field(None, description="bf16 autocast; default: on where the GPU supports it")
     gradient_checkpointing: bool = False
-    torch_compile: bool = Field(False, description="torch.compile each decoder layer: faster steps after minutes of compiling")
+    torch_compile: bool = Field(False, description="torch.compile the training forward: faster steps after minutes of compiling")
     eval_every: int | None = Field(None, ge=1, description="evaluate on the validation set every N steps")
     checkpoint_every: int | None = Field(None, ge=1, description="save a checkpoint every N steps")
     rank: int = Field(8, ge=1, le=4096, description="LoRA rank of every expert")

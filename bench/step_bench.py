@@ -7,8 +7,10 @@ forward + backward + AdamW step of:
     loop[A]          the same adapter computed by the per-expert loop oracle (tests/oracle.py)
     lora-matched[A]  peft LoRA with the same trainable parameters per layer (rank_pattern)
     lora-r8          peft LoRA of rank r on every module
-    mola-compiled[A], lora-matched-compiled[A]   with --compile: each decoder layer compiled
-                     (mola.compile.compile_decoder_layers, as training with torch_compile does)
+    mola-compiled[A], lora-matched-compiled[A]   with --compile: torch.compile of the whole model
+                     (mola.compile.compile_for_training, as training with torch_compile does)
+    mola-compiled-layers[A], ...   with --compile-scope model,layers: each decoder layer compiled
+                     on its own instead (nn.Module.compile), the alternative we measured against
 
 Variants run round-robin (the order rotated every round) so that drift hits all of them alike;
 ``--repeats`` runs the whole measurement again to show the spread between runs. Prints a table
@@ -51,7 +53,8 @@ from mola.config import MolaConfig  # noqa: E402
 from mola.lora import get_lora_model, matched_alpha_pattern, matched_rank_pattern, parameter_counts  # noqa: E402
 from mola.model import get_mola_model  # noqa: E402
 from mola.architectures import set_submodule  # noqa: E402
-from mola.compile import compile_decoder_layers  # noqa: E402
+from mola.architectures import find_decoder_layers  # noqa: E402
+from mola.compile import compile_for_training  # noqa: E402
 from tests.oracle import LoopMolaLinear  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
@@ -78,7 +81,7 @@ RUN_KEYS = ("warmup", "steps", "rounds")
 @dataclass
 class Variant:
     name: str
-    kind: str  # mola | loop | lora-matched | lora-r8, with "-compiled" for torch.compile
+    kind: str  # mola | loop | lora-matched | lora-r8, then "-compiled" or "-compiled-layers"
     allocation: str | None
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -126,6 +129,24 @@ def make_step(model: nn.Module, optimizer, batch: dict, autocast: torch.dtype | 
     return step
 
 
+def compiled_suffixes(args) -> list[str]:
+    """Variant name suffixes of the compiled variants asked for: "-compiled" (whole model),
+    "-compiled-layers" (each decoder layer)."""
+    if not args.compile:
+        return []
+    return [{"model": "-compiled", "layers": "-compiled-layers"}[s] for s in args.compile_scope.split(",")]
+
+
+def compile_layers(model: nn.Module, mode: str | None) -> None:
+    """Compile each decoder layer in place. Layers with the same experts share a graph; the
+    recompile limit (graphs cached per code object, shared by every layer of every model in the
+    process) is raised so that no layer falls back to eager."""
+    _, layers = find_decoder_layers(model)
+    torch._dynamo.config.recompile_limit += 8 * len(layers)
+    for layer in layers:
+        layer.compile(mode=mode, dynamic=True)
+
+
 def build_variants(args, base: nn.Module, batch: dict, device, autocast) -> list[Variant]:
     targets = args.targets.split(",")
     variants: list[Variant] = []
@@ -134,10 +155,13 @@ def build_variants(args, base: nn.Module, batch: dict, device, autocast) -> list
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=3e-4)
+        runner = model
         if kind.endswith("-compiled"):  # as `TrainConfig(torch_compile=True)` does
-            compile_decoder_layers(model, mode=args.compile_mode)
+            runner = compile_for_training(model, mode=args.compile_mode)
+        elif kind.endswith("-compiled-layers"):
+            compile_layers(model, args.compile_mode)
         v = Variant(name, kind, allocation, model, optimizer, trainable=sum(p.numel() for p in params))
-        v.step = make_step(model, optimizer, batch, autocast, device, v.last_loss)
+        v.step = make_step(runner, optimizer, batch, autocast, device, v.last_loss)
         variants.append(v)
 
     wanted = set(args.variants.split(","))
@@ -162,10 +186,10 @@ def build_variants(args, base: nn.Module, batch: dict, device, autocast) -> list
         if "lora-matched" in wanted:
             lora = get_lora_model(copy.deepcopy(base), args.rank, args.alpha, args.dropout, targets, ranks, alphas)
             add(f"lora-matched[{allocation}]", "lora-matched", allocation, lora)
-        if args.compile:
-            add(f"mola-compiled[{allocation}]", "mola-compiled", allocation, get_mola_model(copy.deepcopy(base), config()))
+        for suffix in compiled_suffixes(args):
+            add(f"mola{suffix}[{allocation}]", f"mola{suffix}", allocation, get_mola_model(copy.deepcopy(base), config()))
             lora = get_lora_model(copy.deepcopy(base), args.rank, args.alpha, args.dropout, targets, ranks, alphas)
-            add(f"lora-matched-compiled[{allocation}]", "lora-matched-compiled", allocation, lora)
+            add(f"lora-matched{suffix}[{allocation}]", f"lora-matched{suffix}", allocation, lora)
     if "lora-r8" in wanted:
         lora = get_lora_model(copy.deepcopy(base), args.rank, args.alpha, args.dropout, targets)
         add(f"lora-r{args.rank}", "lora-r8", None, lora)
@@ -276,6 +300,9 @@ def ratios(report: dict, allocations: list[str], rank: int) -> dict:
             "mola-compiled/lora-matched-compiled": (f"mola-compiled[{a}]", f"lora-matched-compiled[{a}]"),
             "mola-compiled/lora-matched": (f"mola-compiled[{a}]", f"lora-matched[{a}]"),
             "mola/mola-compiled": (f"mola[{a}]", f"mola-compiled[{a}]"),
+            "mola-compiled-layers/lora-matched-compiled-layers": (f"mola-compiled-layers[{a}]", f"lora-matched-compiled-layers[{a}]"),
+            "mola/mola-compiled-layers": (f"mola[{a}]", f"mola-compiled-layers[{a}]"),
+            "mola-compiled-layers/mola-compiled": (f"mola-compiled-layers[{a}]", f"mola-compiled[{a}]"),
         }
         out[a] = {k: r for k, (x, y) in pairs.items() if (r := ratio(x, y)) is not None}
     return out
@@ -284,7 +311,7 @@ def ratios(report: dict, allocations: list[str], rank: int) -> dict:
 def print_table(report: dict, ratio_table: dict, device_name: str) -> None:
     print(f"\n{device_name}")
     header = (
-        f"{'variant':<30} {'trainable':>11} {'median ms (per repeat)':>26} {'p10-p90 ms':>17} {'cpu ms':>8} "
+        f"{'variant':<36} {'trainable':>11} {'median ms (per repeat)':>26} {'p10-p90 ms':>17} {'cpu ms':>8} "
         f"{'tokens/s':>10} {'MFU':>6} {'peak step MB':>13}"
     )
     print(header)
@@ -296,12 +323,12 @@ def print_table(report: dict, ratio_table: dict, device_name: str) -> None:
         mem = f"{r['peak_step_bytes'] / 2**20:.0f}" if r["peak_step_bytes"] is not None else "-"
         cpu = f"{r['cpu_time']['pooled']['median_s'] * 1e3:.1f}" if "cpu_time" in r else "-"
         rate = r["pooled"]["tokens_per_s"]
-        print(f"{name:<30} {r['trainable_params']:>11,} {medians:>26} {spread:>17} {cpu:>8} {rate:>10.0f} {mfu:>6} {mem:>13}")
+        print(f"{name:<36} {r['trainable_params']:>11,} {medians:>26} {spread:>17} {cpu:>8} {rate:>10.0f} {mfu:>6} {mem:>13}")
     for allocation, table in ratio_table.items():
         for key, value in table.items():
             per = ", ".join(f"{x:.3f}" for x in value["per_repeat"])
             cpu = f"; process CPU time {value['cpu_time_pooled']:.3f}" if "cpu_time_pooled" in value else ""
-            print(f"  [{allocation}] {key:<38} {value['pooled']:.3f}  (per repeat: {per}{cpu})")
+            print(f"  [{allocation}] {key:<50} {value['pooled']:.3f}  (per repeat: {per}{cpu})")
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -319,6 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="mola,loop,lora-matched,lora-r8")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of MoLA and matched LoRA")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile-scope", default="model", help="with --compile: model, layers or model,layers (what is compiled)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="base weights; bfloat16 also turns on bf16 autocast (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--repeats", type=int, default=2)
@@ -327,6 +355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="JSON path (default bench/results/<device>-<preset>-<date>.json)")
     args = p.parse_args(argv)
+    if not set(args.compile_scope.split(",")) <= {"model", "layers"}:
+        p.error(f"--compile-scope: choose model, layers or model,layers, not {args.compile_scope!r}")
     preset = PRESETS[args.preset]
     # A run whose shape differs from its preset's is labelled so (results file, JSON "preset").
     args.label = args.preset if all(getattr(args, k) is None for k in SHAPE_KEYS) else f"{args.preset}-custom"
@@ -401,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "top_k": args.top_k, "dropout": args.dropout, "targets": args.targets.split(",")},
         "run": {"warmup": args.warmup, "steps_per_round": args.steps, "rounds": args.rounds,
                 "repeats": args.repeats, "order": "round-robin, rotated every round", "seed": args.seed,
-                "compile_mode": args.compile_mode if args.compile else None},
+                "compile_mode": args.compile_mode if args.compile else None,
+                "compile_scope": args.compile_scope if args.compile else None},
         "precision": "bf16 base weights, bf16 autocast, fp32 adapter weights" if bf16 else "fp32",
         "attention": getattr(variants[0].model.config, "_attn_implementation", None) if variants else None,
         "tokens_per_step": tokens,

@@ -44,7 +44,7 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--resume", help="checkpoint folder to resume from ('latest' picks the newest in --output)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (faster steps after a slower start)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward (faster steps after a slower start)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA when supported)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--cache-dir", help="where converted models are cached")

@@ -103,7 +103,7 @@ class MolaModel(nn.Module):
         by_layer: dict[int, list] = {}
         for module, stats in records:
             by_layer.setdefault(module.layer_index, []).append(stats)
-        losses = [load_balancing_loss(s, self.top_k_per_layer[j]) for j, s in sorted(by_layer.items())]
+        losses = [load_balancing_loss(by_layer[j], self.top_k_per_layer[j]) for j in sorted(by_layer)]
         return torch.stack(losses).sum()
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

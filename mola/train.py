@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.compile import compile_decoder_layers
+from mola.compile import compile_for_training
 from mola.data import collate
 from mola.evaluate import evaluate_loss
 from mola.logits import forward_logits_at, next_token_positions, to_device
@@ -62,8 +62,9 @@ class TrainConfig:
         seed: seeds the data order, dropout and any other randomness.
         bf16: bf16 autocast; None turns it on where CUDA supports it, off on CPU.
         gradient_checkpointing: recompute activations in backward to save memory.
-        torch_compile: compile each decoder layer with `torch.compile` (`mola.compile`): fewer,
-            fused kernels for the routing; the first steps take longer while it compiles.
+        torch_compile: run the training forward passes through `torch.compile`
+            (`mola.compile`): fused kernels for the routing; the first steps take longer while
+            it compiles. Evaluation and the model after training stay eager.
         eval_every: evaluate on eval_data every this many steps (and always at the end).
         checkpoint_every: write a checkpoint every this many steps (needs checkpoint_dir).
         keep_checkpoints: how many of the newest checkpoints to keep (0 keeps all).
@@ -251,7 +252,7 @@ def _forward_lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], device: tor
     positions, targets = next_token_positions(batch["labels"])  # (B, T), (n,) on the host
     inputs = {k: to_device(batch[k], device) for k in ("input_ids", "attention_mask")}
     # No key-value cache: training never decodes, and a cache object in every layer's call
-    # would also make a compiled layer recompile.
+    # would also make a compiled model recompile.
     out, logits = forward_logits_at(model, positions, use_cache=False, **inputs)  # (n, V)
     return out, F.cross_entropy(logits.float(), to_device(targets, device), reduction="sum")
 
@@ -305,9 +306,12 @@ def train(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        # transformers also makes the embeddings' output require grad, which only reentrant
+        # checkpointing needs; torch.compile would break its graph there.
+        if hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
         model.config.use_cache = False
-    if config.torch_compile:
-        compile_decoder_layers(model)
+    forward_model = compile_for_training(model) if config.torch_compile else model
 
     start_step = 0
     torch.manual_seed(config.seed)
@@ -358,7 +362,7 @@ def train(
             batch_cpu = collate(chunk, pad_id)
             input_tokens += int(batch_cpu["attention_mask"].sum())
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out, lm_sum_chunk = _forward_lm_loss_sum(model, batch_cpu, device)
+                out, lm_sum_chunk = _forward_lm_loss_sum(forward_model, batch_cpu, device)
                 lm = lm_sum_chunk / max(1, label_tokens)
                 aux = getattr(out, "aux_loss", None)
                 loss = lm
