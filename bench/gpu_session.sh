@@ -11,7 +11,9 @@
 # tests:     the library's tests on CUDA (oracle equality in bf16/fp32/fp64, the host-sync check)
 # tinyllama: bench/step_bench.py, ~1.1B LLaMA shape, allocations 8642 and 2468, two repeats
 # smollm2:   the same on the SmolLM2-135M shape
-# compiled:  torch.compile of MoLA and matched LoRA on the ~1.1B shape
+# compiled:  torch.compile of MoLA and matched LoRA on the ~1.1B shape (whole model, as training does)
+# compiled-layers: the same, 8642 only, with each decoder layer compiled on its own beside the whole
+#            model (the choice mola.compile made on the CPU; not in the default list)
 #
 # Each part has its own time limit and a failing part does not stop the next. Output: $OUT/
 # bench.log, $OUT/cuda-tests.log and one JSON per benchmark (at most 6 files; the device tool
@@ -57,6 +59,7 @@ for part in "${parts[@]}"; do
         tinyllama) bench tinyllama-1b 420 --preset tinyllama-1b --allocations 8642,2468 --repeats 2 ;;
         smollm2) bench smollm2-135m 300 --preset smollm2-135m --allocations 8642,2468 --repeats 2 ;;
         compiled) bench tinyllama-1b-compiled 420 --preset tinyllama-1b --allocations 8642,2468 --repeats 1 --variants mola,lora-matched --compile ;;
-        *) echo "unknown part $part: choose from quick tests tinyllama smollm2 compiled" >&2; exit 2 ;;
+        compiled-layers) bench tinyllama-1b-compiled-scopes 540 --preset tinyllama-1b --allocations 8642 --repeats 1 --variants mola,lora-matched --compile --compile-scope model,layers ;;
+        *) echo "unknown part $part: choose from quick tests tinyllama smollm2 compiled compiled-layers" >&2; exit 2 ;;
     esac
 done
