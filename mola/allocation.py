@@ -19,6 +19,7 @@ Accepted specs (see :func:`expand_allocation`):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -79,7 +80,12 @@ def _check_counts(counts: Sequence[object], num_layers: int, what: str) -> list[
 def _preset(name: str, average: object, num_layers: int) -> list[int]:
     if name not in PRESETS:
         raise ValueError(f"unknown allocation preset {name!r}; choose one of {', '.join(PRESETS)}")
-    if isinstance(average, bool) or not isinstance(average, (int, float)) or average < 1:
+    if (
+        isinstance(average, bool)
+        or not isinstance(average, (int, float))
+        or not math.isfinite(average)
+        or average < 1
+    ):
         raise ValueError(f"preset {name!r}: average must be a number >= 1, got {average!r}")
     if average > MAX_EXPERTS_PER_LAYER:
         raise ValueError(f"preset {name!r}: average {average} exceeds {MAX_EXPERTS_PER_LAYER}")
@@ -144,10 +150,14 @@ def expand_allocation(spec: object, num_layers: int) -> list[int]:
         if re.fullmatch(r"\d+", text):
             counts = _check_counts([int(c) for c in text], len(text), "allocation")
             return _per_group(counts, num_layers)
-        if re.fullmatch(r"\s*[^,]+(\s*,\s*[^,]+)*\s*", text):
+        if "," in text:
+            # Split first, then check each entry: a regex over the whole list backtracks
+            # exponentially on a bad one (a trailing comma took minutes at 30 entries).
             parts = [p.strip() for p in text.split(",")]
             values: list[object] = []
             for index, part in enumerate(parts):
+                if not part:
+                    raise ValueError(f"allocation entry {index} is empty (a stray comma?)")
                 if not re.fullmatch(r"-?\d+", part):
                     raise ValueError(f"allocation entry {index} is {part!r}, not a whole number")
                 values.append(int(part))

@@ -61,6 +61,11 @@ def test_group_sizes_cover_all_layers():
         ("2,a,4", 3, "entry 1 is 'a'"),
         ("2,-1,4", 3, "layer 1 has -1"),
         ("", 4, "empty"),
+        ("2, 4, 6,", 4, "entry 3 is empty"),
+        # A whole-string regex backtracked exponentially on this (minutes of CPU per request).
+        ("1  ," * 40 + ",", 4, "entry 40 is empty"),
+        ("rectangle:nan", 4, "average must be a number >= 1, got nan"),
+        ("rectangle:inf", 4, "average must be a number >= 1, got inf"),
         ("pyramid:5", 4, "unknown allocation preset 'pyramid'"),
         ("triangle", 4, "needs an average"),
         ({"preset": "triangle", "average": 0}, 4, "average must be a number >= 1"),
