@@ -4,14 +4,32 @@ the ORM rows (`service.models`) never leave the API as they are."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from service import jobs as job_service
 from service.models import BaseModelEntry, Checkpoint, Dataset, Job, JobMetric
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+# Steps are stored as 32-bit integers: a larger cursor cannot match and would overflow the query.
+MAX_STEP = 2**31 - 1
+
+
+def _no_nul(text: str) -> str:
+    # PostgreSQL refuses NUL in text and JSONB, so a NUL would otherwise surface as a 500.
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character (\\u0000)")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+"""A string from a client: a request body field, a path id or a query cursor."""
+
+# Request bodies: no NaN or infinity (JSON has no such numbers, but Python's parser reads
+# `NaN` and `1e999`, and PostgreSQL's JSONB refuses them), no unknown fields.
+REQUEST_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class FieldError(BaseModel):
@@ -34,6 +52,7 @@ class BaseModelPublic(BaseModel):
     hidden_size: int
     target_modules: list[str] = Field(description="modules adapted by default")
     linear_modules: list[str] = Field(description="every module name that target_modules may list")
+    max_positions: int | None = Field(description="the longest sequence the model takes: the limit of cutoff_len (null: unknown)")
 
     @classmethod
     def of(cls, row: BaseModelEntry) -> "BaseModelPublic":
@@ -44,6 +63,7 @@ class BaseModelPublic(BaseModel):
             hidden_size=row.hidden_size,
             target_modules=list(row.target_modules),
             linear_modules=list(row.linear_modules),
+            max_positions=row.max_positions,
         )
 
 
@@ -106,15 +126,15 @@ class Deleted(BaseModel):
 
 # ---- jobs ----------------------------------------------------------------------------------
 class AllocationPreset(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    preset: str = Field(description="rectangle, triangle, inverted_triangle or hourglass")
+    model_config = REQUEST_CONFIG
+    preset: Text = Field(description="rectangle, triangle, inverted_triangle or hourglass")
     average: float = Field(description="mean experts per layer; the total is average * layers")
 
 
 class Hyperparameters(BaseModel):
     """Training and adapter options; anything left out takes the default shown."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     epochs: float = Field(3.0, gt=0, le=1000, description="passes over the data (ignored if max_steps is set)")
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps; overrides epochs")
@@ -126,7 +146,7 @@ class Hyperparameters(BaseModel):
     warmup_steps: int | None = Field(None, ge=0, le=10_000_000, description="default: 3% of the steps")
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0, le=10)
-    max_grad_norm: float | None = Field(1.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, ge=0, le=1e6, description="gradient clipping; null: none")
     seed: int = Field(42, ge=0, le=2**32 - 1)
     bf16: bool | None = Field(None, description="bf16 autocast; default: on where the GPU supports it")
     gradient_checkpointing: bool = False
@@ -136,16 +156,16 @@ class Hyperparameters(BaseModel):
     rank: int = Field(8, ge=1, le=4096, description="LoRA rank of every expert")
     alpha: float = Field(16.0, gt=0, le=1e6)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | None = Field(None, min_length=1, description="default: the model's target_modules")
+    target_modules: list[Text] | None = Field(None, min_length=1, description="default: the model's target_modules")
     aux_loss_coef: float = Field(0.001, ge=0, le=1e3, description="weight of the load-balancing loss (mola)")
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    base_model: str = Field(min_length=1, max_length=200, description="a name from GET /models")
-    dataset_id: str = Field(min_length=1, max_length=40)
-    validation_dataset_id: str | None = Field(None, min_length=1, max_length=40)
+    base_model: Text = Field(min_length=1, max_length=200, description="a name from GET /models")
+    dataset_id: Text = Field(min_length=1, max_length=40)
+    validation_dataset_id: Text | None = Field(None, min_length=1, max_length=40)
     method: Literal["mola", "lora"] = "mola"
     allocation: list[int] | str | AllocationPreset | None = Field(
         None,
@@ -158,7 +178,7 @@ class JobCreate(BaseModel):
     )
     top_k: int | list[int] | None = Field(None, description="experts mixed per token (mola), one for all layers or one per layer; default 2")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    suffix: str | None = Field(None, max_length=64, description="a label for the adapter")
+    suffix: Text | None = Field(None, max_length=64, description="a label for the adapter")
 
     @field_validator("allocation", mode="before")
     @classmethod

@@ -31,6 +31,17 @@ def num_decoder_layers(model: nn.Module) -> int:
     raise ValueError("cannot tell the number of decoder layers: the model config has no num_hidden_layers")
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover, from its config
+    (``max_position_embeddings``; GPT-2's ``n_positions``), or None when the config says not."""
+    config = getattr(model, "config", None)
+    for attribute in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(dotted path, ModuleList) of the decoder stack."""
     expected = num_decoder_layers(model)

@@ -160,10 +160,15 @@ def _iter_jsonl(path: Path, max_bytes: int | None) -> Iterator[_Row]:
             if not text.strip():
                 continue
             try:
-                yield _Row(line_number, record=json.loads(text))
+                record = json.loads(text)
             except json.JSONDecodeError as e:
                 hint = " (a JSON array? write one object per line)" if line_number == 1 and text.strip() == "[" else ""
                 yield _Row(line_number, error=f"not valid JSON ({e.msg} at column {e.colno}){hint}")
+                continue
+            except RecursionError:  # the parser recurses once per level of nesting
+                yield _Row(line_number, error="JSON nested too deeply")
+                continue
+            yield _Row(line_number, record=record)
 
 
 def _hf_split_dir(path: Path, split: str) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from mola.architectures import find_decoder_layers, find_target_modules, num_decoder_layers
+from mola.architectures import find_decoder_layers, find_target_modules, max_positions, num_decoder_layers
 from mola.config import DEFAULT_TARGETS
 from mola.layer import Conv1D
 from mola.tiny import TINY_ARCHITECTURES, byte_tokenizer, tiny_config, tiny_model
@@ -177,13 +177,12 @@ def describe_base_model(name_or_path: str, cache_dir: str | os.PathLike | None =
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     _, layers = find_decoder_layers(model)
-    linear = sorted(
-        {
-            relative.rsplit(".", 1)[-1]
-            for relative, module in layers[0].named_modules()
-            if isinstance(module, torch.nn.Linear) or (Conv1D and isinstance(module, Conv1D))
-        }
+    module_paths = sorted(
+        relative
+        for relative, module in layers[0].named_modules()
+        if isinstance(module, torch.nn.Linear) or (Conv1D and isinstance(module, Conv1D))
     )
+    linear = sorted({path.rsplit(".", 1)[-1] for path in module_paths})
     defaults = DEFAULT_TARGETS.get(config.model_type, linear)
     find_target_modules(model, defaults)  # the defaults must exist in this model
     return {
@@ -195,4 +194,6 @@ def describe_base_model(name_or_path: str, cache_dir: str | os.PathLike | None =
         "parameters": sum(p.numel() for p in model.parameters()),
         "target_modules": list(defaults),
         "linear_modules": linear,
+        "module_paths": module_paths,  # inside a decoder layer, e.g. "self_attn.q_proj"
+        "max_positions": max_positions(model),
     }

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mola.architectures import max_positions
 from mola.compile import compile_for_training
 from mola.data import collate
 from mola.evaluate import evaluate_loss
@@ -263,6 +264,21 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _check_lengths(model: nn.Module, train_data: Sequence[dict], eval_data: Sequence[dict] | None) -> None:
+    """A clear error instead of an index error deep in the position embeddings (or a device-side
+    assert on a GPU) when an example is longer than the model's positions."""
+    limit = max_positions(model)
+    if limit is None:
+        return
+    for name, data in (("train_data", train_data), ("eval_data", eval_data or ())):
+        longest = max((len(example["input_ids"]) for example in data), default=0)
+        if longest > limit:
+            raise ValueError(
+                f"{name} has an example of {longest} tokens but the model has {limit} positions: "
+                f"tokenize with cutoff_len <= {limit}"
+            )
+
+
 def train(
     model: nn.Module,
     tokenizer: Any,
@@ -284,6 +300,7 @@ def train(
     config = config or TrainConfig()
     if not train_data:
         raise ValueError("train_data is empty")
+    _check_lengths(model, train_data, eval_data)
     device = next(p for p in model.parameters()).device
     use_bf16 = config.bf16 if config.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast_dtype = torch.bfloat16 if use_bf16 else None

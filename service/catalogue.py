@@ -19,6 +19,7 @@ from service.models import BaseModelEntry, utcnow
 logger = logging.getLogger(__name__)
 
 FIELDS = ("model_type", "num_layers", "hidden_size", "target_modules", "linear_modules")
+OPTIONAL_FIELDS = ("module_paths", "max_positions")  # unknown for some models: null
 
 
 def _describe(name: str) -> dict[str, Any]:
@@ -54,6 +55,8 @@ def upsert(session: Session, name: str, info: dict[str, Any]) -> BaseModelEntry:
     entry = session.get(BaseModelEntry, name) or BaseModelEntry(name=name)
     for field in FIELDS:
         setattr(entry, field, info[field])
+    for field in OPTIONAL_FIELDS:
+        setattr(entry, field, info.get(field))
     entry.synced_at = utcnow()
     session.add(entry)
     session.flush()

@@ -93,7 +93,8 @@ def cmd_models_sync(args: argparse.Namespace) -> int:
     names = list(settings.models)
     with session_scope(_sessions(settings)) as session:
         if args.missing_only:
-            have = {m.name for m in catalogue.list_models(session)}
+            # A row synced before module_paths existed is described again.
+            have = {m.name for m in catalogue.list_models(session) if m.module_paths is not None}
             if set(names) == have:
                 print(f"model catalogue up to date ({len(names)} models)")
                 return 0

@@ -72,7 +72,8 @@ def create_dataset(
     it has errors. Flushes; the caller commits."""
     report = inspect_file(path)
     if not is_valid(report):
-        count = len(report.get("errors") or [])
+        # error_count: the report lists only the first errors
+        count = report.get("error_count") or len(report.get("errors") or [])
         message = (
             f"{filename}: {count} error(s) in the dataset; the first: {_first_error(report)}"
             if count

@@ -60,10 +60,13 @@ def _dataset_field(session: Session, tenant_id: str, dataset_id: str, field: str
         raise InvalidRequest(("body", field), exc.detail) from None
 
 
-def _match_module(name: str, available: list[str]) -> bool:
-    """`name` matches like mola matches targets: equal to, or a dotted suffix of, a module path
-    inside a decoder layer (`q_proj` matches `self_attn.q_proj`)."""
-    return any(a == name or a.endswith("." + name) or name.endswith("." + a) for a in available)
+def _match_module(name: str, model: BaseModelEntry) -> bool:
+    """`name` matches as mola matches targets: equal to, or a dotted suffix of, a module path
+    inside a decoder layer (`q_proj` and `self_attn.q_proj` match `self_attn.q_proj`)."""
+    if model.module_paths is not None:
+        return any(path == name or path.endswith("." + name) for path in model.module_paths)
+    # A row synced before paths were recorded knows only the last part of each path.
+    return name.rsplit(".", 1)[-1] in model.linear_modules
 
 
 def build_spec(session: Session, tenant_id: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -86,16 +89,27 @@ def build_spec(session: Session, tenant_id: str, request: dict[str, Any]) -> dic
 
     targets = hp.get("target_modules")
     if targets:
-        unknown = [t for t in targets if not _match_module(t, model.linear_modules)]
+        unknown = [t for t in targets if not _match_module(t, model)]
         if unknown:
             raise InvalidRequest(
                 ("body", "hyperparameters", "target_modules"),
                 f"{', '.join(map(repr, unknown))} not among {model.name}'s linear modules "
-                f"({', '.join(model.linear_modules)})",
+                f"({', '.join(model.module_paths or model.linear_modules)})",
             )
     else:
         targets = list(model.target_modules)
     hp["target_modules"] = targets
+
+    cutoff_len = hp.get("cutoff_len")
+    if cutoff_len is not None and model.max_positions is not None and cutoff_len > model.max_positions:
+        raise InvalidRequest(
+            ("body", "hyperparameters", "cutoff_len"),
+            f"{cutoff_len} is more than the {model.max_positions} positions {model.name} takes",
+        )
+    if hp.get("eval_every") is not None and not request.get("validation_dataset_id"):
+        raise InvalidRequest(
+            ("body", "hyperparameters", "eval_every"), "needs a validation_dataset_id to evaluate on"
+        )
 
     if hp.get("micro_batch_size") and hp.get("batch_size"):
         hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])

@@ -118,6 +118,10 @@ class BaseModelEntry(Base):
     hidden_size: Mapped[int] = mapped_column(Integer)
     target_modules: Mapped[list[str]] = mapped_column(JSONType)
     linear_modules: Mapped[list[str]] = mapped_column(JSONType)
+    # Paths inside a decoder layer ("self_attn.q_proj"), to check dotted target names exactly;
+    # null for rows synced before they were recorded (then only the last part is checked).
+    module_paths: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)
+    max_positions: Mapped[int | None] = mapped_column(Integer, nullable=True)  # cutoff_len's limit
     synced_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 

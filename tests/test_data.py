@@ -58,6 +58,7 @@ BAD_LINES = [
     ('"just a string"', "expected a JSON object, got str"),
     ('{"instruction": "x", "output": "y"', "not valid JSON ("),
     ("not json at all", "not valid JSON ("),
+    ('{"text": ' + "[" * 20000 + "]" * 20000 + "}", "JSON nested too deeply"),  # not a RecursionError
 ]
 
 

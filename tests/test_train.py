@@ -139,6 +139,18 @@ def test_bad_train_config(kwargs, message):
         TrainConfig(**kwargs)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_examples_longer_than_the_models_positions_are_refused(arch):
+    model = fresh_model(arch)  # 512 positions; the example is 600 + 1 + EOS tokens (GPT-2's are learned: a longer input is an index error)
+    long_records = [{"prompt": "x" * 600, "completion": "y"}]
+    data = load_training_data(long_records, TOKENIZER, cutoff_len=1024, train_on_inputs=True)
+    with pytest.raises(ValueError, match="example of 602 tokens but the model has 512 positions: tokenize with cutoff_len <= 512"):
+        train(model, TOKENIZER, data, config=TrainConfig(max_steps=1))
+    short = load_training_data(RECORDS[:4], TOKENIZER, cutoff_len=64)
+    with pytest.raises(ValueError, match="eval_data has an example of 602 tokens"):
+        train(model, TOKENIZER, short, eval_data=data, config=TrainConfig(max_steps=1))
+
+
 @pytest.mark.parametrize("checkpointing, backend", [(False, "inductor"), (True, "aot_eager")])
 def test_torch_compile_gives_the_same_steps(data, monkeypatch, checkpointing, backend):
     # The training forwards run as one compiled graph (Dynamo counts it: no graph break, no

@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Query, UploadFile
 
 from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDep
 from api.middleware import too_large_detail
-from api.schemas import DatasetList, DatasetPublic, Deleted, ErrorResponse
+from api.schemas import DatasetList, DatasetPublic, Deleted, ErrorResponse, Text
 from service import datasets as dataset_service
 from service.errors import PayloadTooLarge
 
@@ -83,14 +83,14 @@ def list_datasets(
     tenant: CurrentTenant,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+    after: Annotated[Text | None, Query(description="the last id of the previous page")] = None,
 ) -> DatasetList:
     rows, has_more = dataset_service.list_datasets(session, tenant.id, limit, after)
     return DatasetList(data=[DatasetPublic.of(r) for r in rows], has_more=has_more, last_id=rows[-1].id if rows else None)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses={404: {"model": ErrorResponse}})
-def get_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep) -> DatasetPublic:
+def get_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep) -> DatasetPublic:
     return DatasetPublic.of(dataset_service.get_dataset(session, tenant.id, dataset_id))
 
 
@@ -101,7 +101,7 @@ def get_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep) -> 
     description="Refused (409) while a queued or running job uses it.",
     responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
 )
-def delete_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Deleted:
+def delete_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Deleted:
     dataset = dataset_service.get_dataset(session, tenant.id, dataset_id)
     key = dataset_service.delete_dataset(session, dataset)
     session.commit()

@@ -20,9 +20,11 @@ from api.schemas import (
     JobCreate,
     JobList,
     JobPublic,
+    MAX_STEP,
     JobStatus,
     MetricList,
     MetricPublic,
+    Text,
 )
 from service import jobs as job_service
 from service.errors import Conflict, NotFound
@@ -91,14 +93,14 @@ def list_jobs(
     session: SessionDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+    after: Annotated[Text | None, Query(description="the last id of the previous page")] = None,
 ) -> JobList:
     jobs, has_more = job_service.list_jobs(session, tenant.id, status, limit, after)
     return JobList(data=[JobPublic.of(j) for j in jobs], has_more=has_more, last_id=jobs[-1].id if jobs else None)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+def get_job(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
     return JobPublic.of(job_service.get_job(session, tenant.id, job_id))
 
 
@@ -112,7 +114,7 @@ def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPubli
     ),
     responses={409: {"model": ErrorResponse}},
 )
-def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
     job = job_service.cancel_job(session, job_service.get_job(session, tenant.id, job_id))
     session.commit()
     return JobPublic.of(job)
@@ -125,10 +127,10 @@ def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPu
     description="Incremental: pass the previous answer's `last_step` as `after_step`. A page never splits a step.",
 )
 def get_metrics(
-    job_id: str,
+    job_id: Text,
     tenant: CurrentTenant,
     session: SessionDep,
-    after_step: Annotated[int, Query(ge=0)] = 0,
+    after_step: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="steps per page")] = 100,
     kind: Annotated[str | None, Query(pattern="^(train|eval)$")] = None,
 ) -> MetricList:
@@ -155,17 +157,17 @@ def _sse(event: str, data: str, event_id: str | None = None) -> str:
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def job_events(
-    job_id: str,
+    job_id: Text,
     request: Request,
     tenant: CurrentTenant,
     session: SessionDep,
-    after_step: Annotated[int, Query(ge=0)] = 0,
+    after_step: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     await run_in_threadpool(job_service.get_job, session, tenant.id, job_id)
     session.close()  # give the connection back: the stream polls with short sessions of its own
-    if last_event_id and last_event_id.isdigit():
-        after_step = max(after_step, int(last_event_id))
+    if last_event_id and last_event_id.isascii() and last_event_id.isdigit():
+        after_step = max(after_step, min(int(last_event_id), MAX_STEP))
     factory = request.app.state.sessionmaker
 
     def poll(cursor: int) -> tuple[JobPublic, list[MetricPublic]]:
@@ -178,12 +180,13 @@ async def job_events(
         cursor, last_state, last_sent = after_step, None, time.monotonic()
         while not await request.is_disconnected():
             job, metrics = await run_in_threadpool(poll, cursor)
-            for metric in metrics:
-                yield _sse("metric", metric.model_dump_json(), str(metric.step))
-                cursor = max(cursor, metric.step)
+            # The job first: a client that connects learns the state before the history.
             state = (job.status, job.progress.step, job.cancel_requested, job.progress.total_steps)
             if state != last_state:
                 yield _sse("job", job.model_dump_json())
+            for metric in metrics:
+                yield _sse("metric", metric.model_dump_json(), str(metric.step))
+                cursor = max(cursor, metric.step)
             if metrics or state != last_state:
                 last_sent = time.monotonic()
             last_state = state
@@ -215,7 +218,7 @@ async def job_events(
     responses={200: {"content": {"application/gzip": {}}}, 307: {"description": "redirect to a presigned storage URL"}},
 )
 def download_adapter(
-    job_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep, settings: SettingsDep
+    job_id: Text, tenant: CurrentTenant, session: SessionDep, storage: StorageDep, settings: SettingsDep
 ) -> Response:
     job = job_service.get_job(session, tenant.id, job_id)
     if job.adapter_key is None:
@@ -238,6 +241,6 @@ def download_adapter(
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="Checkpoints saved during training")
-def list_checkpoints(job_id: str, tenant: CurrentTenant, session: SessionDep) -> CheckpointList:
+def list_checkpoints(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> CheckpointList:
     job_service.get_job(session, tenant.id, job_id)
     return CheckpointList(data=[CheckpointPublic.of(c) for c in job_service.list_checkpoints(session, job_id)])

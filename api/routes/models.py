@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import CurrentTenant, SessionDep
-from api.schemas import BaseModelList, BaseModelPublic, ErrorResponse
+from api.schemas import BaseModelList, BaseModelPublic, ErrorResponse, Text
 from service import catalogue
 from service.errors import NotFound
 from service.models import BaseModelEntry
@@ -17,7 +17,7 @@ def list_models(session: SessionDep, _tenant: CurrentTenant) -> BaseModelList:
 
 
 @router.get("/{name:path}", response_model=BaseModelPublic, responses={404: {"model": ErrorResponse}})
-def get_model(name: str, session: SessionDep, _tenant: CurrentTenant) -> BaseModelPublic:
+def get_model(name: Text, session: SessionDep, _tenant: CurrentTenant) -> BaseModelPublic:
     entry = session.get(BaseModelEntry, name)
     if entry is None:
         raise NotFound(f"base model {name!r} not found")

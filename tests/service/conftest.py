@@ -27,6 +27,8 @@ TINY_LLAMA = {
     "hidden_size": 64,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "linear_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    "module_paths": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"],
+    "max_positions": 512,
 }
 TINY_GPT2 = {
     "name": "tiny-gpt2",
@@ -35,6 +37,8 @@ TINY_GPT2 = {
     "hidden_size": 64,
     "target_modules": ["c_attn", "c_proj", "c_fc"],
     "linear_modules": ["c_attn", "c_fc", "c_proj"],
+    "module_paths": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+    "max_positions": 512,
 }
 
 ALPACA_ROWS = [{"instruction": f"Say the number {i}.", "output": f"The number is {i}."} for i in range(24)]

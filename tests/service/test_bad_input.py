@@ -21,6 +21,13 @@ def _post_hp(**hp):
     return lambda c, k, ctx: c.post("/jobs", headers=auth(k), json=job_body(ctx["dataset"], hyperparameters=hp))
 
 
+def _post_raw(template: str):
+    """A body JSON cannot express but Python's parser reads (NaN, 1e999 = infinity)."""
+    return lambda c, k, ctx: c.post(
+        "/jobs", headers={**auth(k), "Content-Type": "application/json"}, content=template.replace("DS", ctx["dataset"]).encode()
+    )
+
+
 JOB_CASES = [
     # name, request, status, expected field (or detail fragment)
     ("allocation too short", _post_job(allocation=[2, 2, 2]), 422, "body.allocation"),
@@ -34,6 +41,8 @@ JOB_CASES = [
     ("allocation of floats", _post_job(allocation=[2.5, 2, 2, 2]), 422, "body.allocation"),
     ("allocation a number", _post_job(allocation=3.5), 422, "body.allocation"),
     ("allocation garbage string", _post_job(allocation="two,four"), 422, "body.allocation"),
+    ("allocation with a trailing comma", _post_job(allocation="2, 4, 6, 8,"), 422, "entry 4 is empty"),
+    ("preset average NaN", _post_raw('{"base_model": "tiny-llama", "dataset_id": "DS", "allocation": {"preset": "rectangle", "average": NaN}}'), 422, "body.allocation"),
     ("top_k per layer of wrong length", _post_job(top_k=[1, 2]), 422, "body.top_k"),
     ("top_k zero", _post_job(top_k=0), 422, "body.top_k"),
     ("unknown model", _post_job(base_model="gpt-17"), 422, "body.base_model"),
@@ -49,6 +58,15 @@ JOB_CASES = [
     ("dropout of 1", _post_hp(dropout=1.0), 422, "body.hyperparameters.dropout"),
     ("unknown hyperparameter", _post_hp(learning_rat=0.1), 422, "body.hyperparameters.learning_rat"),
     ("unknown target module", _post_hp(target_modules=["q_proj", "c_attn"]), 422, "body.hyperparameters.target_modules"),
+    ("target module in the wrong block", _post_hp(target_modules=["mlp.q_proj"]), 422, "body.hyperparameters.target_modules"),
+    ("cutoff_len past the model's positions", _post_hp(cutoff_len=1024), 422, "body.hyperparameters.cutoff_len"),
+    ("eval_every without a validation set", _post_hp(eval_every=2), 422, "body.hyperparameters.eval_every"),
+    ("infinite max_grad_norm", _post_raw('{"base_model": "tiny-llama", "dataset_id": "DS", "hyperparameters": {"max_grad_norm": 1e999}}'), 422, "body.hyperparameters.max_grad_norm"),
+    # PostgreSQL refuses NUL in text and JSONB: these were 500s there.
+    ("NUL in suffix", _post_job(suffix="a\x00b"), 422, "body.suffix"),
+    ("NUL in base_model", _post_job(base_model="tiny-llama\x00"), 422, "body.base_model"),
+    ("NUL in dataset_id", lambda c, k, ctx: c.post("/jobs", headers=auth(k), json=job_body(ctx["dataset"] + "\x00")), 422, "body.dataset_id"),
+    ("NUL in a target module", _post_hp(target_modules=["q_proj\x00"]), 422, "body.hyperparameters.target_modules"),
     ("malformed JSON body", lambda c, k, ctx: c.post("/jobs", headers={**auth(k), "Content-Type": "application/json"}, content=b"{not json"), 422, "body"),
     ("missing key", lambda c, k, ctx: c.post("/jobs", json=job_body(ctx["dataset"])), 401, "missing API key"),
     ("invalid key", lambda c, k, ctx: c.post("/jobs", headers=auth("mola_000000000000_" + "x" * 43), json=job_body(ctx["dataset"])), 401, "invalid API key"),
@@ -105,6 +123,7 @@ UPLOAD_CASES = [
     ("only blank lines", b"\n\n\n", 422, "no training rows"),
     ("binary garbage", bytes(range(256)) * 4, 422, "body.file"),
     ("wrong field types", b'{"instruction": 3, "output": ["x"]}\n', 422, "line 1"),
+    ("JSON nested too deeply", b'{"text": ' + b"[" * 20_000 + b"]" * 20_000 + b"}\n", 422, "line 1"),
     ("oversize, by its Content-Length", b'{"text": "' + b"x" * 200_000 + b'"}\n', 413, "limit"),
     ("oversize, counted while copying", b'{"text": "' + b"x" * 90_000 + b'"}\n', 413, "limit"),
 ]
@@ -133,6 +152,11 @@ def test_chunked_oversize_upload_is_cut_off(client, key, storage):
     response = client.post("/datasets", headers={**auth(key), "Content-Type": "multipart/form-data; boundary=xyz"}, content=body())
     assert response.status_code == 413, response.text
     assert storage.list("datasets") == []
+
+
+def test_upload_error_count_is_the_files_not_the_reports(client, key):
+    body = _check(upload(client, key, b"{bad\n" * 30), 422, "30 error(s)")
+    assert body["report"]["error_count"] == 30 and len(body["report"]["errors"]) < 30
 
 
 def test_upload_without_a_file(client, key):
@@ -174,6 +198,12 @@ QUERY_CASES = [
     ("/jobs?limit=0", "query.limit"),
     ("/jobs?limit=1000", "query.limit"),
     ("/datasets?limit=-1", "query.limit"),
+    ("/jobs?after=x%00", "query.after"),
+    ("/datasets?after=%00", "query.after"),
+    ("/jobs/job_x%00", "path.job_id"),
+    ("/jobs/job_x%00/metrics", "path.job_id"),
+    ("/datasets/ds_x%00", "path.dataset_id"),
+    ("/models/tiny-llama%00", "path.name"),
 ]
 
 
@@ -186,3 +216,5 @@ def test_bad_metrics_query(client, key, ctx):
     job_id = client.post("/jobs", headers=auth(key), json=job_body(ctx["dataset"])).json()["id"]
     _check(client.get(f"/jobs/{job_id}/metrics?after_step=-3", headers=auth(key)), 422, "query.after_step")
     _check(client.get(f"/jobs/{job_id}/metrics?kind=loss", headers=auth(key)), 422, "query.kind")
+    # Past the 32-bit step column: a 422, not an overflow in the query.
+    _check(client.get(f"/jobs/{job_id}/metrics?after_step={'9' * 20}", headers=auth(key)), 422, "query.after_step")

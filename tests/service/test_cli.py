@@ -12,6 +12,7 @@ from service import cli
 from service.db import make_engine, make_sessionmaker
 from service.security import authenticate
 from service.settings import get_settings
+from tests.service.conftest import TINY_GPT2, TINY_LLAMA
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +43,16 @@ def test_models_sync_describes_the_configured_models(tmp_path, capsys, monkeypat
     out = capsys.readouterr()
     assert "synced tiny-llama" in out.out and "synced tiny-gpt2" in out.out and "skipped no-such-model" in out.err
     assert cli.main(["models", "sync", "--missing-only", "--data-dir", str(tmp_path)]) == 0  # still missing one: syncs again
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_the_route_tests_catalogue_is_what_sync_describes(name):
+    pytest.importorskip("torch")
+    from mola.models import describe_base_model
+
+    expected = {"tiny-llama": TINY_LLAMA, "tiny-gpt2": TINY_GPT2}[name]
+    described = describe_base_model(name)
+    assert {field: described[field] for field in expected} == expected
 
 
 def test_library_commands_run_through_the_same_entry_point(tmp_path):

@@ -6,7 +6,7 @@ from sqlalchemy import func, select
 
 from service import jobs as job_service
 from service.db import session_scope
-from service.models import Checkpoint, Job
+from service.models import BaseModelEntry, Checkpoint, Job
 from tests.service.conftest import ALPACA_ROWS, auth, job_body, jsonl, make_dataset, new_key, upload
 
 
@@ -24,6 +24,7 @@ def test_models_lists_layers_and_targets(client, key):
     data = client.get("/models", headers=auth(key)).json()["data"]
     llama = next(m for m in data if m["name"] == "tiny-llama")
     assert llama["num_layers"] == 4 and "q_proj" in llama["target_modules"]
+    assert llama["max_positions"] == 512
     assert client.get("/models/tiny-gpt2", headers=auth(key)).json()["model_type"] == "gpt2"
     assert client.get("/models/nope", headers=auth(key)).status_code == 404
 
@@ -79,6 +80,20 @@ def test_allocation_forms(client, key):
         job = client.post("/jobs", headers=auth(key), json=job_body(dataset_id, allocation=allocation)).json()
         assert len(job["allocation"]) == 4 and (expected is None or job["allocation"] == expected), job
         assert job["allocation_spec"] == allocation
+
+
+def test_target_modules_by_name_or_by_path(client, key, sessions):
+    dataset_id = make_dataset(client, key)
+    targets = ["self_attn.q_proj", "down_proj"]
+    response = client.post("/jobs", headers=auth(key), json=job_body(dataset_id, hyperparameters={"target_modules": targets}))
+    assert response.status_code == 201 and response.json()["hyperparameters"]["target_modules"] == targets
+    # A catalogue row synced before module paths were recorded checks the last part only.
+    with session_scope(sessions) as session:
+        session.get(BaseModelEntry, "tiny-llama").module_paths = None
+    body = job_body(dataset_id, hyperparameters={"target_modules": ["attn.q_proj"]})
+    assert client.post("/jobs", headers=auth(key), json=body).status_code == 201
+    body["hyperparameters"]["target_modules"] = ["attn.qq_proj"]
+    assert client.post("/jobs", headers=auth(key), json=body).status_code == 422
 
 
 def test_lora_job(client, key):
@@ -179,8 +194,13 @@ def test_events_stream_replays_metrics_and_ends(client, key, sessions):
         text = response.read().decode()
     events = [block for block in text.split("\n\n") if block.strip()]
     kinds = [next(line[7:] for line in e.splitlines() if line.startswith("event: ")) for e in events]
-    assert kinds == ["metric", "metric", "job", "end"]
-    assert "id: 2" in events[0] and '"error": "boom"' in events[-1]
+    assert kinds == ["job", "metric", "metric", "end"]
+    assert "id: 2" in events[1] and '"error": "boom"' in events[-1]
+    # A Last-Event-ID past any step (beyond a 32-bit column) replays nothing and still ends.
+    with client.stream("GET", f"/jobs/{job_id}/events", headers={**auth(key), "Last-Event-ID": "9" * 20}) as response:
+        text = response.read().decode()
+    kinds = [line[7:] for line in text.splitlines() if line.startswith("event: ")]
+    assert kinds == ["job", "end"]
 
 
 def test_checkpoints_and_adapter(client, key, sessions, storage, tmp_path):
