@@ -54,23 +54,24 @@ def _per_group(values: Sequence[int], num_layers: int) -> list[int]:
     return out
 
 
-def _check_counts(counts: Sequence[object], num_layers: int, what: str) -> list[int]:
+def _check_counts(counts: Sequence[object], num_layers: int, what: str, unit: str = "layer") -> list[int]:
+    """``unit``: what one entry stands for in messages ("layer", or "group" of layers)."""
     if len(counts) != num_layers:
         raise ValueError(
             f"{what} has {len(counts)} entries but the model has {num_layers} layers"
         )
     checked = []
-    for layer, value in enumerate(counts):
+    for index, value in enumerate(counts):
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
-                raise ValueError(f"{what}: layer {layer} has {value!r}, expected a whole number")
+                raise ValueError(f"{what}: {unit} {index} has {value!r}, expected a whole number")
         if value < 1:
-            raise ValueError(f"{what}: layer {layer} has {value}, expected at least 1")
+            raise ValueError(f"{what}: {unit} {index} has {value}, expected at least 1")
         if value > MAX_EXPERTS_PER_LAYER:
             raise ValueError(
-                f"{what}: layer {layer} has {value}, more than the limit of "
+                f"{what}: {unit} {index} has {value}, more than the limit of "
                 f"{MAX_EXPERTS_PER_LAYER}"
             )
         checked.append(value)
@@ -148,25 +149,22 @@ def expand_allocation(spec: object, num_layers: int) -> list[int]:
         if text in PRESETS:
             raise ValueError(f"preset {text!r} needs an average, e.g. '{text}:5'")
         if re.fullmatch(r"\d+", text):
-            counts = _check_counts([int(c) for c in text], len(text), "allocation")
+            counts = _check_counts([int(c) for c in text], len(text), "allocation", "group")
             return _per_group(counts, num_layers)
-        if "," in text:
-            # Split first, then check each entry: a regex over the whole list backtracks
-            # exponentially on a bad one (a trailing comma took minutes at 30 entries).
-            parts = [p.strip() for p in text.split(",")]
-            values: list[object] = []
-            for index, part in enumerate(parts):
-                if not part:
-                    raise ValueError(f"allocation entry {index} is empty (a stray comma?)")
-                if not re.fullmatch(r"-?\d+", part):
-                    raise ValueError(f"allocation entry {index} is {part!r}, not a whole number")
-                values.append(int(part))
-            if len(values) == num_layers:
-                return _check_counts(values, num_layers, "allocation")
-            counts = _check_counts(values, len(values), "allocation")
-            return _per_group(counts, num_layers)
-        raise ValueError(f"cannot read allocation {spec!r}")
-    if isinstance(spec, Sequence):
+        # A comma list. Split first, then check each entry: a regex over the whole list
+        # backtracks exponentially on a bad one (a trailing comma took minutes at 30 entries).
+        values: list[object] = []
+        for index, part in enumerate(p.strip() for p in text.split(",")):
+            if not part:
+                raise ValueError(f"allocation entry {index} is empty (a stray comma?)")
+            if not re.fullmatch(r"-?\d+", part):
+                raise ValueError(f"allocation entry {index} is {part!r}, not a whole number")
+            values.append(int(part))
+        if len(values) == num_layers:
+            return _check_counts(values, num_layers, "allocation")
+        counts = _check_counts(values, len(values), "allocation", "group")
+        return _per_group(counts, num_layers)
+    if isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
         return _check_counts(list(spec), num_layers, "allocation")
     raise ValueError(f"allocation must be a list, a string or a preset mapping, got {spec!r}")
 

@@ -18,11 +18,25 @@ from mola.allocation import expand_allocation, expand_top_k
 DEFAULT_TARGETS: dict[str, list[str]] = {
     **{
         name: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")
+        for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")
     },
+    # Mixtral's MLP experts are one fused parameter per layer (transformers 5), not linear
+    # modules: the attention projections are what can be adapted.
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
 }
+
+
+def _nominal_depth(spec: Any) -> int:
+    """A depth to check an allocation's syntax against before the model is known: its own
+    length when it has one per layer, else enough layers for every group it names."""
+    if isinstance(spec, (list, tuple)):
+        return len(spec)
+    if isinstance(spec, str) and ":" not in spec:
+        groups = len(spec.split(",")) if "," in spec else len(spec.strip())
+        return max(64, groups)
+    return 64
 
 
 @dataclass
@@ -83,9 +97,9 @@ class MolaConfig:
                 )
         # Syntax of the allocation and top_k is checked now, against a nominal depth when the
         # spec does not fix one; their length is checked against the model in `resolve`.
-        nominal = len(self.experts) if isinstance(self.experts, (list, tuple)) else 64
-        experts = expand_allocation(self.experts, nominal)
-        expand_top_k(self.top_k, experts if isinstance(self.top_k, int) else [max(experts)] * len(self.top_k))
+        experts = expand_allocation(self.experts, _nominal_depth(self.experts))
+        per_layer_top_k = isinstance(self.top_k, (list, tuple))
+        expand_top_k(self.top_k, [max(experts)] * len(self.top_k) if per_layer_top_k else experts)
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
         self.aux_loss_coef = float(self.aux_loss_coef)

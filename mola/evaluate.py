@@ -23,7 +23,8 @@ from mola.logits import forward_logits_at, next_token_positions, to_device
 logger = logging.getLogger(__name__)
 
 # "The answer is B", "the correct answer is answer4", "Answer: The answer is (C).", "answer is: yes"
-ANSWER_PATTERN = re.compile(r"answer\s+is\s*:?\s*\(?\s*([A-Za-z0-9_]+)", re.IGNORECASE)
+# A signed decimal number first ("-3", "3.5"), else a word or letter.
+ANSWER_PATTERN = re.compile(r"answer\s+is\s*:?\s*\(?\s*(-?\d+(?:\.\d+)?(?![A-Za-z0-9_])|[A-Za-z0-9_]+)", re.IGNORECASE)
 
 
 @contextmanager
@@ -176,8 +177,8 @@ def multiple_choice_accuracy(
 
 
 def extract_answer(text: str) -> str | None:
-    """The X of the first "the answer is X" in ``text`` (case-insensitive; "(B)", "B." and
-    "answer4" accepted), or None. The first match counts: models often repeat themselves."""
+    """The X of the first "the answer is X" in ``text`` (case-insensitive; "(B)", "B.", "-3",
+    "3.5" and "answer4" accepted), or None. The first match counts: models often repeat themselves."""
     match = ANSWER_PATTERN.search(text)
     return match.group(1) if match else None
 
@@ -211,6 +212,8 @@ def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max
     Pads on the left by hand rather than through ``tokenizer.padding_side``, so the tokenizer
     (perhaps shared with a training loop) is never modified.
     """
+    if not prompts:
+        return []
     device = model_device(model)
     pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,13 +72,14 @@ class MolaModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, labels: Tensor | None = None, **kwargs: Any) -> MolaCausalLMOutput:
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, labels: Tensor | None = None, **kwargs: Any) -> MolaCausalLMOutput | tuple:
         token_mask = None
         if attention_mask is not None and input_ids is not None and attention_mask.shape == input_ids.shape:
             token_mask = attention_mask.reshape(-1)
         self.recorder.start(token_mask)
+        return_dict = kwargs.pop("return_dict", None)  # the base model's output must be dict-like
         try:
-            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=True, **kwargs)
         finally:
             stats = self.recorder.stop()
         aux = self.aux_loss_from(stats)
@@ -85,7 +87,7 @@ class MolaModel(nn.Module):
         loss = None
         if lm_loss is not None:
             loss = lm_loss + self.mola_config.aux_loss_coef * aux if aux is not None else lm_loss
-        return MolaCausalLMOutput(
+        output = MolaCausalLMOutput(
             loss=loss,
             lm_loss=lm_loss,
             aux_loss=aux,
@@ -94,6 +96,7 @@ class MolaModel(nn.Module):
             hidden_states=out.get("hidden_states"),
             attentions=out.get("attentions"),
         )
+        return output.to_tuple() if return_dict is False else output
 
     def aux_loss_from(self, records: list) -> Tensor | None:
         """Sum over decoder layers of each layer's load-balancing loss (unweighted), pooling
@@ -213,7 +216,8 @@ def get_mola_model(model: nn.Module, config: MolaConfig) -> MolaModel:
     experts, top_k = config.resolve(num_layers)
     targets = find_target_modules(model, config.targets_for(model_type))
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
+        # A copy: one config may serve several models, each recording its own base.
+        config = dataclasses.replace(config, base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None)
     model.requires_grad_(False)
     recorder = RoutingRecorder()
     for target in targets:

@@ -35,11 +35,21 @@ def test_round_trip_through_a_dict():
         ({"experts": "2x4"}, "allocation entry 0 is '2x4'"),
         ({"experts": [2, 0]}, "layer 1 has 0"),
         ({"top_k": 0}, "top_k: layer 0 has 0"),
+        ({"top_k": 2.5}, "top_k: layer 0 has 2.5"),
+        ({"experts": "2048"}, "allocation: group 1 has 0"),
     ],
 )
 def test_invalid_options_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MolaConfig(**kwargs)
+
+
+def test_string_allocations_for_deep_models():
+    # One digit or entry per layer of an 80-layer model: no nominal depth may cap the groups.
+    for spec in ("2" * 40 + "4" * 40, ",".join(["2"] * 40 + ["12"] * 40)):
+        experts, _ = MolaConfig(experts=spec).resolve(80)
+        assert experts[0] == 2 and experts[-1] in (4, 12) and len(experts) == 80
+    assert MolaConfig(top_k=2.0).resolve(4)[1] == [2, 2, 2, 2]
 
 
 def test_unknown_architecture_needs_explicit_targets():

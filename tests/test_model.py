@@ -127,6 +127,33 @@ def test_forward_returns_the_base_models_cache_and_outputs():
     torch.testing.assert_close(out.logits, reference.logits)
     torch.testing.assert_close(out.loss, out.lm_loss + model.mola_config.aux_loss_coef * out.aux_loss)
     assert out.loss is out[0] and out.logits is out[1]  # positional access as a Hugging Face output
+    as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], out.loss)
+    torch.testing.assert_close(as_tuple[1], out.logits)
+
+
+def test_one_config_serves_several_models(tmp_path):
+    config = MolaConfig(experts="2")
+    llama = get_mola_model(tiny_model("llama"), config)
+    gpt2 = get_mola_model(tiny_model("gpt2"), config)
+    assert config.base_model_name_or_path is None  # the caller's config is not changed
+    assert llama.mola_config.base_model_name_or_path == "tiny-llama"
+    gpt2.save_pretrained(tmp_path)
+    assert read_adapter_config(tmp_path)["base_model_name_or_path"] == "tiny-gpt2"
+
+
+def test_mixtral_defaults_adapt_the_attention():
+    # Mixtral's MLP experts are fused parameters in transformers 5: no linear modules to adapt.
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(num_local_experts=2, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    model = get_mola_model(AutoModelForCausalLM.from_config(config), MolaConfig(experts="2"))
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.mola_modules()}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    ids = torch.randint(0, 300, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
 
 @pytest.mark.parametrize(
     "targets, error, message",
