@@ -40,7 +40,10 @@ def _public(error: dict[str, Any]) -> dict[str, Any]:
         reason = (error.get("ctx") or {}).get("error", "invalid JSON")
         where = f" at character {loc[1]}" if len(loc) > 1 else ""
         return {"loc": ["body"], "field": "body", "msg": f"the request body is not valid JSON ({reason}{where})"}
-    return {"loc": loc, "field": _field(loc), "msg": _message(error)}
+    message = _message(error)
+    if "Expected UploadFile" in message:  # a multipart part without a filename arrives as text
+        message = "must be a file: a multipart part with a filename"
+    return {"loc": loc, "field": _field(loc), "msg": message}
 
 
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from service import jobs as job_service
 from service.models import BaseModelEntry, Checkpoint, Dataset, Job, JobMetric
@@ -25,6 +25,10 @@ def _no_nul(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_no_nul)]
+
+
+def json_type(value: Any) -> str:
+    return {bool: "a boolean", str: "a string"}.get(type(value), type(value).__name__)
 """A string from a client: a request body field, a path id or a query cursor."""
 
 # Request bodies: no NaN or infinity (JSON has no such numbers, but Python's parser reads
@@ -142,15 +146,15 @@ class Hyperparameters(BaseModel):
     batch_size: int = Field(16, ge=1, le=8192, description="examples per optimizer step")
     micro_batch_size: int = Field(4, ge=1, le=8192, description="examples per forward pass (gradient accumulation)")
     cutoff_len: int = Field(256, ge=8, le=131072, description="tokens kept per example")
-    train_on_inputs: bool = Field(False, description="also learn the prompt tokens")
+    train_on_inputs: StrictBool = Field(False, description="also learn the prompt tokens")
     warmup_steps: int | None = Field(None, ge=0, le=10_000_000, description="default: 3% of the steps")
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0, le=10)
     max_grad_norm: float | None = Field(1.0, ge=0, le=1e6, description="gradient clipping; null: none")
     seed: int = Field(42, ge=0, le=2**32 - 1)
-    bf16: bool | None = Field(None, description="bf16 autocast; default: on where the GPU supports it")
-    gradient_checkpointing: bool = False
-    torch_compile: bool = Field(False, description="torch.compile the training forward: faster steps after minutes of compiling")
+    bf16: StrictBool | None = Field(None, description="bf16 autocast; default: on where the GPU supports it")
+    gradient_checkpointing: StrictBool = False
+    torch_compile: StrictBool = Field(False, description="torch.compile the training forward: faster steps after minutes of compiling")
     eval_every: int | None = Field(None, ge=1, description="evaluate on the validation set every N steps")
     checkpoint_every: int | None = Field(None, ge=1, description="save a checkpoint every N steps")
     rank: int = Field(8, ge=1, le=4096, description="LoRA rank of every expert")
@@ -158,6 +162,19 @@ class Hyperparameters(BaseModel):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[Text] | None = Field(None, min_length=1, description="default: the model's target_modules")
     aux_loss_coef: float = Field(0.001, ge=0, le=1e3, description="weight of the load-balancing loss (mola)")
+
+    @field_validator(
+        "epochs", "max_steps", "learning_rate", "batch_size", "micro_batch_size", "cutoff_len",
+        "warmup_steps", "weight_decay", "max_grad_norm", "seed", "eval_every", "checkpoint_every",
+        "rank", "alpha", "dropout", "aux_loss_coef",
+        mode="before",
+    )
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any) -> Any:
+        # Lax parsing would read "3" as 3 and true as 1.0: a typo should not start a job.
+        if isinstance(value, (str, bool)):
+            raise ValueError(f"must be a number, not {json_type(value)}")
+        return value
 
 
 class JobCreate(BaseModel):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+# The weights file carries its own copy of the description: it is replaced in one rename, so
+# weights and description can never disagree, even when a save dies between the two files.
+EMBEDDED_CONFIG_KEY = "mola_adapter_config"
 
 
 # transformers 5.24 renamed the key-value cache output from `past_key_values` to `cache`; the
@@ -171,7 +175,9 @@ class MolaModel(nn.Module):
         """Write `adapter_config.json` and `adapter_model.safetensors` into ``directory``.
 
         The files are written under temporary names and renamed, so a crash never leaves a
-        half-written adapter behind.
+        half-written file. The weights file also holds the description (safetensors metadata),
+        and `read_adapter_config` prefers that copy, so a crash between the two renames cannot
+        pair new weights with an old description.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -180,7 +186,11 @@ class MolaModel(nn.Module):
             description["metadata"] = metadata
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
         tmp_weights = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp_weights), metadata={"format": "pt", "adapter_type": "mola"})
+        save_file(
+            tensors,
+            str(tmp_weights),
+            metadata={"format": "pt", "adapter_type": "mola", EMBEDDED_CONFIG_KEY: json.dumps(description)},
+        )
         tmp_config = directory / (CONFIG_NAME + ".tmp")
         tmp_config.write_text(json.dumps(description, indent=2) + "\n")
         os.replace(tmp_weights, directory / WEIGHTS_NAME)
@@ -228,11 +238,28 @@ def get_mola_model(model: nn.Module, config: MolaConfig) -> MolaModel:
     return MolaModel(model, config, experts, top_k, recorder)
 
 
+def _embedded_description(weights: Path) -> dict[str, Any] | None:
+    """The description saved inside the weights file (reads only its header), if any."""
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as f:
+        text = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
+    return json.loads(text) if text else None
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
+    description = json.loads(path.read_text()) if path.is_file() else None
+    embedded = _embedded_description(Path(directory) / WEIGHTS_NAME)
+    if embedded is not None and embedded != description:
+        if description is not None:
+            logger.warning(
+                "%s does not describe the weights beside it (a save interrupted between the two "
+                "files?); using the description stored in %s", path, WEIGHTS_NAME
+            )
+        description = embedded
+    if description is None:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    description = json.loads(path.read_text())
     if description.get("adapter_type") != "mola":
         raise ValueError(f"{path} does not describe a MoLA adapter")
     if description.get("format_version", 0) > FORMAT_VERSION:

@@ -1,6 +1,7 @@
 """Injection into Hugging Face models, the aux loss over a model, save/load, generation."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -89,6 +90,30 @@ def test_save_and_load_give_identical_logits(tmp_path, arch):
     loaded = load_mola_model(tiny_model(arch), tmp_path)
     torch.testing.assert_close(loaded(input_ids=x).logits, logits, rtol=0, atol=0)
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_a_save_interrupted_between_its_two_files_still_loads(tmp_path, monkeypatch):
+    x = torch.randint(0, 256, (2, 10))
+    get_mola_model(tiny_model("llama"), MolaConfig(experts="2222")).save_pretrained(tmp_path)
+    newer = get_mola_model(tiny_model("llama"), MolaConfig(experts="4444", top_k=1)).eval()
+    randomise_b(newer)
+    real_replace, calls = os.replace, []
+
+    def dies_before_the_config(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("adapter_config.json"):
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_before_the_config)
+    with pytest.raises(OSError):
+        newer.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["experts_per_layer"] == [2, 2, 2, 2]
+    # The weights were replaced; their own description wins over the stale file.
+    assert read_adapter_config(tmp_path)["experts_per_layer"] == [4, 4, 4, 4]
+    loaded = load_mola_model(tiny_model("llama"), tmp_path)
+    torch.testing.assert_close(loaded(input_ids=x).logits, newer(input_ids=x).logits, rtol=0, atol=0)
 
 
 def test_loading_onto_a_different_model_fails_clearly(tmp_path):

@@ -68,7 +68,11 @@ def upload_dataset(
         dataset = dataset_service.create_dataset(
             session, storage, tenant.id, _clean_filename(file.filename), path, size, digest.hexdigest()
         )
-        session.commit()
+        try:
+            session.commit()
+        except Exception:  # no row, so no file: the stored copy would never be found again
+            storage.delete(dataset.storage_key)
+            raise
     finally:
         path.unlink(missing_ok=True)
     try:
@@ -105,5 +109,8 @@ def delete_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep,
     dataset = dataset_service.get_dataset(session, tenant.id, dataset_id)
     key = dataset_service.delete_dataset(session, dataset)
     session.commit()
-    storage.delete(key)
+    try:
+        storage.delete(key)
+    except Exception:  # the dataset is gone for the API either way; only its bytes are left over
+        logger.exception("dataset %s deleted, but its file %s could not be removed from storage", dataset_id, key)
     return Deleted(id=dataset_id)

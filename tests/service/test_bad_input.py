@@ -57,6 +57,9 @@ JOB_CASES = [
     ("zero batch size", _post_hp(batch_size=0), 422, "body.hyperparameters.batch_size"),
     ("dropout of 1", _post_hp(dropout=1.0), 422, "body.hyperparameters.dropout"),
     ("unknown hyperparameter", _post_hp(learning_rat=0.1), 422, "body.hyperparameters.learning_rat"),
+    ("a number in quotes", _post_hp(epochs="3"), 422, "body.hyperparameters.epochs"),
+    ("a boolean as a number", _post_hp(learning_rate=True), 422, "body.hyperparameters.learning_rate"),
+    ("a string as a boolean", _post_hp(train_on_inputs="yes"), 422, "body.hyperparameters.train_on_inputs"),
     ("unknown target module", _post_hp(target_modules=["q_proj", "c_attn"]), 422, "body.hyperparameters.target_modules"),
     ("target module in the wrong block", _post_hp(target_modules=["mlp.q_proj"]), 422, "body.hyperparameters.target_modules"),
     ("cutoff_len past the model's positions", _post_hp(cutoff_len=1024), 422, "body.hyperparameters.cutoff_len"),
@@ -161,6 +164,9 @@ def test_upload_error_count_is_the_files_not_the_reports(client, key):
 
 def test_upload_without_a_file(client, key):
     _check(client.post("/datasets", headers=auth(key), data={"x": "1"}), 422, "body.file")
+    # A part named file but without a filename is a text field to the multipart parser.
+    body = _check(client.post("/datasets", headers=auth(key), files={"file": ("", b'{"text": "x"}\n')}), 422, "body.file")
+    assert body["detail"] == "body.file: must be a file: a multipart part with a filename"
 
 
 def test_upload_needs_a_key(client):

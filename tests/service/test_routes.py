@@ -49,6 +49,29 @@ def test_delete_dataset(client, key, storage):
     assert storage.list("datasets") == []
 
 
+def test_a_failed_commit_leaves_no_file_and_a_failed_file_delete_no_error(client, key, storage, monkeypatch):
+    from sqlalchemy.orm import Session
+
+    real_commit = Session.commit
+
+    def commit_fails(self):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(Session, "commit", commit_fails)
+    assert upload(client, key, jsonl(ALPACA_ROWS)).status_code == 500
+    assert storage.list("datasets") == []
+    monkeypatch.setattr(Session, "commit", real_commit)
+
+    dataset_id = make_dataset(client, key)
+
+    def delete_fails(key):
+        raise OSError("storage unreachable")
+
+    monkeypatch.setattr(storage, "delete", delete_fails)
+    assert client.delete(f"/datasets/{dataset_id}", headers=auth(key)).status_code == 200
+    assert client.get(f"/datasets/{dataset_id}", headers=auth(key)).status_code == 404
+
+
 def test_delete_dataset_in_use_is_refused(client, key):
     dataset_id = make_dataset(client, key)
     assert client.post("/jobs", headers=auth(key), json=job_body(dataset_id)).status_code == 201
