@@ -74,6 +74,7 @@ class BaseModelInfo:
     hidden_size: int
     target_modules: list[str]
     linear_modules: list[str]
+    max_positions: int | None = None  # the limit of cutoff_len; None: unknown (or an older server)
 
 
 @dataclass

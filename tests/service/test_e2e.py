@@ -160,6 +160,7 @@ def test_token_counts_do_not_wait_behind_a_training_job(server, client, dataset_
 
 def test_train_follow_download_load_generate(server, client, dataset_id, tmp_path):
     assert [m.name for m in client.list_models()] == ["tiny-llama"]
+    assert client.get_model("tiny-llama").max_positions == 512  # migrated, synced, described
     hp = {**FAST, "max_steps": 6, "checkpoint_every": 3}
     job = client.create_job("tiny-llama", dataset_id, allocation="2468", top_k=2, hyperparameters=hp, idempotency_key="e2e-train")
     assert job.status == "queued" and job.allocation == [2, 4, 6, 8]
