@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.middleware import MISSING_KEY_DETAIL
 from service import security
 from service.models import Tenant
 from service.queue import JobQueue
@@ -46,11 +47,7 @@ def get_current_tenant(
 ) -> Tenant:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing API key: send the header 'Authorization: Bearer <key>'",
-            headers=challenge,
-        )
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, MISSING_KEY_DETAIL, headers=challenge)
     tenant = security.authenticate(session, credentials.credentials)
     if tenant is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", headers=challenge)

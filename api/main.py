@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 
 from api import errors
-from api.middleware import UploadSizeLimit
+from api.middleware import CredentialsBeforeBody, UploadSizeLimit
 from api.routes import datasets, health, jobs, models
 from service.db import make_engine, make_sessionmaker
 from service.queue import CeleryQueue, JobQueue
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None, 
     app.state.queue = queue or CeleryQueue(settings)
     errors.install(app)
     app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(CredentialsBeforeBody)  # added last: runs first
     for module in (health, models, datasets, jobs):
         app.include_router(module.router)
     return app

@@ -1,6 +1,9 @@
-"""Upload size limit, enforced while the body streams in: a request whose Content-Length is too
-large is refused before it is read, and one without (chunked) is cut off once it passes the
-limit. The route checks the file's own size again exactly."""
+"""What is refused before a request's body is read.
+
+`UploadSizeLimit`: a request whose Content-Length is too large is refused before it is read, and
+one without (chunked) is cut off once it passes the limit; the route checks the file's own size
+again exactly. `CredentialsBeforeBody`: a request with a body but no credentials gets its 401
+before the body is read."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Room for the multipart framing around the file.
 MULTIPART_SLACK = 64 * 1024
+MISSING_KEY_DETAIL = "missing API key: send the header 'Authorization: Bearer <key>'"
 
 
 def too_large_detail(max_bytes: int) -> str:
@@ -47,3 +51,36 @@ class UploadSizeLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class CredentialsBeforeBody:
+    """Answers 401 to a request that carries a body but no credentials, before the body is read.
+
+    FastAPI parses a request's body (a multipart upload is spooled to disk) before it runs the
+    dependencies that check the API key, so without this an anonymous client could make the
+    server read megabytes, or learn how it validates a body. Only the presence of a bearer token
+    is checked here; the key itself is checked by `api.deps.get_current_tenant` as before.
+    """
+
+    BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in self.BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        authorization = dict(scope["headers"]).get(b"authorization", b"")
+        if authorization[:7].lower() == b"bearer " and authorization[7:].strip():
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": MISSING_KEY_DETAIL}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b"Bearer"),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

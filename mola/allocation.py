@@ -55,7 +55,7 @@ def _per_group(values: Sequence[int], num_layers: int) -> list[int]:
 
 
 def _check_counts(counts: Sequence[object], num_layers: int, what: str, unit: str = "layer") -> list[int]:
-    """``unit``: what one entry stands for in messages ("layer", or "group" of layers)."""
+    """``unit``: what one entry stands for in messages ("layer", "group" of layers, "entry")."""
     if len(counts) != num_layers:
         raise ValueError(
             f"{what} has {len(counts)} entries but the model has {num_layers} layers"
@@ -160,9 +160,10 @@ def expand_allocation(spec: object, num_layers: int) -> list[int]:
             if not re.fullmatch(r"-?\d+", part):
                 raise ValueError(f"allocation entry {index} is {part!r}, not a whole number")
             values.append(int(part))
+        # "entry": whether entries are layers or groups depends on the model's depth.
         if len(values) == num_layers:
-            return _check_counts(values, num_layers, "allocation")
-        counts = _check_counts(values, len(values), "allocation", "group")
+            return _check_counts(values, num_layers, "allocation", "entry")
+        counts = _check_counts(values, len(values), "allocation", "entry")
         return _per_group(counts, num_layers)
     if isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
         return _check_counts(list(spec), num_layers, "allocation")

@@ -57,11 +57,11 @@ def test_group_sizes_cover_all_layers():
         ([2, "x", 2, 2], 4, "layer 1 has 'x'"),
         ([2, 2, 2, 10_000], 4, "layer 3 has 10000"),
         ("2408", 8, "group 2 has 0"),
-        ("2,4,0,8", 8, "group 2 has 0"),
+        ("2,4,0,8", 8, "entry 2 has 0"),
         (b"2468", 4, "must be a list"),
         ("24682468", 4, "8 groups but the model has only 4 layers"),
         ("2,a,4", 3, "entry 1 is 'a'"),
-        ("2,-1,4", 3, "layer 1 has -1"),
+        ("2,-1,4", 3, "entry 1 has -1"),
         ("", 4, "empty"),
         ("2, 4, 6,", 4, "entry 3 is empty"),
         # A whole-string regex backtracked exponentially on this (minutes of CPU per request).

@@ -46,4 +46,4 @@ def test_bad_allocation_is_a_clear_error(tmp_path):
     data.write_text('{"text": "hello"}\n')
     done = run("train", "--model", "tiny-llama", "--data", str(data), "--output", str(tmp_path / "o"), "--experts", "2,0,2,2")
     assert done.returncode == 2
-    assert "layer 1 has 0" in done.stderr
+    assert "entry 1 has 0" in done.stderr

@@ -173,6 +173,24 @@ def test_upload_needs_a_key(client):
     _check(client.post("/datasets", files={"file": ("a.jsonl", jsonl(ALPACA_ROWS))}), 401, "missing API key")
 
 
+def test_an_anonymous_body_is_refused_before_it_is_read(client):
+    sent = []
+
+    def body():
+        for chunk in range(40):
+            sent.append(chunk)
+            yield b"x" * 10_000
+
+    for url in ("/datasets", "/jobs"):
+        sent.clear()
+        response = client.post(url, headers={"Content-Type": "multipart/form-data; boundary=xyz"}, content=body())
+        _check(response, 401, "missing API key")
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert len(sent) <= 1  # at most the first chunk left the client: nothing was spooled
+    # Malformed JSON from an anonymous client learns nothing about validation either.
+    _check(client.post("/jobs", headers={"Content-Type": "application/json"}, content=b"{not json"), 401, "missing API key")
+
+
 OTHER_TENANT_ROUTES = [
     ("GET", "/jobs/{job}"),
     ("POST", "/jobs/{job}/cancel"),
