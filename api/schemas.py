@@ -25,11 +25,11 @@ def _no_nul(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_no_nul)]
+"""A string from a client: a request body field, a path id or a query cursor."""
 
 
 def json_type(value: Any) -> str:
     return {bool: "a boolean", str: "a string"}.get(type(value), type(value).__name__)
-"""A string from a client: a request body field, a path id or a query cursor."""
 
 # Request bodies: no NaN or infinity (JSON has no such numbers, but Python's parser reads
 # `NaN` and `1e999`, and PostgreSQL's JSONB refuses them), no unknown fields.

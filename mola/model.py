@@ -8,10 +8,10 @@ plus `adapter_model.safetensors` holding only the adapter's tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ FORMAT_VERSION = 1
 # The weights file carries its own copy of the description: it is replaced in one rename, so
 # weights and description can never disagree, even when a save dies between the two files.
 EMBEDDED_CONFIG_KEY = "mola_adapter_config"
+# What the weights' own copy decides. Other fields (base_model_name_or_path, metadata) may be
+# edited by hand in adapter_config.json, e.g. to point at a local copy of the base model.
+WEIGHT_DEFINING_FIELDS = ("experts_per_layer", "top_k_per_layer", "rank", "alpha", "target_modules", "modules")
 
 
 # transformers 5.24 renamed the key-value cache output from `past_key_values` to `cache`; the
@@ -77,11 +80,11 @@ class MolaModel(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, labels: Tensor | None = None, **kwargs: Any) -> MolaCausalLMOutput | tuple:
+        return_dict = kwargs.pop("return_dict", None)  # the base model's output must be dict-like
         token_mask = None
         if attention_mask is not None and input_ids is not None and attention_mask.shape == input_ids.shape:
             token_mask = attention_mask.reshape(-1)
         self.recorder.start(token_mask)
-        return_dict = kwargs.pop("return_dict", None)  # the base model's output must be dict-like
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=True, **kwargs)
         finally:
@@ -251,7 +254,9 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     description = json.loads(path.read_text()) if path.is_file() else None
     embedded = _embedded_description(Path(directory) / WEIGHTS_NAME)
-    if embedded is not None and embedded != description:
+    if embedded is not None and (
+        description is None or any(description.get(k) != embedded.get(k) for k in WEIGHT_DEFINING_FIELDS)
+    ):
         if description is not None:
             logger.warning(
                 "%s does not describe the weights beside it (a save interrupted between the two "

@@ -114,6 +114,11 @@ def test_a_save_interrupted_between_its_two_files_still_loads(tmp_path, monkeypa
     assert read_adapter_config(tmp_path)["experts_per_layer"] == [4, 4, 4, 4]
     loaded = load_mola_model(tiny_model("llama"), tmp_path)
     torch.testing.assert_close(loaded(input_ids=x).logits, newer(input_ids=x).logits, rtol=0, atol=0)
+    # Once whole again, a hand edit of what does not shape the weights is respected.
+    newer.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "base_model_name_or_path": "/models/llama"}))
+    assert read_adapter_config(tmp_path)["base_model_name_or_path"] == "/models/llama"
 
 
 def test_loading_onto_a_different_model_fails_clearly(tmp_path):

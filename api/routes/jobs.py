@@ -14,13 +14,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDep
 from api.schemas import (
+    MAX_STEP,
     CheckpointList,
     CheckpointPublic,
     ErrorResponse,
     JobCreate,
     JobList,
     JobPublic,
-    MAX_STEP,
     JobStatus,
     MetricList,
     MetricPublic,
