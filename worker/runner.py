@@ -13,6 +13,11 @@
   warm shutdown, or after its worker died and its lease expired) resumes from its latest one,
   and the metrics the lost run wrote after that step are deleted first: the new run writes
   them again, so every step has exactly one row, from the run the adapter continues.
+- A database that drops its connection or restarts mid-run costs no progress: a metrics write
+  that fails keeps its rows for the next flush, a failed cancellation read counts as "not
+  cancelled", a checkpoint whose row cannot be written is simply not offered for resuming, and
+  the final state is written with retries (for up to half a lease, when a recovery could take
+  the job anyway).
 - Warm shutdown (SIGTERM): the run stops after its current step, checkpoints, gives the job
   back (`queued`) and enqueues it again, for this or another worker to resume.
 - The final adapter is uploaded as a `.tar.gz` with `adapter_config.json`,
@@ -34,9 +39,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs as job_service
@@ -47,6 +53,7 @@ from service.settings import Settings
 from service.storage import Storage, make_storage
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Set by the worker's warm-shutdown signal: the running job checkpoints and goes back to the queue.
 SHUTDOWN = threading.Event()
@@ -72,6 +79,9 @@ TRAIN_FIELDS = (
     "checkpoint_every",
 )
 ERROR_LIMIT = 2000
+# What a database that is restarting, failing over or unreachable raises: worth retrying later.
+# (Constraint violations and programming errors are not: they would fail again.)
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, DisconnectionError)
 
 
 class Resources:
@@ -167,34 +177,62 @@ class Reporter:
         now = time.monotonic()
         if self.stop_reason is None and now - self.last_cancel_check >= self.settings.cancel_poll_seconds:
             self.last_cancel_check = now
-            with self.res.sessions() as session:
-                if job_service.cancel_requested(session, self.job_id):
-                    self.stop_reason = "cancel"
+            try:
+                with self.res.sessions() as session:
+                    if job_service.cancel_requested(session, self.job_id):
+                        self.stop_reason = "cancel"
+            except TRANSIENT_DB_ERRORS as exc:  # asked again at the next poll
+                logger.warning("job %s: cancellation check failed (%s); training on", self.job_id, _first_line(exc))
         return self.stop_reason is not None
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write the buffered rows; False (rows kept for the next flush) if the database failed."""
+        try:
+            self._write_buffer()
+        except TRANSIENT_DB_ERRORS as exc:
+            logger.warning("job %s: writing %d metric rows failed (%s); retrying at the next flush", self.job_id, len(self.buffer), _first_line(exc))
+            return False
+        return True
+
+    def flush_all(self) -> None:
+        """The run's last flush: retried while the database is away, for up to half a lease."""
+        _retrying(self.settings, self.job_id, "writing the last metrics", self._write_buffer)
+
+    def _write_buffer(self) -> None:
         rows, self.buffer = self.buffer, []
         self.last_flush = time.monotonic()
         if self.heartbeat.lost:
             return
-        with session_scope(self.res.sessions) as session:
-            # The lease first: its UPDATE locks the job's row, so a recovery cannot slip in
-            # between, and a worker that lost the job writes no metrics over the new run's.
-            held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds, **self.progress)
-            if held:
-                job_service.record_metrics(session, self.job_id, rows)
+        try:
+            with session_scope(self.res.sessions) as session:
+                # The lease first: its UPDATE locks the job's row, so a recovery cannot slip in
+                # between, and a worker that lost the job writes no metrics over the new run's.
+                held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds, **self.progress)
+                if held:
+                    job_service.record_metrics(session, self.job_id, rows)
+        except TRANSIENT_DB_ERRORS:
+            # Rolled back as a whole: the rows go back in front of any newer ones, in step order.
+            self.buffer = rows + self.buffer
+            raise
         if not held:
             self.heartbeat.lost = True
 
     def upload_checkpoint(self, event: dict[str, Any]) -> None:
+        if self.heartbeat.lost:  # the job is someone else's now: its checkpoints are theirs
+            return
         path = Path(event["path"])
         step = int(event["step"])
         prefix = f"jobs/{self.job_id}/checkpoints/checkpoint-{step}"
         size = self.res.storage.put_dir(prefix, path)
-        with session_scope(self.res.sessions) as session:
-            held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds)
-            if held:
-                job_service.record_checkpoint(session, self.job_id, step, prefix, size, _clean({"epoch": event.get("epoch")}))
+        try:
+            with session_scope(self.res.sessions) as session:
+                held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds)
+                if held:
+                    job_service.record_checkpoint(session, self.job_id, step, prefix, size, _clean({"epoch": event.get("epoch")}))
+        except TRANSIENT_DB_ERRORS as exc:
+            # Without its row the checkpoint is never resumed from; the next one will be.
+            logger.warning("job %s: recording the checkpoint at step %d failed (%s)", self.job_id, step, _first_line(exc))
+            return
         if not held:
             self.heartbeat.lost = True
             return
@@ -264,6 +302,12 @@ def run_job(job_id: str, settings: Settings) -> str:
         return _finish(job_id, owner, spec, result, work, res, reporter)
     except Stop as stop:
         return _stopped_early(job_id, owner, stop.reason, res, reporter)
+    except TRANSIENT_DB_ERRORS as exc:
+        # The database failed, not the job: nothing is written (it could not be), and the job
+        # stays `running` until its lease expires; the reconciler then queues it again, to
+        # resume from its latest recorded checkpoint, counting this run as one attempt.
+        logger.error("job %s: the database stayed unavailable (%s); the job resumes after its lease expires", job_id, _first_line(exc))
+        return "interrupted"
     except Exception as exc:
         logger.exception("job %s failed", job_id)
         return _fail(job_id, owner, exc, res, reporter)
@@ -318,7 +362,7 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
         checkpoint_dir=work / "checkpoints",
         resume_from=resume_from,
     )
-    reporter.flush()
+    reporter.flush_all()
     if result.stopped and reporter.stop_reason in ("shutdown", "lease_lost"):
         raise Stop(reporter.stop_reason)
     return model, result
@@ -355,8 +399,11 @@ def _record_token_stats(dataset_id: str, model_name: str, examples: list[dict], 
         "max_tokens": max(lengths),
         "cutoff_len": cutoff_len,
     }
-    with session_scope(res.sessions) as session:
-        job_service.record_token_stats(session, dataset_id, model_name, stats)
+    try:
+        with session_scope(res.sessions) as session:
+            job_service.record_token_stats(session, dataset_id, model_name, stats)
+    except TRANSIENT_DB_ERRORS as exc:  # statistics for the dataset page: not worth stopping a run
+        logger.warning("dataset %s: recording token statistics failed (%s)", dataset_id, _first_line(exc))
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -389,9 +436,11 @@ def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res
         return "lost"
     key = f"jobs/{job_id}/adapter.tar.gz"
     res.storage.put_file(key, archive)
-    with session_scope(res.sessions) as session:
-        held = job_service.finish_job(session, job_id, owner, status, result=_summary(result), adapter_key=key)
-    if not held:
+
+    def finish(session: Session) -> bool:
+        return job_service.finish_job(session, job_id, owner, status, result=_summary(result), adapter_key=key)
+
+    if not _retrying_write(res, job_id, "recording the result", finish):
         logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
         return "lost"
     logger.info("job %s %s after %d/%d steps", job_id, status, result.steps, result.total_steps)
@@ -402,15 +451,14 @@ def _stopped_early(job_id: str, owner: str, reason: str, res: Resources, reporte
     if reason == "lease_lost":
         logger.warning("job %s: lease lost; stopping without writing", job_id)
         return "lost"
-    with session_scope(res.sessions) as session:
-        if reason == "cancel":
-            job_service.finish_job(session, job_id, owner, "cancelled")
-            return "cancelled"
-        # Warm shutdown: back to queued, and a new message for the next worker, which resumes
-        # from the checkpoint just written. (This worker takes no more messages; if the broker
-        # hands it this one anyway, it goes back at the shutdown. If the send fails, the
-        # reconciler enqueues the job later.)
-        released = job_service.release_job(session, job_id, owner)
+    if reason == "cancel":
+        _retrying_write(res, job_id, "recording the cancellation", lambda session: job_service.finish_job(session, job_id, owner, "cancelled"))
+        return "cancelled"
+    # Warm shutdown: back to queued, and a new message for the next worker, which resumes
+    # from the checkpoint just written. (This worker takes no more messages; if the broker
+    # hands it this one anyway, it goes back at the shutdown. If the send fails, the
+    # reconciler enqueues the job later.)
+    released = _retrying_write(res, job_id, "giving the job back", lambda session: job_service.release_job(session, job_id, owner))
     if not released:
         logger.warning("job %s: lease lost while shutting down", job_id)
         return "lost"
@@ -427,9 +475,40 @@ def _fail(job_id: str, owner: str, exc: BaseException, res: Resources, reporter:
         reporter.flush()
     except Exception:
         logger.warning("job %s: could not write the last metrics", job_id, exc_info=True)
-    with session_scope(res.sessions) as session:
-        job_service.finish_job(session, job_id, owner, "failed", error=describe_error(exc))
+    error = describe_error(exc)
+    _retrying_write(res, job_id, "recording the failure", lambda session: job_service.finish_job(session, job_id, owner, "failed", error=error))
     return "failed"
+
+
+def _retrying(settings: Settings, job_id: str, what: str, write: Callable[[], T]) -> T:
+    """``write()``, retried with backoff while the database is unavailable, for up to half a
+    lease: longer, and a recovery may hand the job to another worker anyway."""
+    deadline = time.monotonic() + settings.lease_seconds / 2
+    delay = 0.5
+    while True:
+        try:
+            return write()
+        except TRANSIENT_DB_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("job %s: %s failed (%s); retrying in %.1f s", job_id, what, _first_line(exc), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _retrying_write(res: Resources, job_id: str, what: str, write: Callable[[Session], T]) -> T:
+    """``write(session)`` in a transaction of its own, retried as `_retrying` does."""
+
+    def attempt() -> T:
+        with session_scope(res.sessions) as session:
+            return write(session)
+
+    return _retrying(res.settings, job_id, what, attempt)
+
+
+def _first_line(exc: BaseException) -> str:
+    """A database error's first line: the rest is the statement and its parameters."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def describe_error(exc: BaseException) -> str:
