@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/mola.db")
     broker_url: str | None = Field(None, description="Celery broker URL; default a folder broker under DATA_DIR/broker")
     queue: str = Field("mola.train", description="Celery queue the training jobs go to")
+    broker_timeout_seconds: float = Field(
+        5.0, gt=0, description="how long a broker that does not answer may hold a send (POST /jobs, the reconciler) before it fails"
+    )
     quick_queue: str = Field("mola.quick", description="Celery queue of quick tasks (token counts of an upload), so they never wait behind training")
     storage: Literal["local", "s3"] = Field("local", description="artifact storage backend: a local folder or an S3-compatible object store")
     storage_dir: Path | None = Field(None, description="folder of the local storage; default DATA_DIR/artifacts")

@@ -20,7 +20,14 @@ from service.settings import Settings, get_settings
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
-    if not settings.resolved_broker_url.startswith("filesystem"):
+    url = settings.resolved_broker_url
+    if url.startswith(("redis:", "rediss:")):
+        # Without socket timeouts a Redis that accepts connections but never answers (hung,
+        # failing over, behind a dead NAT entry) blocks a send forever: POST /jobs would hang
+        # and so would the reconciler. The worker's BRPOP waits 1 s at a time, well inside them.
+        timeout = settings.broker_timeout_seconds
+        return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if not url.startswith("filesystem"):
         return {}
     folder = settings.broker_folder
     queue, control = folder / "queue", folder / "control"
@@ -45,6 +52,10 @@ def create_celery_app(settings: Settings) -> Celery:
         result_backend=None,
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.broker_timeout_seconds,  # also bounds reconnect retries
+        # One retry of a failed send, not Celery's three: the database is the truth, and the
+        # reconciler enqueues a queued job whose message never left, so a caller need not wait.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         # The folder broker has no broadcast channel worth its polling.

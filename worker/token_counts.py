@@ -66,12 +66,18 @@ def count_for_models(path: Path, names: list[str], cutoff_len: int = DEFAULT_CUT
 
 def count_tokens(dataset_id: str, settings: Settings, sessions, storage) -> str:
     """Count the tokens of ``dataset_id`` for every catalogue model and record them; returns the
-    status written ("ready" or "failed"), or "gone" for a deleted dataset."""
+    status written ("ready" or "failed"), "gone" for a deleted dataset, or "done" when an earlier
+    message already counted it."""
     with session_scope(sessions) as session:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None or dataset.deleted_at is not None:
             logger.info("dataset %s is gone; no token count", dataset_id)
             return "gone"
+        if dataset.token_counts_status != "pending":
+            # The reconciler asks again for a count that waited long, and a busy quick queue
+            # may then hold several messages for one dataset: the first does the work.
+            logger.info("dataset %s: token counts already %s", dataset_id, dataset.token_counts_status)
+            return "done"
         key = dataset.storage_key
         names = [m.name for m in catalogue.list_models(session)] or list(settings.models)
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)

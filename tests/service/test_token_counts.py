@@ -108,6 +108,21 @@ def test_a_model_whose_tokenizer_is_missing_is_named(client, key, run_task, sess
     assert counts["error"].startswith("no-such-model: FileNotFoundError")
 
 
+def test_repeated_messages_for_one_dataset_count_it_once(client, key, run_task, monkeypatch):
+    """The reconciler re-sends a count that waited long; when the quick queue was only busy,
+    the copies arrive after the first did the work and must not redo it."""
+    import mola.data
+
+    dataset_id = upload(client, key, jsonl(ALPACA_ROWS)).json()["id"]
+    assert run_task(dataset_id) == "ready"
+    first = client.get(f"/datasets/{dataset_id}", headers=auth(key)).json()["token_counts"]
+    calls = []
+    monkeypatch.setattr(mola.data, "inspect_dataset", lambda *a, **kw: calls.append(kw))
+    assert run_task(dataset_id) == "done" and run_task(dataset_id) == "done"
+    assert calls == []
+    assert client.get(f"/datasets/{dataset_id}", headers=auth(key)).json()["token_counts"] == first
+
+
 def test_a_deleted_dataset_is_left_alone(client, key, run_task, sessions):
     dataset_id = upload(client, key, jsonl(ALPACA_ROWS)).json()["id"]
     assert client.delete(f"/datasets/{dataset_id}", headers=auth(key)).status_code == 200
