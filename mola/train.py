@@ -345,6 +345,12 @@ def train(
         logger.info("resumed from %s at step %d of %d", resume_path, start_step, total_steps)
 
     result = TrainResult(steps=start_step, total_steps=total_steps, stopped=False)
+    if resume_from is not None:
+        # Until a step runs here, the last training metrics are the checkpoint's: a run resumed
+        # from its final checkpoint (its process died before it reported) still has them.
+        trainer_state = Path(resume_from) / TRAINER_STATE_NAME
+        if trainer_state.is_file():
+            result.metrics = dict(json.loads(trainer_state.read_text()).get("metrics") or {})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

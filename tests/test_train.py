@@ -79,6 +79,12 @@ def test_stop_and_resume_follow_the_same_trajectory(data, tmp_path):
         torch.testing.assert_close(resumed.adapter_state_dict()[name], tensor, rtol=1e-6, atol=1e-7)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-6"]
 
+    # A run that died after its final checkpoint resumes with nothing left to do, and still
+    # reports the last training metrics (a job's result and model card need them).
+    final = train(fresh_model(), TOKENIZER, data, config=config, resume_from=tmp_path / "checkpoint-6", callback=resumed_events.append)
+    assert final.steps == 6 and not final.stopped
+    assert final.metrics["step"] == 6 and final.metrics["loss"] == pytest.approx(result.metrics["loss"], rel=1e-6)
+
 
 def test_periodic_checkpoints_keep_the_newest(data, tmp_path):
     model = fresh_model()
