@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     metrics_flush_seconds: float = Field(2.0, gt=0, description="how often the worker writes buffered metrics")
     cancel_poll_seconds: float = Field(0.5, ge=0, description="least time between two cancellation checks in a run")
     lease_seconds: float = Field(300.0, gt=0, description="how long a worker's claim on a running job lasts without a heartbeat")
+    keep_checkpoints: int = Field(
+        2, ge=0, description="checkpoints kept in storage per job, the newest (0 keeps all); older ones are deleted as new ones arrive"
+    )
     max_attempts: int = Field(3, ge=1, description="runs of a job whose worker stopped without finishing it (lease expired) before the job fails")
     reconcile_seconds: float = Field(30.0, gt=0, description="how often each worker re-queues jobs with expired leases and re-enqueues queued jobs the broker lost")
     requeue_after_seconds: float = Field(120.0, ge=0, description="a queued job unclaimed this long is enqueued again when the broker holds fewer messages than queued jobs")

@@ -224,11 +224,13 @@ class Reporter:
         step = int(event["step"])
         prefix = f"jobs/{self.job_id}/checkpoints/checkpoint-{step}"
         size = self.res.storage.put_dir(prefix, path)
+        stale: list[str] = []
         try:
             with session_scope(self.res.sessions) as session:
                 held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds)
                 if held:
                     job_service.record_checkpoint(session, self.job_id, step, prefix, size, _clean({"epoch": event.get("epoch")}))
+                    stale = job_service.prune_checkpoints(session, self.job_id, self.settings.keep_checkpoints)
         except TRANSIENT_DB_ERRORS as exc:
             # Without its row the checkpoint is never resumed from; the next one will be.
             logger.warning("job %s: recording the checkpoint at step %d failed (%s)", self.job_id, step, _first_line(exc))
@@ -237,6 +239,11 @@ class Reporter:
             self.heartbeat.lost = True
             return
         logger.info("job %s: checkpoint at step %d uploaded (%d bytes)", self.job_id, step, size)
+        for old in stale:  # their rows are gone: nothing names these files any more
+            try:
+                self.res.storage.delete_prefix(old)
+            except Exception as exc:  # an orphan costs space, not correctness
+                logger.warning("job %s: could not delete the old checkpoint %s (%s)", self.job_id, old, exc)
 
 
 class Heartbeat(threading.Thread):
@@ -342,6 +349,8 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
     if spec.get("validation_dataset_id"):
         eval_path = res.storage.get_file(datasets[spec["validation_dataset_id"]], work / "validation.jsonl")
         eval_data = load_training_data(eval_path, tokenizer, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
+        if not eval_data:  # asked for, so not silently skipped: the losses would never come
+            raise ValueError(f"no validation example keeps a trainable token within cutoff_len={hp['cutoff_len']}")
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     options = {k: hp[k] for k in TRAIN_FIELDS if k in hp and k in known}

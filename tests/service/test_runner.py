@@ -144,6 +144,24 @@ def test_failure_records_a_useful_error(client, key, settings):
     assert job["status"] == "failed" and "cutoff_len=12" in job["error"] and job["finished_at"]
 
 
+def test_a_validation_set_with_nothing_within_cutoff_fails_before_training(client, key, settings, sessions):
+    too_long = make_dataset(client, key, [{"prompt": "x" * 300, "completion": "y"}] * 3)
+    job_id = _create(client, key, hyperparameters={"max_steps": 2}, validation_dataset_id=too_long)
+    assert runner.run_job(job_id, settings) == "failed"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert "no validation example" in job["error"] and "cutoff_len=64" in job["error"]
+    assert _steps(sessions, job_id) == []
+
+
+@pytest.mark.parametrize("keep", [2, 0])
+def test_storage_keeps_the_newest_checkpoints(client, key, settings, storage, keep):
+    job_id = _create(client, key, hyperparameters={"max_steps": 5, "checkpoint_every": 1})
+    assert runner.run_job(job_id, settings.model_copy(update={"keep_checkpoints": keep})) == "succeeded"
+    listed = [c["step"] for c in client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]]
+    stored = sorted({int(k.split("/")[3].split("-")[1]) for k in storage.list(f"jobs/{job_id}/checkpoints")})
+    assert listed == stored == ([4, 5] if keep else [1, 2, 3, 4, 5])
+
+
 def test_lora_job(client, key, settings, tmp_path):
     job_id = _create(client, key, method="lora", allocation=None, hyperparameters={"max_steps": 2})
     assert runner.run_job(job_id, settings) == "succeeded"
