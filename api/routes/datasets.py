@@ -8,13 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
 from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDep
 from api.middleware import too_large_detail
 from api.schemas import DatasetList, DatasetPublic, Deleted, ErrorResponse, Text
 from service import datasets as dataset_service
-from service.errors import PayloadTooLarge
+from service.errors import InvalidRequest, PayloadTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,14 @@ def _clean_filename(name: str | None) -> str:
     base = os.path.basename((name or "").replace("\\", "/")).strip()
     base = re.sub(r"[^A-Za-z0-9._ -]", "_", base)[:200]
     return base or "dataset.jsonl"
+
+
+async def one_file(request: Request) -> None:
+    """A form keeps the last of several parts with one name, so a second `file` would be
+    dropped without a word: refused instead. (The form is parsed already, for `file`.)"""
+    count = len((await request.form()).getlist("file"))
+    if count > 1:
+        raise InvalidRequest(("body", "file"), f"one file per upload, got {count}: send each dataset in its own request")
 
 
 @router.post(
@@ -51,6 +59,7 @@ def upload_dataset(
     storage: StorageDep,
     settings: SettingsDep,
     queue: QueueDep,
+    _one_file: Annotated[None, Depends(one_file)],
 ) -> DatasetPublic:
     upload_dir = settings.data_dir / "uploads"
     upload_dir.mkdir(parents=True, exist_ok=True)

@@ -169,6 +169,13 @@ def test_upload_without_a_file(client, key):
     assert body["detail"] == "body.file: must be a file: a multipart part with a filename"
 
 
+def test_upload_of_two_files_is_refused_not_half_kept(client, key, sessions):
+    parts = [("file", ("a.jsonl", jsonl(ALPACA_ROWS))), ("file", ("b.jsonl", jsonl(ALPACA_ROWS)))]
+    body = _check(client.post("/datasets", headers=auth(key), files=parts), 422, "body.file")
+    assert body["detail"] == "body.file: one file per upload, got 2: send each dataset in its own request"
+    assert client.get("/datasets", headers=auth(key)).json()["data"] == []
+
+
 def test_upload_needs_a_key(client):
     _check(client.post("/datasets", files={"file": ("a.jsonl", jsonl(ALPACA_ROWS))}), 401, "missing API key")
 
