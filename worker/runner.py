@@ -305,22 +305,31 @@ def run_job(job_id: str, settings: Settings) -> str:
     heartbeat.start()
     reporter = Reporter(job_id, owner, res, heartbeat)
     try:
-        result = _train(job_id, spec, datasets, resume_prefix, work, res, reporter)
-        return _finish(job_id, owner, spec, result, work, res, reporter)
-    except Stop as stop:
-        return _stopped_early(job_id, owner, stop.reason, res, reporter)
+        return _run(job_id, owner, spec, datasets, resume_prefix, work, res, reporter)
     except TRANSIENT_DB_ERRORS as exc:
-        # The database failed, not the job: nothing is written (it could not be), and the job
+        # The database failed, not the job, and stayed away through the retries (while
+        # training, or while recording how the run ended): nothing more is written, and the job
         # stays `running` until its lease expires; the reconciler then queues it again, to
         # resume from its latest recorded checkpoint, counting this run as one attempt.
         logger.error("job %s: the database stayed unavailable (%s); the job resumes after its lease expires", job_id, _first_line(exc))
         return "interrupted"
-    except Exception as exc:
-        logger.exception("job %s failed", job_id)
-        return _fail(job_id, owner, exc, res, reporter)
     finally:
         heartbeat.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(job_id: str, owner: str, spec: dict, datasets: dict[str, str], resume_prefix: str | None, work: Path, res: Resources, reporter: Reporter) -> str:
+    """Train, then record how the run ended: succeeded, stopped early or failed."""
+    try:
+        result = _train(job_id, spec, datasets, resume_prefix, work, res, reporter)
+        return _finish(job_id, owner, spec, result, work, res, reporter)
+    except Stop as stop:
+        return _stopped_early(job_id, owner, stop.reason, res, reporter)
+    except TRANSIENT_DB_ERRORS:
+        raise  # not the job's fault: see run_job
+    except Exception as exc:
+        logger.exception("job %s failed", job_id)
+        return _fail(job_id, owner, exc, res, reporter)
 
 
 def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str | None, work: Path, res: Resources, reporter: Reporter):

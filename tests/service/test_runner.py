@@ -231,11 +231,16 @@ def test_a_database_outage_mid_run_loses_no_metrics(client, key, settings, sessi
         assert session.get(Job, job_id).status == "succeeded"
 
 
-def test_a_database_that_stays_away_leaves_the_job_to_its_lease(client, key, settings, sessions):
-    """When the last writes keep failing past half a lease, the worker writes nothing and
-    gives up; the job stays `running` for the reconciler to resume once its lease expires
-    (not `failed`: the job did nothing wrong)."""
-    job_id = _create(client, key, hyperparameters={"max_steps": 2})
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [{"max_steps": 2}, {"max_steps": 2, "cutoff_len": 12}],
+    ids=["succeeding", "failing"],  # cutoff_len=12 keeps no example: the run fails at once
+)
+def test_a_database_that_stays_away_leaves_the_job_to_its_lease(client, key, settings, sessions, hyperparameters):
+    """When the last writes (metrics, the final state, or the failure) keep failing past half a
+    lease, the worker writes nothing and gives up; the job stays `running` for the reconciler
+    to resume once its lease expires (not `failed`: the database failed, not the job)."""
+    job_id = _create(client, key, hyperparameters=hyperparameters)
     short = settings.model_copy(update={"lease_seconds": 2.0})
     engine = runner.Resources.of(short).sessions.kw["bind"]
     with Outage(engine, **{"INSERT INTO job_metrics": 1000, "finished_at=": 1000}):
