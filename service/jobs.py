@@ -402,16 +402,18 @@ def record_checkpoint(
     session.execute(_insert_ignore(session, Checkpoint, ("job_id", "step")), [row])
 
 
-def prune_checkpoints(session: Session, job_id: str, keep: int) -> list[str]:
+def prune_checkpoints(session: Session, job_id: str, keep: int) -> int | None:
     """Delete the rows of all but the job's ``keep`` newest checkpoints (0 keeps all) and return
-    their storage prefixes, for the caller to delete after the commit: a row never names files
-    that are gone. Only the newest is ever resumed from; the others are its fallbacks."""
+    the oldest kept step (None when nothing is pruned): the caller deletes the stored checkpoints
+    of earlier steps after the commit, so a row never names files that are gone. Only the
+    newest is ever resumed from; the others are its fallbacks."""
     if keep <= 0:
-        return []
-    older = list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).offset(keep)))
-    if older:
-        session.execute(delete(Checkpoint).where(Checkpoint.id.in_([c.id for c in older])))
-    return [c.storage_prefix for c in older]
+        return None
+    kept = list(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(keep)))
+    if not kept:
+        return None
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step < kept[-1]))
+    return kept[-1]
 
 
 def record_token_stats(session: Session, dataset_id: str, model_name: str, stats: dict[str, Any]) -> None:

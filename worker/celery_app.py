@@ -52,7 +52,8 @@ def create_celery_app(settings: Settings) -> Celery:
         result_backend=None,
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
-        broker_connection_timeout=settings.broker_timeout_seconds,  # also bounds reconnect retries
+        # Bounds a send's connection attempts (their retries included), not the worker's reconnects.
+        broker_connection_timeout=settings.broker_timeout_seconds,
         # One retry of a failed send, not Celery's three: the database is the truth, and the
         # reconciler enqueues a queued job whose message never left, so a caller need not wait.
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},

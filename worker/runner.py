@@ -224,13 +224,13 @@ class Reporter:
         step = int(event["step"])
         prefix = f"jobs/{self.job_id}/checkpoints/checkpoint-{step}"
         size = self.res.storage.put_dir(prefix, path)
-        stale: list[str] = []
+        oldest_kept: int | None = None
         try:
             with session_scope(self.res.sessions) as session:
                 held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds)
                 if held:
                     job_service.record_checkpoint(session, self.job_id, step, prefix, size, _clean({"epoch": event.get("epoch")}))
-                    stale = job_service.prune_checkpoints(session, self.job_id, self.settings.keep_checkpoints)
+                    oldest_kept = job_service.prune_checkpoints(session, self.job_id, self.settings.keep_checkpoints)
         except TRANSIENT_DB_ERRORS as exc:
             # Without its row the checkpoint is never resumed from; the next one will be.
             logger.warning("job %s: recording the checkpoint at step %d failed (%s)", self.job_id, step, _first_line(exc))
@@ -239,11 +239,21 @@ class Reporter:
             self.heartbeat.lost = True
             return
         logger.info("job %s: checkpoint at step %d uploaded (%d bytes)", self.job_id, step, size)
-        for old in stale:  # their rows are gone: nothing names these files any more
-            try:
-                self.res.storage.delete_prefix(old)
-            except Exception as exc:  # an orphan costs space, not correctness
-                logger.warning("job %s: could not delete the old checkpoint %s (%s)", self.job_id, old, exc)
+        if oldest_kept is not None:
+            self._delete_stored_checkpoints_before(oldest_kept)
+
+    def _delete_stored_checkpoints_before(self, step: int) -> None:
+        """Delete the stored checkpoints of steps before ``step``: those whose rows were just
+        pruned, and any whose row was never written (a failed insert). Nothing names them."""
+        root = f"jobs/{self.job_id}/checkpoints"
+        try:
+            names = {key[len(root) + 1 :].split("/", 1)[0] for key in self.res.storage.list(root)}
+            for name in sorted(names):
+                number = name.removeprefix("checkpoint-")
+                if number.isdigit() and int(number) < step:
+                    self.res.storage.delete_prefix(f"{root}/{name}")
+        except Exception as exc:  # an orphan costs space, not correctness
+            logger.warning("job %s: could not delete old checkpoints (%s)", self.job_id, exc)
 
 
 class Heartbeat(threading.Thread):
@@ -458,7 +468,7 @@ def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res
     def finish(session: Session) -> bool:
         return job_service.finish_job(session, job_id, owner, status, result=_summary(result), adapter_key=key)
 
-    if not _retrying_write(res, job_id, "recording the result", finish):
+    if not _retrying_write(res, job_id, "recording the result", finish) and not _committed_anyway(res, job_id, status, owner):
         logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
         return "lost"
     logger.info("job %s %s after %d/%d steps", job_id, status, result.steps, result.total_steps)
@@ -477,7 +487,7 @@ def _stopped_early(job_id: str, owner: str, reason: str, res: Resources, reporte
     # hands it this one anyway, it goes back at the shutdown. If the send fails, the
     # reconciler enqueues the job later.)
     released = _retrying_write(res, job_id, "giving the job back", lambda session: job_service.release_job(session, job_id, owner))
-    if not released:
+    if not released and not _committed_anyway(res, job_id, "queued", None):
         logger.warning("job %s: lease lost while shutting down", job_id)
         return "lost"
     try:
@@ -522,6 +532,15 @@ def _retrying_write(res: Resources, job_id: str, what: str, write: Callable[[Ses
             return write(session)
 
     return _retrying(res.settings, job_id, what, attempt)
+
+
+def _committed_anyway(res: Resources, job_id: str, status: str, owner: str | None) -> bool:
+    """After a retried write that matched no row: whether the job already is in ``status``
+    under ``owner``, as when an earlier try committed and only its reply was lost with the
+    connection (then the write did happen, and the lease was not lost)."""
+    with res.sessions() as session:
+        job = session.get(Job, job_id)
+        return job is not None and job.status == status and job.lease_owner == owner
 
 
 def _first_line(exc: BaseException) -> str:

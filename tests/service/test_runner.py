@@ -158,8 +158,11 @@ def test_storage_keeps_the_newest_checkpoints(client, key, settings, storage, ke
     job_id = _create(client, key, hyperparameters={"max_steps": 5, "checkpoint_every": 1})
     assert runner.run_job(job_id, settings.model_copy(update={"keep_checkpoints": keep})) == "succeeded"
     listed = [c["step"] for c in client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]]
-    stored = sorted({int(k.split("/")[3].split("-")[1]) for k in storage.list(f"jobs/{job_id}/checkpoints")})
-    assert listed == stored == ([4, 5] if keep else [1, 2, 3, 4, 5])
+    assert listed == _stored_checkpoints(storage, job_id) == ([4, 5] if keep else [1, 2, 3, 4, 5])
+
+
+def _stored_checkpoints(storage, job_id: str) -> list[int]:
+    return sorted({int(k.split("/")[3].split("-")[1]) for k in storage.list(f"jobs/{job_id}/checkpoints")})
 
 
 def test_lora_job(client, key, settings, tmp_path):
@@ -215,7 +218,7 @@ class Outage:
         event.remove(self.engine, "before_cursor_execute", self)
 
 
-def test_a_database_outage_mid_run_loses_no_metrics(client, key, settings, sessions):
+def test_a_database_outage_mid_run_loses_no_metrics(client, key, settings, sessions, storage):
     """Metric writes, cancellation reads and a checkpoint's row fail for a while: the run goes
     on, every step's metrics arrive (late), and only the checkpoint whose row failed is not
     offered for resuming."""
@@ -229,6 +232,39 @@ def test_a_database_outage_mid_run_loses_no_metrics(client, key, settings, sessi
     with sessions() as session:
         assert list(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))) == [4, 6]
         assert session.get(Job, job_id).status == "succeeded"
+    # checkpoint-2, whose row failed, is not left behind in storage either.
+    assert _stored_checkpoints(storage, job_id) == [4, 6]
+
+
+def test_a_final_write_whose_reply_was_lost_still_counts(client, key, settings, sessions, monkeypatch):
+    """The commit of the job's final state succeeds but the connection drops before the reply:
+    the retry matches no row, and the worker must not take that for a lost lease."""
+    import sqlite3
+
+    job_id = _create(client, key, hyperparameters={"max_steps": 2})
+    engine = runner.Resources.of(settings).sessions.kw["bind"]
+    wrote_final, commit = [], engine.dialect.do_commit
+
+    def note(_conn, _cursor, statement, *_args) -> None:
+        if "finished_at=" in statement:
+            wrote_final.append(statement)
+
+    def commit_then_lose_the_reply(dbapi_connection) -> None:
+        commit(dbapi_connection)
+        if len(wrote_final) == 1:
+            wrote_final.append("reply lost")
+            raise sqlite3.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(engine.dialect, "do_commit", commit_then_lose_the_reply)
+    event.listen(engine, "after_cursor_execute", note)
+    try:
+        assert runner.run_job(job_id, settings) == "succeeded"
+    finally:
+        event.remove(engine, "after_cursor_execute", note)
+    assert "reply lost" in wrote_final
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "succeeded" and job.adapter_key and job.result["steps"] == 2
 
 
 @pytest.mark.parametrize(
