@@ -31,6 +31,7 @@ Text = Annotated[str, AfterValidator(_no_nul)]
 def json_type(value: Any) -> str:
     return {bool: "a boolean", str: "a string"}.get(type(value), type(value).__name__)
 
+
 # Request bodies: no NaN or infinity (JSON has no such numbers, but Python's parser reads
 # `NaN` and `1e999`, and PostgreSQL's JSONB refuses them), no unknown fields.
 REQUEST_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)

@@ -331,6 +331,7 @@ def train(
     forward_model = compile_for_training(model) if config.torch_compile else model
 
     start_step = 0
+    resumed_metrics: dict[str, Any] = {}
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed % 2**32)
@@ -342,15 +343,14 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_step = int(state["step"])
-        logger.info("resumed from %s at step %d of %d", resume_path, start_step, total_steps)
-
-    result = TrainResult(steps=start_step, total_steps=total_steps, stopped=False)
-    if resume_from is not None:
         # Until a step runs here, the last training metrics are the checkpoint's: a run resumed
         # from its final checkpoint (its process died before it reported) still has them.
-        trainer_state = Path(resume_from) / TRAINER_STATE_NAME
+        trainer_state = resume_path / TRAINER_STATE_NAME
         if trainer_state.is_file():
-            result.metrics = dict(json.loads(trainer_state.read_text()).get("metrics") or {})
+            resumed_metrics = dict(json.loads(trainer_state.read_text()).get("metrics") or {})
+        logger.info("resumed from %s at step %d of %d", resume_path, start_step, total_steps)
+
+    result = TrainResult(steps=start_step, total_steps=total_steps, stopped=False, metrics=resumed_metrics)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
