@@ -14,7 +14,9 @@ Per layer, every layer call crosses a graph boundary, and the routing statistics
 graph to be pooled eagerly.
 
 Shapes are compiled dynamic from the first call, since every batch is padded to its own longest
-example. The compiled module is a wrapper: the model itself stays eager, so generation and
+example: one graph serves every length (two at most, when the first batch's count of labelled
+tokens happens to equal its length, which Dynamo takes for a rule until a batch breaks it).
+The compiled module is a wrapper: the model itself stays eager, so generation and
 evaluation after training run as before.
 """
 
@@ -33,4 +35,9 @@ def compile_for_training(model: nn.Module, *, backend: str = "inductor", mode: s
     # list append, a side effect it cannot replay in the recomputation. Not replaying it is
     # what the recorder wants: it only records while a forward pass is active (`RoutingRecorder`).
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # `mola.logits` hands the output layer its labelled rows through a forward pre-hook, and
+    # Dynamo reads tensors reached through a module (its hooks' closures included) as fixed-size
+    # by default: every batch's own padded length and count of labelled tokens then compiled the
+    # model again (one compile per step, until the recompile limit fell back to eager).
+    torch._dynamo.config.force_nn_module_property_static_shapes = False
     return torch.compile(model, backend=backend, mode=mode, dynamic=True)
