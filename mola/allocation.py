@@ -14,7 +14,8 @@ Accepted specs (see :func:`expand_allocation`):
   above 9, e.g. ``"4,12"``);
 * a preset: ``{"preset": "inverted_triangle", "average": 5}`` (or a ``"inverted_triangle:5"``
   string). Presets keep the total number of experts equal to ``average * num_layers``, the
-  rectangle's budget.
+  rectangle's budget; their largest layer (up to 5/3 of the average) must stay within
+  :data:`MAX_EXPERTS_PER_LAYER` like any other count.
 """
 
 from __future__ import annotations
@@ -103,7 +104,21 @@ def _preset(name: str, average: object, num_layers: int) -> list[int]:
             shape = [1.25 - p for p in position]
         else:  # hourglass: many at both ends, few in the middle ("8228")
             shape = [0.25 + 2 * abs(p - 0.5) for p in position]
-    return _apportion(shape, total)
+    counts = _apportion(shape, total)
+    _check_preset_limit(name, average, counts)
+    return counts
+
+
+def _check_preset_limit(name: str, average: float, counts: Sequence[int]) -> None:
+    """A ramp gives its top layers more than the average (up to 5/3 of it), so an average
+    below the limit can still put more than :data:`MAX_EXPERTS_PER_LAYER` experts in a layer."""
+    largest = max(counts)
+    if largest > MAX_EXPERTS_PER_LAYER:
+        layer = counts.index(largest)
+        raise ValueError(
+            f"allocation preset '{name}:{average:g}' on {len(counts)} layers: layer {layer} "
+            f"has {largest}, more than the limit of {MAX_EXPERTS_PER_LAYER} (lower the average)"
+        )
 
 
 def _apportion(shape: Sequence[float], total: int) -> list[int]:

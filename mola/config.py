@@ -7,6 +7,7 @@ against the same rules the trainer applies.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +31,22 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 
 def _nominal_depth(spec: Any) -> int:
     """A depth to check an allocation's syntax against before the model is known: its own
-    length when it has one per layer, else enough layers for every group it names."""
+    length when it has one per layer, else enough layers for every group it names. A preset is
+    checked on one layer: its name and average are what can be wrong before the model is
+    known, while its largest layer grows with the depth (`resolve` checks that against the
+    limit), so a nominal deep model would refuse averages that fit the real one."""
     if isinstance(spec, (list, tuple)):
         return len(spec)
     if isinstance(spec, str) and ":" not in spec:
         groups = len(spec.split(",")) if "," in spec else len(spec.strip())
         return max(64, groups)
-    return 64
+    return 1
+
+
+def _is_finite_number(value: Any) -> bool:
+    """An int or float that is not a bool, NaN or infinite (NaN passes every comparison's
+    negation, so range checks alone let it through)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass
@@ -76,16 +86,12 @@ class MolaConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= 4096:
             raise ValueError(f"rank must be an integer between 1 and 4096, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+        if not _is_finite_number(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        if not _is_finite_number(self.dropout) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if (
-            isinstance(self.aux_loss_coef, bool)
-            or not isinstance(self.aux_loss_coef, (int, float))
-            or self.aux_loss_coef < 0
-        ):
-            raise ValueError(f"aux_loss_coef must be a number >= 0, got {self.aux_loss_coef!r}")
+        if not _is_finite_number(self.aux_loss_coef) or self.aux_loss_coef < 0:
+            raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef!r}")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]

@@ -42,6 +42,18 @@ def test_preset_shapes():
     assert hour[0] > hour[15] < hour[-1]
 
 
+@pytest.mark.parametrize("preset", ["triangle", "inverted_triangle", "hourglass", "rectangle"])
+@pytest.mark.parametrize("layers", [1, 4, 30, 80])
+def test_presets_stay_within_the_limit_or_refuse(preset, layers):
+    for average in (100, 150, 200, 256):
+        try:
+            counts = expand_allocation(f"{preset}:{average}", layers)
+        except ValueError as error:
+            assert "more than the limit of 256" in str(error)
+        else:
+            assert max(counts) <= 256
+
+
 def test_group_sizes_cover_all_layers():
     assert group_sizes(30, 4) == [8, 8, 7, 7]
     assert sum(group_sizes(22, 4)) == 22
@@ -75,6 +87,10 @@ def test_group_sizes_cover_all_layers():
         ({"shape": "triangle"}, 4, "needs 'preset'"),
         (3.5, 4, "must be a list"),
         ([True, 2], 2, "layer 0 has True"),
+        # Presets put up to 5/3 of the average in their largest layer: each count is checked.
+        ("hourglass:200", 4, "'hourglass:200' on 4 layers: layer 0 has 266, more than the limit of 256"),
+        ("inverted_triangle:256", 30, "'inverted_triangle:256' on 30 layers: layer 29 has 420, more than the limit of 256"),
+        ({"preset": "triangle", "average": 200}, 8, "'triangle:200' on 8 layers: layer 0 has"),
     ],
 )
 def test_bad_allocations_raise_clear_errors(spec, layers, message):

@@ -28,9 +28,13 @@ def test_round_trip_through_a_dict():
     [
         ({"rank": 0}, "rank must be an integer"),
         ({"rank": 2.5}, "rank must be an integer"),
-        ({"alpha": -1}, "alpha must be a positive number"),
+        ({"alpha": -1}, "alpha must be a positive finite number"),
+        ({"alpha": float("nan")}, "alpha must be a positive finite number, got nan"),
+        ({"alpha": float("inf")}, "alpha must be a positive finite number, got inf"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-        ({"aux_loss_coef": -0.1}, "aux_loss_coef must be a number >= 0"),
+        ({"aux_loss_coef": -0.1}, "aux_loss_coef must be a finite number >= 0"),
+        ({"aux_loss_coef": float("nan")}, "aux_loss_coef must be a finite number >= 0, got nan"),
+        ({"aux_loss_coef": float("inf")}, "aux_loss_coef must be a finite number >= 0, got inf"),
         ({"target_modules": []}, "target_modules must be a non-empty list"),
         ({"experts": "2x4"}, "allocation entry 0 is '2x4'"),
         ({"experts": [2, 0]}, "layer 1 has 0"),
@@ -42,6 +46,18 @@ def test_round_trip_through_a_dict():
 def test_invalid_options_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MolaConfig(**kwargs)
+
+
+def test_preset_limits_are_checked_against_the_real_depth():
+    # The largest layer of a ramp grows with the depth: hourglass:180 fits 4 layers (240 at the
+    # ends) but not 64, so the config waits for the model's depth to check it.
+    assert MolaConfig(experts="hourglass:180").resolve(4)[0] == [240, 120, 120, 240]
+    with pytest.raises(ValueError, match="'hourglass:180' on 64 layers: layer 0 has 296, more than the limit of 256"):
+        MolaConfig(experts="hourglass:180").resolve(64)
+    with pytest.raises(ValueError, match="'hourglass:200' on 4 layers: layer 0 has 266"):
+        MolaConfig(experts={"preset": "hourglass", "average": 200}).resolve(4)
+    with pytest.raises(ValueError, match="preset .rectangle.: average 300.0 exceeds 256"):
+        MolaConfig(experts="rectangle:300")
 
 
 def test_string_allocations_for_deep_models():
