@@ -12,7 +12,8 @@ GLUE tasks) and the index of the right one. A `TaskData` then gives the same exa
 
 Loaders are pure: ``loader(data_root, split, limit=None)`` reads files under ``data_root`` (the
 folder described in the shared data README) and returns the first ``limit`` examples in file
-order. The library never guesses where the data lives.
+order (``limit`` None: all; a negative limit is a ValueError). The library never guesses where
+the data lives.
 """
 
 from __future__ import annotations
@@ -83,12 +84,21 @@ class TaskData:
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def _split_file(task: str, split: str, files: dict[str, Any]) -> Any:
-    """The file(s) of ``split`` (after aliases), or a ValueError listing the splits there are."""
-    split = SPLIT_ALIASES.get(split, split)
-    if split not in files:
-        raise ValueError(f"{task}: no split {split!r}; choose from {', '.join(files)}")
-    return files[split]
+def _split_file(task: str, split: str, files: dict[str, Any]) -> tuple[str, Any]:
+    """``(split name after aliases, its file(s))``, or a ValueError naming the split asked for
+    (and what its alias reads as) and listing the splits there are."""
+    canonical = SPLIT_ALIASES.get(split, split)
+    if canonical not in files:
+        read_as = f" (read as {canonical!r})" if canonical != split else ""
+        raise ValueError(f"{task}: no split {split!r}{read_as}; choose from {', '.join(files)}")
+    return canonical, files[canonical]
+
+
+def _check_limit(limit: Any) -> None:
+    """``limit`` is None or a count: a negative one would be a slice from the end for a list
+    (every row but the last) and an error for ``islice``, so it is refused everywhere."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or an integer >= 0, got {limit!r}")
 
 
 def _read_tsv(path: Path, header: bool) -> Iterator[tuple[int, list[str]]]:
@@ -117,8 +127,8 @@ def _require(condition: bool, where: str, message: str) -> None:
 def load_scienceqa(data_root: str | os.PathLike, split: str = "train", limit: int | None = None) -> TaskData:
     """The MoLA authors' ScienceQA sample (train / validation / test, 200 rows each): their own
     instruction and "Answer: The answer is X." output."""
-    split = SPLIT_ALIASES.get(split, split)
-    _split_file("scienceqa", split, {"train": 0, "validation": 0, "test": 0})
+    _check_limit(limit)
+    split, _ = _split_file("scienceqa", split, {"train": None, "validation": None, "test": None})
     path = Path(data_root) / "scienceqa" / "mola_sample.hf"
     examples = []
     for i, row in enumerate(islice(read_records(path, split=split), limit), start=1):
@@ -131,7 +141,8 @@ def load_scienceqa(data_root: str | os.PathLike, split: str = "train", limit: in
 
 def load_commonsenseqa(data_root: str | os.PathLike, split: str = "train", limit: int | None = None) -> TaskData:
     """CommonsenseQA (official JSONL; 5 lettered choices). Evaluated on the dev split."""
-    name = _split_file("commonsenseqa", split, {"train": "train_rand_split.jsonl", "validation": "dev_rand_split.jsonl"})
+    _check_limit(limit)
+    split, name = _split_file("commonsenseqa", split, {"train": "train_rand_split.jsonl", "validation": "dev_rand_split.jsonl"})
     path = Path(data_root) / "commonsenseqa" / name
     examples = []
     with open(path, encoding="utf-8") as f:
@@ -143,13 +154,14 @@ def load_commonsenseqa(data_root: str | os.PathLike, split: str = "train", limit
             _require(row.get("answerKey") in labels, f"{path.name}:{i}", f"answerKey {row.get('answerKey')!r} not among {labels}")
             instruction = f"Question: {question['stem']}\n{_options_line(labels, [c['text'] for c in question['choices']])}\n"
             examples.append(TaskExample(alpaca_prompt(instruction), labels, labels.index(row["answerKey"])))
-    return TaskData("commonsenseqa", SPLIT_ALIASES.get(split, split), examples)
+    return TaskData("commonsenseqa", split, examples)
 
 
 def load_openbookqa(data_root: str | os.PathLike, split: str = "train", limit: int | None = None) -> TaskData:
     """OpenBookQA in LLM-Adapters' instruction form; the labels are ``answer1``..``answer4``,
     as its instruction asks for."""
-    name = _split_file("openbookqa", split, {"train": "train.json", "test": "test.json"})
+    _check_limit(limit)
+    split, name = _split_file("openbookqa", split, {"train": "train.json", "test": "test.json"})
     path = Path(data_root) / "openbookqa" / name
     rows = json.loads(path.read_text(encoding="utf-8"))
     labels = ("answer1", "answer2", "answer3", "answer4")
@@ -167,7 +179,8 @@ def _glue_example(instruction: str, label: int) -> TaskExample:
 
 def load_mrpc(data_root: str | os.PathLike, split: str = "train", limit: int | None = None) -> TaskData:
     """MRPC: are two sentences paraphrases? Labels no / yes."""
-    name = _split_file("mrpc", split, {"train": "train.tsv", "validation": "dev.tsv"})
+    _check_limit(limit)
+    split, name = _split_file("mrpc", split, {"train": "train.tsv", "validation": "dev.tsv"})
     path = Path(data_root) / "glue" / "MRPC" / name
     examples = []
     for line, fields in islice(_read_tsv(path, header=True), limit):
@@ -177,12 +190,13 @@ def load_mrpc(data_root: str | os.PathLike, split: str = "train", limit: int | N
             "Question: Do the two sentences mean the same thing? Answer yes or no.\n"
         )
         examples.append(_glue_example(instruction, int(fields[0])))
-    return TaskData("mrpc", SPLIT_ALIASES.get(split, split), examples)
+    return TaskData("mrpc", split, examples)
 
 
 def load_rte(data_root: str | os.PathLike, split: str = "train", limit: int | None = None) -> TaskData:
     """RTE: does the first sentence entail the second? Labels no / yes."""
-    name = _split_file("rte", split, {"train": "train.tsv", "validation": "dev.tsv"})
+    _check_limit(limit)
+    split, name = _split_file("rte", split, {"train": "train.tsv", "validation": "dev.tsv"})
     path = Path(data_root) / "glue" / "RTE" / name
     examples = []
     for line, fields in islice(_read_tsv(path, header=True), limit):
@@ -193,13 +207,14 @@ def load_rte(data_root: str | os.PathLike, split: str = "train", limit: int | No
             "Question: Does the premise entail the hypothesis? Answer yes or no.\n"
         )
         examples.append(_glue_example(instruction, int(fields[3] == "entailment")))
-    return TaskData("rte", SPLIT_ALIASES.get(split, split), examples)
+    return TaskData("rte", split, examples)
 
 
 def load_cola(data_root: str | os.PathLike, split: str = "train", limit: int | None = None) -> TaskData:
     """CoLA: is a sentence grammatically acceptable? Labels no / yes. The GLUE dev set is the
     in-domain and the out-of-domain dev files together."""
-    names = _split_file("cola", split, {"train": ["in_domain_train.tsv"], "validation": ["in_domain_dev.tsv", "out_of_domain_dev.tsv"]})
+    _check_limit(limit)
+    split, names = _split_file("cola", split, {"train": ["in_domain_train.tsv"], "validation": ["in_domain_dev.tsv", "out_of_domain_dev.tsv"]})
     folder = Path(data_root) / "glue" / "CoLA"
 
     def rows() -> Iterator[tuple[str, list[str]]]:
@@ -212,7 +227,7 @@ def load_cola(data_root: str | os.PathLike, split: str = "train", limit: int | N
         _require(len(fields) == 4 and fields[1] in ("0", "1"), where, "expected source, label (0/1), mark, sentence")
         instruction = f"Sentence: {fields[3]}\nQuestion: Is this sentence grammatically acceptable? Answer yes or no.\n"
         examples.append(_glue_example(instruction, int(fields[1])))
-    return TaskData("cola", SPLIT_ALIASES.get(split, split), examples)
+    return TaskData("cola", split, examples)
 
 
 Loader = Callable[..., TaskData]

@@ -153,7 +153,23 @@ def test_split_aliases_and_errors():
     ]
     with pytest.raises(ValueError, match="openbookqa: no split 'validation'; choose from train, test"):
         load_task("openbookqa", DATA_ROOT, "validation")
+    # The message names the split asked for, not only what its alias reads as.
+    with pytest.raises(ValueError, match=r"openbookqa: no split 'dev' \(read as 'validation'\); choose from train, test"):
+        load_task("openbookqa", DATA_ROOT, "dev")
+    with pytest.raises(ValueError, match="scienceqa: no split 'training'; choose from train, validation, test"):
+        load_task("scienceqa", DATA_ROOT, "training")
     with pytest.raises(ValueError, match="unknown task 'squad'; choose from scienceqa"):
         load_task("squad", DATA_ROOT)
     with pytest.raises(FileNotFoundError):
         load_task("cola", DATA_ROOT / "nowhere", "train")
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_limits(name):
+    # A negative limit was every row but the last for OpenBookQA (a list slice) and an islice
+    # error elsewhere: it is the same clear error for every task.
+    for limit in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=f"limit must be None or an integer >= 0, got {limit!r}"):
+            load_task(name, DATA_ROOT, "train", limit=limit)
+    assert len(load_task(name, DATA_ROOT, "train", limit=0)) == 0
+    assert len(load_task(name, DATA_ROOT, "train", limit=2)) == 2
