@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mola.layer import MolaLinear
+from mola.model import MolaModel
 
 
 def pairwise_expert_distances(module: MolaLinear) -> Tensor:
@@ -47,6 +48,13 @@ def expert_norms(module: MolaLinear) -> Tensor:
     return ((gram_b * gram_a).sum((-2, -1)).clamp_min(0).sqrt() * abs(module.scaling)).float()
 
 
+def _require_mola_model(model: Any, what: str) -> None:
+    """A clear TypeError for a plain or peft LoRA model, which would otherwise fail with an
+    AttributeError deep inside (`mola_modules`, `recorder`)."""
+    if not isinstance(model, MolaModel):
+        raise TypeError(f"{what}: {type(model).__name__} is not a MoLA model: use get_mola_model or load_mola_model")
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -60,6 +68,7 @@ def expert_redundancy(model: Any) -> dict[str, Any]:
     no pairs and report ``None`` distances; the relative distance is ``None`` where the experts
     are all zero (B at init).
     """
+    _require_mola_model(model, "expert_redundancy")
     modules: dict[str, dict[str, Any]] = {}
     per_layer: dict[int, dict[str, list[float]]] = {}
     experts_in_layer: dict[int, int] = {}
@@ -92,6 +101,7 @@ def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict
     ``mean_weight`` (average routing weight it received over all tokens) and ``mean_prob``
     (average router probability before top-k).
     """
+    _require_mola_model(model, "routing_statistics")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -74,3 +74,16 @@ def test_expert_norms_and_relative_distance():
         module.lora_B.zero_()  # B at init: no update, no ratio
     zero = expert_redundancy(model)["modules"][name]
     assert zero["mean_norm"] == 0 and zero["relative_distance"] is None
+
+
+def test_a_model_without_mola_layers_is_a_clear_error():
+    from mola.lora import get_lora_model
+
+    tokenizer = byte_tokenizer()
+    batch = collate(load_training_data([{"text": "a short one"}], tokenizer), tokenizer.pad_token_id)
+    for model in (tiny_model("llama"), get_lora_model(tiny_model("llama"), rank=4, alpha=8, dropout=0.0)):
+        name = type(model).__name__
+        with pytest.raises(TypeError, match=f"expert_redundancy: {name} is not a MoLA model: use get_mola_model or load_mola_model"):
+            expert_redundancy(model)
+        with pytest.raises(TypeError, match=f"routing_statistics: {name} is not a MoLA model"):
+            routing_statistics(model, [batch])
