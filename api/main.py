@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
@@ -46,6 +47,9 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None, 
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.storage = storage or make_storage(settings)
     app.state.queue = queue or CeleryQueue(settings)
+    # Set by `mola serve` at the first Ctrl-C: endless responses (event streams) end on their
+    # own, since uvicorn waits for every open connection before it stops.
+    app.state.shutting_down = threading.Event()
     errors.install(app)
     app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(CredentialsBeforeBody)  # added last: runs first

@@ -17,12 +17,15 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from mola import client_cli
 
 logger = logging.getLogger("mola.service")
 
 WORKER_STOP_SECONDS = 60
+# How long requests other than event streams (which end at once) may take to finish at Ctrl-C.
+GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
@@ -249,12 +252,21 @@ class WorkerProcess:
         except Exception:
             logger.exception("could not update the jobs of the dead worker")
 
-    def stop(self) -> None:
+    def signal_stop(self) -> None:
+        """Send the one SIGTERM of a warm shutdown (a running job checkpoints and is re-queued),
+        without waiting; called again, it does nothing (a second SIGTERM would be a cold one)."""
+        if self.stopping:
+            return
         self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            logger.info("stopping the embedded %s (a running job checkpoints and is re-queued)", self.name)
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Stop the worker and wait for it (killed after WORKER_STOP_SECONDS)."""
+        self.signal_stop()
         if self.proc is None or self.proc.poll() is not None:
             return
-        logger.info("stopping the embedded worker (a running job checkpoints and is re-queued)")
-        self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(WORKER_STOP_SECONDS)
         except subprocess.TimeoutExpired:
@@ -288,21 +300,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     for worker in workers:
         worker.start()
-    import uvicorn
-
     print(f"  mola serving on http://{settings.host}:{settings.port} (API docs at /docs)\n", flush=True)
     try:
-        uvicorn.run(
-            "api.main:create_app",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-        )
+        started = _run_api(settings, workers)
     finally:
         for worker in reversed(workers):  # the quick one first: it stops at once
             worker.stop()
-    return 0
+    return 0 if started else 1
+
+
+def _run_api(settings, workers: Sequence[WorkerProcess]) -> bool:
+    """Run uvicorn until Ctrl-C (or SIGTERM); False if it could not start (the port in use).
+
+    The first signal stops everything at once: the API's event streams end (uvicorn waits for
+    every open connection, and a follower's stream lasts as long as its job), and the workers
+    get their SIGTERM now, so a running job checkpoints while the API drains rather than after.
+    Other requests get GRACEFUL_SHUTDOWN_SECONDS to finish."""
+    import uvicorn
+
+    from api.main import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    server = uvicorn.Server(config)
+    uvicorn_handle_exit = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:  # the signal handler uvicorn installs
+        app.state.shutting_down.set()
+        for worker in workers:
+            worker.signal_stop()
+        uvicorn_handle_exit(sig, frame)
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the signal it caught again once it has stopped
+        pass
+    return server.started
 
 
 # ---- the parser -----------------------------------------------------------------------------

@@ -176,9 +176,16 @@ async def job_events(
             job = s.get(Job, job_id)
             return JobPublic.of(job), [MetricPublic.of(r) for r in rows]
 
+    shutting_down = request.app.state.shutting_down
+
     async def stream() -> AsyncIterator[str]:
         cursor, last_state, last_sent = after_step, None, time.monotonic()
         while not await request.is_disconnected():
+            if shutting_down.is_set():
+                # The server is stopping: end here, or uvicorn would wait for this stream until
+                # the job ends. A client reconnects with Last-Event-ID when it is back.
+                yield ": the server is shutting down; reconnect with Last-Event-ID to continue\n\n"
+                return
             job, metrics = await run_in_threadpool(poll, cursor)
             # The job first: a client that connects learns the state before the history.
             state = (job.status, job.progress.step, job.cancel_requested, job.progress.total_steps)
