@@ -141,15 +141,19 @@ class _Row:
     error: str | None = None
 
 
-def _iter_jsonl(path: Path, max_bytes: int | None) -> Iterator[_Row]:
+def _iter_jsonl(path: Path, max_bytes: int | None, max_row_bytes: int | None = None) -> Iterator[_Row]:
     """Rows of a JSONL file. Reads bytes and decodes line by line, so one undecodable line is
-    one bad row, not a failed file. With ``max_bytes``, stops before the line that crosses it."""
+    one bad row, not a failed file. With ``max_bytes``, stops before the line that crosses it;
+    a line longer than ``max_row_bytes`` is a bad row."""
     consumed = 0
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             consumed += len(raw)
             if max_bytes is not None and consumed > max_bytes:
                 return
+            if max_row_bytes is not None and len(raw.rstrip(b"\r\n")) > max_row_bytes:
+                yield _Row(line_number, error=f"the row is {_size(len(raw))}, more than the {_size(max_row_bytes)} a row may have")
+                continue
             if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
             try:
@@ -169,6 +173,10 @@ def _iter_jsonl(path: Path, max_bytes: int | None) -> Iterator[_Row]:
                 yield _Row(line_number, error="JSON nested too deeply")
                 continue
             yield _Row(line_number, record=record)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"
 
 
 def _hf_split_dir(path: Path, split: str) -> Path:
@@ -210,12 +218,14 @@ def _source_label(path: Path, split: str) -> str:
     return path.name
 
 
-def _iter_source(path: str | os.PathLike, split: str = "train", max_bytes: int | None = None) -> tuple[str, Iterator[_Row]]:
+def _iter_source(
+    path: str | os.PathLike, split: str = "train", max_bytes: int | None = None, max_row_bytes: int | None = None
+) -> tuple[str, Iterator[_Row]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
     label = _source_label(path, split)
-    rows = _iter_hf(path, split) if path.is_dir() else _iter_jsonl(path, max_bytes)
+    rows = _iter_hf(path, split) if path.is_dir() else _iter_jsonl(path, max_bytes, max_row_bytes)
     return label, rows
 
 
@@ -287,25 +297,53 @@ def render(record: dict, tokenizer: Any, fmt: str | None = None) -> tuple[str, s
     return lines + "assistant: ", reply, False
 
 
+# Rows tokenized per call, at most: batched calls are what make a fast tokenizer fast, and a
+# bounded batch bounds memory. The whole file in one call held every row's untruncated ids,
+# attention mask and offsets at once: about a hundred bytes per token, gigabytes for an upload of
+# tens of MB. A batch also ends once it holds ENCODE_BATCH_CHARS characters (long rows).
+ENCODE_BATCH_ROWS = 512
+ENCODE_BATCH_CHARS = 1 << 20
+
+
+def _batches(pairs: Sequence[tuple[str, str, bool]]) -> Iterator[Sequence[tuple[str, str, bool]]]:
+    start, chars = 0, 0
+    for end, (prompt, completion, _) in enumerate(pairs, start=1):
+        chars += len(prompt) + len(completion)
+        if end - start == ENCODE_BATCH_ROWS or chars >= ENCODE_BATCH_CHARS:
+            yield pairs[start:end]
+            start, chars = end, 0
+    if start < len(pairs):
+        yield pairs[start:]
+
+
 def _tokenize(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
     if not texts:
         return []
-    return list(tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"])
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False, return_token_type_ids=False)
+    return list(encoded["input_ids"])
 
 
-def encode_pairs(pairs: Sequence[tuple[str, str, bool]], tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+def iter_encoded_pairs(pairs: Sequence[tuple[str, str, bool]], tokenizer: Any) -> Iterator[tuple[list[int], list[int]]]:
     """Token ids ``(prompt_ids, completion_ids + [eos])`` for ``(prompt, completion, special)``
-    triples from `render`. Tokenizes in two batched calls per kind rather than per row."""
+    triples from `render`, in order, tokenized a bounded batch of rows at a time: a caller
+    that keeps only what it needs of each row (a cut example, a length) never holds more."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token first")
-    prompt_ids: list[list[int]] = [[] for _ in pairs]
-    for already_special in (False, True):
-        index = [i for i, p in enumerate(pairs) if p[2] == already_special]
-        for i, ids in zip(index, _tokenize(tokenizer, [pairs[i][0] for i in index], not already_special)):
-            prompt_ids[i] = list(ids)
-    completion_ids = _tokenize(tokenizer, [p[1] for p in pairs], False)
-    return [(p, list(c) + [eos]) for p, c in zip(prompt_ids, completion_ids)]
+    for batch in _batches(pairs):
+        prompt_ids: list[list[int]] = [[] for _ in batch]
+        for already_special in (False, True):
+            index = [i for i, p in enumerate(batch) if p[2] == already_special]
+            for i, ids in zip(index, _tokenize(tokenizer, [batch[i][0] for i in index], not already_special)):
+                prompt_ids[i] = list(ids)
+        completion_ids = _tokenize(tokenizer, [p[1] for p in batch], False)
+        for prompt, completion in zip(prompt_ids, completion_ids):
+            yield prompt, list(completion) + [eos]
+
+
+def encode_pairs(pairs: Sequence[tuple[str, str, bool]], tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """All of `iter_encoded_pairs` as a list."""
+    return list(iter_encoded_pairs(pairs, tokenizer))
 
 
 def build_example(prompt_ids: list[int], completion_ids: list[int], cutoff_len: int, train_on_inputs: bool = False) -> dict[str, list[int]] | None:
@@ -347,7 +385,7 @@ def load_training_data(
         except Exception as e:  # a chat template may reject a conversation (e.g. a role)
             raise ValueError(f"{row.where}: cannot render the record: {e}") from e
     examples = []
-    for prompt_ids, completion_ids in encode_pairs(pairs, tokenizer):
+    for prompt_ids, completion_ids in iter_encoded_pairs(pairs, tokenizer):
         example = build_example(prompt_ids, completion_ids, cutoff_len, train_on_inputs)
         if example is not None:
             examples.append(example)
@@ -436,7 +474,7 @@ def _token_statistics(report: DatasetReport, rows: list[tuple[int, dict, str]], 
             report.valid_rows -= 1
             report.formats[fmt] -= 1
     lengths, dropped = [], 0
-    for prompt_ids, completion_ids in encode_pairs(pairs, tokenizer):
+    for prompt_ids, completion_ids in iter_encoded_pairs(pairs, tokenizer):
         lengths.append(len(prompt_ids) + len(completion_ids))
         dropped += build_example(prompt_ids, completion_ids, cutoff_len) is None
     report.total_tokens = sum(lengths)
@@ -454,13 +492,15 @@ def inspect_dataset(
     max_bytes: int | None = None,
     cutoff_len: int = 256,
     split: str = "train",
+    max_row_bytes: int | None = None,
 ) -> DatasetReport:
     """Check a JSONL file or HF dataset without raising on bad rows: count rows, formats and
     problems, and with a tokenizer the token lengths (as `load_training_data` would make them).
+    ``max_row_bytes`` makes longer JSONL lines errors (a service bounds what it tokenizes).
 
     Raises only for a missing path or an unreadable dataset folder, not for bad content.
     """
-    label, rows = _iter_source(path, split, max_bytes)
+    label, rows = _iter_source(path, split, max_bytes, max_row_bytes)
     report = DatasetReport()
     good: list[tuple[int, dict, str]] = []
     for row in rows:

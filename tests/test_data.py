@@ -340,3 +340,28 @@ def test_inspect_single_format_file_is_ok(tmp_path):
     path = write_jsonl(tmp_path / "ok.jsonl", [json.dumps(GOOD[1])] * 3)
     report = inspect_dataset(path, byte_tokenizer())
     assert report.ok and report.format == "completion" and report.valid_rows == 3
+
+
+def test_inspect_dataset_refuses_rows_over_max_row_bytes(tmp_path):
+    short, long = json.dumps({"text": "a" * 100}), json.dumps({"text": "b" * 3000})
+    path = write_jsonl(tmp_path / "long.jsonl", [short, long, short])
+    report = inspect_dataset(path, byte_tokenizer(), max_row_bytes=2048)
+    assert (report.rows, report.valid_rows, report.error_count) == (3, 2, 1)
+    assert report.errors == [{"line": 2, "message": "the row is 3 KiB, more than the 2 KiB a row may have"}]
+    assert inspect_dataset(path, max_row_bytes=len(long)).ok  # the limit is on the row, not its newline
+
+
+def test_tokenizing_in_batches_equals_one_row_at_a_time(monkeypatch):
+    # Rows are tokenized a bounded batch at a time (a whole upload at once took gigabytes):
+    # batches split by row count and by characters give each row what it gets alone.
+    import mola.data
+
+    tokenizer = byte_tokenizer()
+    records = [{"prompt": f"question {i}: " + "x" * (i * 37 % 200), "completion": "y" * (i % 7 + 1)} for i in range(23)]
+    records += [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "z" * i}]} for i in range(1, 6)]
+    alone = [example for record in records for example in load_training_data([record], tokenizer, cutoff_len=128)]
+    monkeypatch.setattr(mola.data, "ENCODE_BATCH_ROWS", 4)
+    monkeypatch.setattr(mola.data, "ENCODE_BATCH_CHARS", 300)
+    assert load_training_data(records, tokenizer, cutoff_len=128) == alone
+    batches = list(mola.data._batches([render(r, tokenizer) for r in records]))
+    assert len(batches) > len(records) / 4 and sum(map(len, batches)) == len(records)
