@@ -556,10 +556,13 @@ def describe_error(exc: BaseException) -> str:
     return text[:ERROR_LIMIT]
 
 
+METHOD_TITLES = {"mola": "MoLA", "lora": "LoRA"}
+
+
 def model_card(job_id: str, spec: dict, result: Any, status: str) -> str:
     hp = spec["hyperparameters"]
     lines = [
-        f"# {spec['method'].upper()} adapter for {spec['base_model']}",
+        f"# {METHOD_TITLES[spec['method']]} adapter for {spec['base_model']}",
         "",
         f"Trained by the mola fine-tuning service, job `{job_id}` ({status} after {result.steps} of {result.total_steps} steps).",
         "",
@@ -583,17 +586,11 @@ def model_card(job_id: str, spec: dict, result: Any, status: str) -> str:
     eval_loss = (result.eval_metrics or {}).get("eval_loss")
     if eval_loss is not None:
         lines.append(f"- final validation loss: {eval_loss:.4f}")
-    if spec["method"] == "mola":
-        lines += [
-            "",
-            "## Use",
-            "",
-            "```python",
-            "from mola import load_mola_model",
-            "from mola.models import load_base_model",
-            "",
-            f'base, tokenizer = load_base_model("{spec["base_model"]}")',
-            'model = load_mola_model(base, "path/to/this/folder")',
-            "```",
-        ]
+    load = (
+        ["from mola import load_mola_model", "", f'base, tokenizer = load_base_model("{spec["base_model"]}")', 'model = load_mola_model(base, "path/to/this/folder")']
+        if spec["method"] == "mola"
+        # A plain peft LoRA adapter: peft loads it (mola's loader reads MoLA adapters only).
+        else ["from peft import PeftModel", "", f'base, tokenizer = load_base_model("{spec["base_model"]}")', 'model = PeftModel.from_pretrained(base, "path/to/this/folder")']
+    )
+    lines += ["", "## Use", "", "```python", "from mola.models import load_base_model", *load, "```"]
     return "\n".join(lines) + "\n"

@@ -172,6 +172,22 @@ def test_lora_job(client, key, settings, tmp_path):
     archive.write_bytes(client.get(f"/jobs/{job_id}/adapter", headers=auth(key)).content)
     with tarfile.open(archive) as tar:
         assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(tar.getnames())
+        tar.extractall(tmp_path / "lora", filter="data")
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert card.startswith("# LoRA adapter for tiny-llama")
+    # The card's own "Use" code loads the adapter (peft's loader: mola's reads MoLA adapters only).
+    code = card.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", str(tmp_path / "lora"))
+    namespace: dict = {}
+    exec(code, namespace)
+    loaded = {k for k in namespace["model"].state_dict() if "lora_" in k}
+    assert loaded and len(loaded) == len([k for k in safetensors_keys(tmp_path / "lora" / "adapter_model.safetensors")])
+
+
+def safetensors_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
 
 
 def test_metrics_are_written_in_batches_not_per_step(client, key, settings, sessions):
