@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api.middleware import MISSING_KEY_DETAIL
 from service import security
-from service.models import Tenant
+from service.models import ApiKey, Tenant
 from service.queue import JobQueue
 from service.settings import Settings
 from service.storage import Storage
+
+logger = logging.getLogger(__name__)
 
 bearer = HTTPBearer(auto_error=False, description="an API key from `mola keys create --tenant NAME`")
 
@@ -48,10 +52,22 @@ def get_current_tenant(
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, MISSING_KEY_DETAIL, headers=challenge)
-    tenant = security.authenticate(session, credentials.credentials)
-    if tenant is None:
+    key = security.find_key(session, credentials.credentials)
+    if key is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", headers=challenge)
-    return tenant
+    _record_use(session, key)
+    return key.tenant
+
+
+def _record_use(session: Session, key: ApiKey) -> None:
+    """`mola keys list` shows when a key was last used; a failure to record it (a busy SQLite)
+    must not fail the request it was checked for."""
+    try:
+        if security.record_use(session, key):
+            session.commit()
+    except SQLAlchemyError:
+        session.rollback()
+        logger.warning("could not record the use of API key %s", key.prefix, exc_info=True)
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]

@@ -9,6 +9,7 @@ so `mola jobs list` starts fast.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -84,6 +85,67 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         return 2
     print(token)
     print(f"(API key for tenant {args.tenant!r}; it is shown only this once)", file=sys.stderr)
+    return 0
+
+
+def _when(moment) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
+
+
+def _key_summary(key, tenant: str) -> dict:
+    """What `mola keys list` shows of a key: never its secret (the database has only a hash)."""
+    return {
+        "id": key.id,
+        "prefix": f"mola_{key.prefix}_...",
+        "tenant": tenant,
+        "name": key.name,
+        "created_at": key.created_at.isoformat(timespec="seconds"),
+        "last_used_at": key.last_used_at.isoformat(timespec="seconds") if key.last_used_at else None,
+        "revoked_at": key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else None,
+    }
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from service.db import session_scope
+    from service.security import list_api_keys
+
+    settings = _settings(args)
+    _require_schema(settings)
+    try:
+        with session_scope(_sessions(settings)) as session:
+            keys = list_api_keys(session, args.tenant)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([_key_summary(key, tenant) for key, tenant in keys], indent=2))
+        return 0
+    rows = [("ID", "PREFIX", "TENANT", "NAME", "CREATED (UTC)", "LAST USED", "REVOKED")]
+    rows += [
+        (key.id, f"mola_{key.prefix}_...", tenant, key.name or "-", _when(key.created_at), _when(key.last_used_at), _when(key.revoked_at))
+        for key, tenant in keys
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from service.db import session_scope
+    from service.security import revoke_api_key
+
+    settings = _settings(args)
+    _require_schema(settings)
+    try:
+        with session_scope(_sessions(settings)) as session:
+            key, revoked = revoke_api_key(session, args.key)
+            label = f"API key {key.id} (mola_{key.prefix}_..., tenant {key.tenant.name!r})"
+            when = _when(key.revoked_at)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{label} revoked; requests with it now get 401" if revoked else f"{label} was already revoked at {when} UTC")
     return 0
 
 
@@ -382,6 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True)
     p.add_argument("--name", help="a label for the key")
     p.set_defaults(func=cmd_keys_create)
+    p = keys.add_parser("list", help="API keys (never their secrets): tenant, name, created, last used, revoked")
+    _server_options(p)
+    p.add_argument("--tenant", help="only this tenant's keys")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=cmd_keys_list)
+    p = keys.add_parser("revoke", help="revoke an API key: it gets 401 from the next request on")
+    _server_options(p)
+    p.add_argument("key", metavar="KEY_ID_OR_PREFIX", help="the key's id (key_...) or prefix (as `mola keys list` shows it)")
+    p.set_defaults(func=cmd_keys_revoke)
 
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("sync", help="describe the configured base models (MOLA_MODELS) into the catalogue")
