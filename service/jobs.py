@@ -208,10 +208,21 @@ def list_jobs(
         if status not in JOB_STATUSES:
             raise InvalidRequest(("query", "status"), f"status must be one of {', '.join(JOB_STATUSES)}")
         query = query.where(Job.status == status)
-    if after:
+    if after:  # empty: the first page (a script's `after=$LAST` before it has one)
+        check_job_cursor(session, tenant_id, after)
         query = query.where(Job.id < after)
     jobs = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
     return jobs[:limit], len(jobs) > limit
+
+
+def check_job_cursor(session: Session, tenant_id: str, after: str) -> None:
+    """``after`` must be one of the tenant's job ids: any other string still sorts somewhere
+    among the ids, so a typo or a dataset id would quietly give a wrong page (the first, or
+    none) instead of an error. Another tenant's id is refused like an unknown one."""
+    if not after.startswith("job_"):
+        raise InvalidRequest(("query", "after"), f"{after!r} is not a job id: pass the last_id of the previous page of jobs")
+    if session.scalar(select(Job.tenant_id).where(Job.id == after)) != tenant_id:
+        raise InvalidRequest(("query", "after"), f"no job {after!r} to continue after: pass the last_id of the previous page of jobs")
 
 
 def cancel_job(session: Session, job: Job) -> Job:

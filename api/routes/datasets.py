@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDep
 from api.middleware import too_large_detail
 from api.schemas import DatasetList, DatasetPublic, Deleted, ErrorResponse, Text
 from service import datasets as dataset_service
 from service.errors import InvalidRequest, PayloadTooLarge
+from service.models import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +100,22 @@ def list_datasets(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[Text | None, Query(description="the last id of the previous page")] = None,
 ) -> DatasetList:
+    if after:  # empty: the first page (a script's `after=$LAST` before it has one)
+        _check_cursor(session, tenant.id, after)
     rows, has_more = dataset_service.list_datasets(session, tenant.id, limit, after)
     return DatasetList(data=[DatasetPublic.of(r) for r in rows], has_more=has_more, last_id=rows[-1].id if rows else None)
+
+
+def _check_cursor(session: Session, tenant_id: str, after: str) -> None:
+    """``after`` must be one of the tenant's dataset ids (a deleted one too: its row stays, and a
+    client may delete what it pages through). Any other string still sorts among the ids, so a
+    typo would quietly give a wrong page instead of an error; another tenant's id is refused
+    like an unknown one."""
+    if not after.startswith("ds_"):
+        raise InvalidRequest(("query", "after"), f"{after!r} is not a dataset id: pass the last_id of the previous page of datasets")
+    dataset = session.get(Dataset, after)
+    if dataset is None or dataset.tenant_id != tenant_id:
+        raise InvalidRequest(("query", "after"), f"no dataset {after!r} to continue after: pass the last_id of the previous page of datasets")
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses={404: {"model": ErrorResponse}})

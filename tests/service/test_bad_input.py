@@ -231,6 +231,11 @@ QUERY_CASES = [
     ("/datasets?limit=-1", "query.limit"),
     ("/jobs?after=x%00", "query.after"),
     ("/datasets?after=%00", "query.after"),
+    # A cursor must be one of the tenant's ids of that resource (it was a quiet wrong page).
+    ("/jobs?after=job_nope", "query.after"),
+    ("/jobs?after=ds_x", "query.after"),
+    ("/datasets?after=ds_nope", "query.after"),
+    ("/datasets?after=job_x", "query.after"),
     ("/jobs/job_x%00", "path.job_id"),
     ("/jobs/job_x%00/metrics", "path.job_id"),
     ("/datasets/ds_x%00", "path.dataset_id"),
@@ -241,6 +246,24 @@ QUERY_CASES = [
 @pytest.mark.parametrize("url,field", QUERY_CASES)
 def test_bad_query_parameters(client, key, url, field):
     _check(client.get(url, headers=auth(key)), 422, field)
+
+
+def test_another_tenants_id_is_no_cursor(client, key, other_key, ctx):
+    job_id = client.post("/jobs", headers=auth(other_key), json=job_body(ctx["other_dataset"])).json()["id"]
+    body = _check(client.get(f"/jobs?after={job_id}", headers=auth(key)), 422, "query.after")
+    assert body["detail"] == f"query.after: no job '{job_id}' to continue after: pass the last_id of the previous page of jobs"
+    _check(client.get(f"/datasets?after={ctx['other_dataset']}", headers=auth(key)), 422, "query.after")
+    # The owner pages on from them.
+    assert client.get(f"/jobs?after={job_id}", headers=auth(other_key)).json()["data"] == []
+    assert client.get(f"/datasets?after={ctx['other_dataset']}", headers=auth(other_key)).status_code == 200
+
+
+def test_a_deleted_dataset_is_still_a_cursor(client, key, ctx):
+    older = ctx["dataset"]
+    newer = make_dataset(client, key)
+    assert client.delete(f"/datasets/{newer}", headers=auth(key)).status_code == 200
+    page = client.get(f"/datasets?after={newer}", headers=auth(key)).json()
+    assert [d["id"] for d in page["data"]] == [older]
 
 
 def test_bad_metrics_query(client, key, ctx):
