@@ -13,7 +13,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from mola.allocation import expand_allocation, expand_top_k
@@ -255,11 +255,21 @@ def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
 
 
 def get_metrics(
-    session: Session, job_id: str, after_step: int = -1, limit: int = 100, kind: str | None = None
+    session: Session,
+    job_id: str,
+    after_step: int = -1,
+    limit: int = 100,
+    kind: str | None = None,
+    after_kind: str | None = None,
 ) -> tuple[list[JobMetric], bool]:
     """Metrics of up to ``limit`` steps after ``after_step``, all kinds of a step together (a
-    page never splits a step, so ``after_step=<last step seen>`` continues without a gap)."""
-    base = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > after_step)
+    page never splits a step, so ``after_step=<last step seen>`` continues without a gap), in
+    (step, kind) order. With ``after_kind``, the rows of ``after_step`` whose kind sorts after
+    it come first (the event stream resuming in the middle of a step)."""
+    after = JobMetric.step > after_step
+    if after_kind is not None:
+        after = or_(after, and_(JobMetric.step == after_step, JobMetric.kind > after_kind))
+    base = select(JobMetric).where(JobMetric.job_id == job_id, after)
     if kind is not None:
         base = base.where(JobMetric.kind == kind)
     steps = list(

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -27,7 +28,7 @@ from api.schemas import (
     Text,
 )
 from service import jobs as job_service
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, InvalidRequest, NotFound
 from service.models import TERMINAL_STATUSES, Job
 
 logger = logging.getLogger(__name__)
@@ -144,14 +145,46 @@ def _sse(event: str, data: str, event_id: str | None = None) -> str:
     return f"{head}event: {event}\ndata: {data}\n\n"
 
 
+# A metric event's id: "<step>.<kind>" (a step's eval and train rows each have their own), or a
+# bare "<step>", the ids of earlier versions, meaning "after all of that step".
+EVENT_ID_RE = re.compile(r"^(\d{1,20})(?:\.([a-z_]{1,16}))?$")
+
+
+def metric_event_id(metric: MetricPublic) -> str:
+    return f"{metric.step}.{metric.kind}"
+
+
+def resume_point(last_event_id: str | None, after_step: int) -> tuple[int, str | None]:
+    """Where a stream starts: after (step, kind), or after all of step when kind is None; the
+    later of `Last-Event-ID` and `after_step`. Rows come in (step, kind) order, so a client
+    that saw a step's eval row and not its train row gets the train row."""
+    if not last_event_id:
+        return after_step, None
+    match = EVENT_ID_RE.match(last_event_id)
+    if match is None:
+        raise InvalidRequest(
+            ("header", "Last-Event-ID"),
+            f"{last_event_id[:50]!r} is not an event id of this stream: '<step>.<kind>' (e.g. '20.train') or a step",
+        )
+    step, kind = min(int(match.group(1)), MAX_STEP), match.group(2)
+    if step < after_step or (step == after_step and kind is not None):
+        return after_step, None
+    return step, kind
+
+
 @router.get(
     "/{job_id}/events",
     summary="Follow a job live (Server-Sent Events)",
     description=(
         "A `text/event-stream` of `job` events (the job, whenever its state or progress "
-        "changes), `metric` events (one per metric row, `id` = its step) and a final `end` "
-        "event when the job reaches a final status. Reconnect with `Last-Event-ID` (or "
-        "`after_step`) to continue after the last metric seen."
+        "changes), `metric` events (one per metric row, in step order, `id` = `<step>.<kind>`, "
+        "e.g. `20.eval` then `20.train`) and a final `end` event when the job reaches a final "
+        "status. Reconnect with `Last-Event-ID` (or `after_step`, after a whole step) to "
+        "continue after the last metric seen; a bare step (`20`, the ids of earlier versions) "
+        "continues after that whole step. A job that resumes after a crash writes again the "
+        "steps after its last checkpoint, with the same losses (the resume is exact): a "
+        "follower already past them does not get them twice. The stream ends early when the "
+        "server shuts down."
     ),
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
@@ -166,20 +199,19 @@ async def job_events(
 ) -> StreamingResponse:
     await run_in_threadpool(job_service.get_job, session, tenant.id, job_id)
     session.close()  # give the connection back: the stream polls with short sessions of its own
-    if last_event_id and last_event_id.isascii() and last_event_id.isdigit():
-        after_step = max(after_step, min(int(last_event_id), MAX_STEP))
+    start = resume_point(last_event_id, after_step)
     factory = request.app.state.sessionmaker
 
-    def poll(cursor: int) -> tuple[JobPublic, list[MetricPublic]]:
+    def poll(cursor: tuple[int, str | None]) -> tuple[JobPublic, list[MetricPublic]]:
         with factory() as s:
-            rows, _ = job_service.get_metrics(s, job_id, cursor, limit=500)
+            rows, _ = job_service.get_metrics(s, job_id, cursor[0], limit=500, after_kind=cursor[1])
             job = s.get(Job, job_id)
             return JobPublic.of(job), [MetricPublic.of(r) for r in rows]
 
     shutting_down = request.app.state.shutting_down
 
     async def stream() -> AsyncIterator[str]:
-        cursor, last_state, last_sent = after_step, None, time.monotonic()
+        cursor, last_state, last_sent = start, None, time.monotonic()
         while not await request.is_disconnected():
             if shutting_down.is_set():
                 # The server is stopping: end here, or uvicorn would wait for this stream until
@@ -192,8 +224,8 @@ async def job_events(
             if state != last_state:
                 yield _sse("job", job.model_dump_json())
             for metric in metrics:
-                yield _sse("metric", metric.model_dump_json(), str(metric.step))
-                cursor = max(cursor, metric.step)
+                yield _sse("metric", metric.model_dump_json(), metric_event_id(metric))
+                cursor = (metric.step, metric.kind)
             if metrics or state != last_state:
                 last_sent = time.monotonic()
             last_state = state

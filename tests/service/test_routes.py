@@ -218,7 +218,7 @@ def test_events_stream_replays_metrics_and_ends(client, key, sessions):
     events = [block for block in text.split("\n\n") if block.strip()]
     kinds = [next(line[7:] for line in e.splitlines() if line.startswith("event: ")) for e in events]
     assert kinds == ["job", "metric", "metric", "end"]
-    assert "id: 2" in events[1] and '"error": "boom"' in events[-1]
+    assert "id: 2.train" in events[1] and '"error": "boom"' in events[-1]
     # A Last-Event-ID past any step (beyond a 32-bit column) replays nothing and still ends.
     with client.stream("GET", f"/jobs/{job_id}/events", headers={**auth(key), "Last-Event-ID": "9" * 20}) as response:
         text = response.read().decode()
