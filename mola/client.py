@@ -19,11 +19,12 @@ import json
 import os
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 
@@ -42,6 +43,18 @@ __all__ = [
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+# How `events` gets a dropped stream back: it reconnects (echoing the last event id) after a
+# delay that doubles from the server's `retry:` (or FIRST_RETRY) up to MAX_RETRY, and gives up
+# when the stream has made no progress for EVENTS_RECONNECT_SECONDS.
+EVENTS_RECONNECT_SECONDS = 60.0
+EVENTS_FIRST_RETRY_SECONDS = 0.5
+EVENTS_MAX_RETRY_SECONDS = 10.0
+# The server sends a keep-alive comment every 15 s on a quiet stream, so a minute of silence
+# means a dead connection (a peer gone without closing it), not a quiet job.
+EVENTS_READ_TIMEOUT_SECONDS = 60.0
+# Answers a proxy or load balancer gives while the API restarts: worth reconnecting after.
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
 
 T = TypeVar("T")
 
@@ -62,8 +75,20 @@ def _parse_time(value: str | None) -> datetime | None:
 
 def _build(cls: type[T], data: dict[str, Any]) -> T:
     """Dataclass from a JSON object, ignoring fields the server added later."""
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in fields(cls)} - {"raw"}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _from_json(cls: type[T], data: dict[str, Any], **parsed: Any) -> T:
+    """A typed object of ``data`` (with ``parsed`` values in place of the JSON ones) that keeps
+    ``data`` itself as ``raw``: the answer exactly as the server sent it."""
+    obj = _build(cls, {**data, **parsed})
+    obj.raw = data  # type: ignore[attr-defined]
+    return obj
+
+
+def _raw_field() -> Any:
+    return field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -75,6 +100,11 @@ class BaseModelInfo:
     target_modules: list[str]
     linear_modules: list[str]
     max_positions: int | None = None  # the limit of cutoff_len; None: unknown (or an older server)
+    raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "BaseModelInfo":
+        return _from_json(cls, data)
 
 
 @dataclass
@@ -90,10 +120,11 @@ class Dataset:
     token_stats: dict[str, Any] = field(default_factory=dict)
     # {status: pending|ready|failed, models: {name: {total_tokens, ...}}, error}: poll get_dataset
     token_counts: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Dataset":
-        return _build(cls, {**data, "created_at": _parse_time(data.get("created_at"))})
+        return _from_json(cls, data, created_at=_parse_time(data.get("created_at")))
 
 
 @dataclass
@@ -128,6 +159,7 @@ class Job:
     result: dict[str, Any] | None
     adapter_available: bool
     attempts: int = 0
+    raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
 
     @property
     def done(self) -> bool:
@@ -136,7 +168,7 @@ class Job:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Job":
         times = {k: _parse_time(data.get(k)) for k in ("created_at", "updated_at", "started_at", "finished_at")}
-        return _build(cls, {**data, **times, "progress": _build(JobProgress, data.get("progress") or {})})
+        return _from_json(cls, data, **times, progress=_build(JobProgress, data.get("progress") or {}))
 
 
 @dataclass
@@ -145,10 +177,11 @@ class Metric:
     kind: str
     created_at: datetime | None
     metrics: dict[str, Any]
+    raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Metric":
-        return _build(cls, {**data, "created_at": _parse_time(data.get("created_at"))})
+        return _from_json(cls, data, created_at=_parse_time(data.get("created_at")))
 
 
 @dataclass
@@ -157,19 +190,112 @@ class Checkpoint:
     created_at: datetime | None
     size_bytes: int
     metrics: dict[str, Any]
+    raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Checkpoint":
-        return _build(cls, {**data, "created_at": _parse_time(data.get("created_at"))})
+        return _from_json(cls, data, created_at=_parse_time(data.get("created_at")))
 
 
 class Page(list):  # type: ignore[type-arg]
-    """A list of results plus where the next page starts (``cursor``: the last id or step)."""
+    """A list of results plus where the next page starts (``cursor``: the last id or step) and
+    ``raw``, the whole answer as the server sent it (``{"data": [...], "has_more": ..., ...}``)."""
 
-    def __init__(self, items: list, has_more: bool = False, cursor: Any = None) -> None:
+    def __init__(self, items: list, has_more: bool = False, cursor: Any = None, raw: dict[str, Any] | None = None) -> None:
         super().__init__(items)
         self.has_more = has_more
         self.cursor = cursor
+        self.raw = raw if raw is not None else {}
+
+    @classmethod
+    def of(cls, body: dict[str, Any], parse: Any, cursor_key: str | None = None) -> "Page":
+        """The page of a list answer, each item of ``body["data"]`` made by ``parse``."""
+        items = [parse(item) for item in body["data"]]
+        return cls(items, body.get("has_more", False), body.get(cursor_key) if cursor_key else None, body)
+
+
+class _EventStream:
+    """What `MolaClient.events` remembers across connections: the last event id to resume after,
+    the server's `retry:` delay, when the stream last made progress, and what it already yielded
+    (a server that cannot resume exactly replays, and the replay is skipped)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.last_id: str | None = None  # opaque: echoed back in Last-Event-ID, never parsed
+        self.retry_seconds: float | None = None
+        self.progress_at = time.monotonic()
+        self.connected = False  # once: later failures are drops to reconnect after
+        self.failures = 0  # since the last progress
+        self.job_state: tuple | None = None
+        self.metric_step = -1
+        self.metric_kinds: set[str] = set()
+
+    def dispatch(self, lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+        """The (event, data) blocks of an SSE stream; records `id:` (when its event is complete),
+        `retry:` and keep-alive comments as they come."""
+        event, data, pending_id = "", [], self.last_id
+        for line in lines:
+            if not line:
+                self.last_id = pending_id
+                if data:
+                    yield event or "message", "\n".join(data)
+                event, data = "", []
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "":  # a comment: the server's keep-alive on a quiet stream
+                self.made_progress()
+            elif name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+            elif name == "id" and "\0" not in value:
+                pending_id = value
+            elif name == "retry" and value.isascii() and value.isdigit():
+                self.retry_seconds = int(value) / 1000
+
+    def accept(self, event: str, data: str) -> tuple[str, Any] | None:
+        """The typed event to yield, or None for one already yielded before a reconnection."""
+        try:
+            payload = json.loads(data)
+        except json.JSONDecodeError:
+            raise MolaAPIError(0, f"the event stream of job {self.job_id} sent a {event} event that is not JSON: {data[:200]!r}") from None
+        if event == "job":
+            job = Job.from_json(payload)
+            state = (job.status, job.progress.step, job.cancel_requested, job.progress.total_steps)
+            if state == self.job_state:  # the snapshot a reconnection starts with, unchanged
+                return None
+            self.job_state = state
+            item: tuple[str, Any] = (event, job)
+        elif event == "metric":
+            metric = Metric.from_json(payload)
+            if metric.step < self.metric_step or (metric.step == self.metric_step and metric.kind in self.metric_kinds):
+                return None
+            if metric.step > self.metric_step:
+                self.metric_step, self.metric_kinds = metric.step, set()
+            self.metric_kinds.add(metric.kind)
+            item = (event, metric)
+        else:
+            item = (event, payload)
+        self.made_progress()
+        return item
+
+    def made_progress(self) -> None:
+        self.progress_at = time.monotonic()
+        self.failures = 0
+
+    def reconnect_delay(self, budget: float) -> float | None:
+        """Seconds to wait before the next connection after a failure, or None to give up: the
+        first failure after progress always gets another try."""
+        self.failures += 1
+        if budget <= 0:
+            return None
+        base = self.retry_seconds if self.retry_seconds is not None else EVENTS_FIRST_RETRY_SECONDS
+        delay = min(base * 2 ** (self.failures - 1), max(base, EVENTS_MAX_RETRY_SECONDS))
+        if self.failures == 1:
+            return delay
+        remaining = budget - (time.monotonic() - self.progress_at)
+        return min(delay, remaining) if remaining > 0 else None
 
 
 class MolaClient:
@@ -202,13 +328,29 @@ class MolaClient:
         self.close()
 
     # ---- plumbing ------------------------------------------------------------------------
+    def _unreachable(self, exc: Exception) -> MolaAPIError:
+        return MolaAPIError(0, f"cannot reach {self.base_url}: {exc or type(exc).__name__}")
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise MolaAPIError(0, f"cannot reach {self.base_url}: {exc}") from exc
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            raise self._unreachable(exc) from exc
         self._raise_for(response)
         return response
+
+    @contextmanager
+    def _stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A streamed answer, past its status check; a connection lost while reading it is a
+        `MolaAPIError` (0) too."""
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                if not response.is_success:
+                    response.read()
+                    self._raise_for(response)
+                yield response
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            raise self._unreachable(exc) from exc
 
     @staticmethod
     def _raise_for(response: httpx.Response) -> None:
@@ -228,11 +370,11 @@ class MolaClient:
     def health(self) -> bool:
         return self._json("GET", "/healthz").get("status") == "ok"
 
-    def list_models(self) -> list[BaseModelInfo]:
-        return [_build(BaseModelInfo, m) for m in self._json("GET", "/models")["data"]]
+    def list_models(self) -> Page:
+        return Page.of(self._json("GET", "/models"), BaseModelInfo.from_json)
 
     def get_model(self, name: str) -> BaseModelInfo:
-        return _build(BaseModelInfo, self._json("GET", f"/models/{name}"))
+        return BaseModelInfo.from_json(self._json("GET", f"/models/{name}"))
 
     # ---- datasets ------------------------------------------------------------------------
     def upload_dataset(self, path: str | os.PathLike) -> Dataset:
@@ -245,14 +387,14 @@ class MolaClient:
 
     def list_datasets(self, limit: int = 20, after: str | None = None) -> Page:
         params = {"limit": limit, **({"after": after} if after else {})}
-        data = self._json("GET", "/datasets", params=params)
-        return Page([Dataset.from_json(d) for d in data["data"]], data["has_more"], data.get("last_id"))
+        return Page.of(self._json("GET", "/datasets", params=params), Dataset.from_json, "last_id")
 
     def get_dataset(self, dataset_id: str) -> Dataset:
         return Dataset.from_json(self._json("GET", f"/datasets/{dataset_id}"))
 
-    def delete_dataset(self, dataset_id: str) -> None:
-        self._request("DELETE", f"/datasets/{dataset_id}")
+    def delete_dataset(self, dataset_id: str) -> dict[str, Any]:
+        """Delete a dataset; returns the server's answer (``{"id": ..., "deleted": true}``)."""
+        return self._json("DELETE", f"/datasets/{dataset_id}")
 
     # ---- jobs ----------------------------------------------------------------------------
     def create_job(
@@ -285,8 +427,7 @@ class MolaClient:
             params["status"] = status
         if after:
             params["after"] = after
-        data = self._json("GET", "/jobs", params=params)
-        return Page([Job.from_json(j) for j in data["data"]], data["has_more"], data.get("last_id"))
+        return Page.of(self._json("GET", "/jobs", params=params), Job.from_json, "last_id")
 
     def get_job(self, job_id: str) -> Job:
         return Job.from_json(self._json("GET", f"/jobs/{job_id}"))
@@ -298,8 +439,7 @@ class MolaClient:
         params: dict[str, Any] = {"after_step": after_step, "limit": limit}
         if kind:
             params["kind"] = kind
-        data = self._json("GET", f"/jobs/{job_id}/metrics", params=params)
-        return Page([Metric.from_json(m) for m in data["data"]], data["has_more"], data.get("last_step"))
+        return Page.of(self._json("GET", f"/jobs/{job_id}/metrics", params=params), Metric.from_json, "last_step")
 
     def all_metrics(self, job_id: str, kind: str | None = None) -> list[Metric]:
         out: list[Metric] = []
@@ -311,38 +451,62 @@ class MolaClient:
                 return out
             after = page.cursor
 
-    def checkpoints(self, job_id: str) -> list[Checkpoint]:
-        return [Checkpoint.from_json(c) for c in self._json("GET", f"/jobs/{job_id}/checkpoints")["data"]]
+    def checkpoints(self, job_id: str) -> Page:
+        return Page.of(self._json("GET", f"/jobs/{job_id}/checkpoints"), Checkpoint.from_json)
 
-    def events(self, job_id: str, after_step: int = 0, timeout: float | None = None) -> Iterator[tuple[str, Any]]:
-        """Follow a job over Server-Sent Events: yields ``("job", Job)``, ``("metric", Metric)``
-        and finally ``("end", {"status", "error"})``."""
-        with self._http.stream(
-            "GET", f"/jobs/{job_id}/events", params={"after_step": after_step}, timeout=httpx.Timeout(timeout or 60.0, read=None)
-        ) as response:
-            if not response.is_success:
-                response.read()
-                self._raise_for(response)
-            event, data = "message", []
-            for line in response.iter_lines():
-                if not line:
-                    if data:
-                        payload = json.loads("\n".join(data))
-                        if event == "job":
-                            yield event, Job.from_json(payload)
-                        elif event == "metric":
-                            yield event, Metric.from_json(payload)
-                        else:
-                            yield event, payload
+    def events(
+        self, job_id: str, after_step: int = 0, timeout: float | None = None, reconnect_seconds: float | None = None
+    ) -> Iterator[tuple[str, Any]]:
+        """Follow a job over Server-Sent Events: yields ``("job", Job)`` whenever its state
+        changes, ``("metric", Metric)`` and finally ``("end", {"status", "error"})``.
+
+        A stream that breaks off before its end (a restarting server, a dropped connection) is
+        resumed: it reconnects with the last event id as ``Last-Event-ID``, waiting longer after
+        each failure, and skips what a resumed stream repeats. After ``reconnect_seconds``
+        (default `EVENTS_RECONNECT_SECONDS`) without progress it raises `MolaAPIError` (0). The
+        first connection is not retried: an unreachable server or a 404 raise at once."""
+        budget = EVENTS_RECONNECT_SECONDS if reconnect_seconds is None else reconnect_seconds
+        stream = _EventStream(job_id)
+        while True:
+            try:
+                with closing(self._event_connection(stream, after_step, timeout)) as blocks:
+                    for event, data in blocks:
+                        item = stream.accept(event, data)
+                        if item is not None:
+                            yield item
                         if event == "end":
                             return
-                    event, data = "message", []
-                elif line.startswith(":"):
-                    continue
-                elif line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].lstrip())
+                reason = "the server closed the stream before the job ended"
+            except _Dropped as dropped:
+                reason = str(dropped)
+            delay = stream.reconnect_delay(budget)
+            if delay is None:
+                raise MolaAPIError(
+                    0, f"lost the event stream of job {job_id} ({reason}); gave up reconnecting after {budget:g} s without progress"
+                )
+            time.sleep(delay)
+
+    def _event_connection(self, stream: _EventStream, after_step: int, timeout: float | None) -> Iterator[tuple[str, str]]:
+        """One connection's (event, data) blocks. Once a first connection has worked, losing one
+        or a gateway's 502/503/504 raise `_Dropped` (to reconnect after); other errors raise
+        `MolaAPIError`."""
+        headers = {"Last-Event-ID": stream.last_id} if stream.last_id is not None else {}
+        limits = httpx.Timeout(timeout or 60.0, read=EVENTS_READ_TIMEOUT_SECONDS)
+        try:
+            with self._http.stream(
+                "GET", f"/jobs/{stream.job_id}/events", params={"after_step": after_step}, headers=headers, timeout=limits
+            ) as response:
+                if not response.is_success:
+                    response.read()
+                    if stream.connected and response.status_code in TRANSIENT_STATUSES:
+                        raise _Dropped(f"the server answered {response.status_code}")
+                    self._raise_for(response)
+                stream.connected = True
+                yield from stream.dispatch(response.iter_lines())
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            if not stream.connected:
+                raise self._unreachable(exc) from exc
+            raise _Dropped(str(exc) or type(exc).__name__) from exc
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> Job:
         """Poll until the job reaches a final status (or ``timeout`` seconds pass)."""
@@ -355,15 +519,21 @@ class MolaClient:
                 raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
             time.sleep(poll)
 
+    def write_adapter(self, job_id: str, out: BinaryIO) -> int:
+        """Write the adapter archive (.tar.gz) to the binary stream ``out``; returns its size."""
+        size = 0
+        with self._stream("GET", f"/jobs/{job_id}/adapter", follow_redirects=True) as response:
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+                size += len(chunk)
+        return size
+
     def download_adapter(self, job_id: str, dest: str | os.PathLike, extract: bool = False) -> Path:
         """Save the adapter archive to ``dest`` (a file, or a folder to put it in); with
         ``extract``, unpack it into the folder ``dest`` instead and return that folder, ready for
-        `mola.load_mola_model`."""
+        `mola.load_mola_model` (or `peft.PeftModel.from_pretrained` for a ``lora`` job)."""
         dest = Path(dest)
-        with self._http.stream("GET", f"/jobs/{job_id}/adapter", follow_redirects=True) as response:
-            if not response.is_success:
-                response.read()
-                self._raise_for(response)
+        with self._stream("GET", f"/jobs/{job_id}/adapter", follow_redirects=True) as response:
             if extract or dest.is_dir():
                 dest.mkdir(parents=True, exist_ok=True)
                 archive = dest / f"{job_id}-adapter.tar.gz"
@@ -375,12 +545,23 @@ class MolaClient:
                     out.write(chunk)
         if not extract:
             return archive
-        with tarfile.open(archive, "r:gz") as tar:
-            try:
-                tar.extractall(dest, filter="data")
-            except TypeError:  # Python without extraction filters: check the names ourselves
-                if any(m.name.startswith(("/", "..")) or ".." in Path(m.name).parts or not m.isfile() for m in tar.getmembers()):
-                    raise MolaAPIError(0, "the adapter archive holds unexpected paths") from None
-                tar.extractall(dest)
+        try:
+            _extract(archive, dest)
+        except tarfile.TarError as exc:
+            raise MolaAPIError(0, f"the adapter archive {archive} could not be unpacked: {exc}") from exc
         archive.unlink()
         return dest
+
+
+def _extract(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive, "r:gz") as tar:
+        try:
+            tar.extractall(dest, filter="data")
+        except TypeError:  # Python without extraction filters: check the names ourselves
+            if any(m.name.startswith(("/", "..")) or ".." in Path(m.name).parts or not m.isfile() for m in tar.getmembers()):
+                raise MolaAPIError(0, "the adapter archive holds unexpected paths") from None
+            tar.extractall(dest)
+
+
+class _Dropped(Exception):
+    """An event stream broke off after it had worked: `MolaClient.events` reconnects."""
