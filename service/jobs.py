@@ -247,11 +247,17 @@ def cancel_job(session: Session, job: Job) -> Job:
 
 
 def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
-    """Time left, from the rate since the job started."""
-    if job.status != "running" or not job.started_at or not job.total_steps or job.step <= 0:
+    """Time left at the rate of the current run's own steps: those done since the first
+    progress it recorded, over the time since. Not from `started_at`: after a resume that
+    would count the time the job was down (and a run's loading) as time per step. None until
+    the run has recorded progress twice."""
+    if job.status != "running" or not job.total_steps or job.run_first_step_at is None or job.run_first_step is None:
         return None
-    elapsed = ((now or utcnow()) - job.started_at).total_seconds()
-    return max(0.0, elapsed / job.step * (job.total_steps - job.step))
+    steps_done = job.step - job.run_first_step
+    if steps_done <= 0:
+        return None
+    elapsed = ((now or utcnow()) - job.run_first_step_at).total_seconds()
+    return max(0.0, elapsed / steps_done * (job.total_steps - job.step))
 
 
 def get_metrics(
@@ -303,6 +309,8 @@ def claim_job(session: Session, job_id: str, owner: str, lease_seconds: float) -
             heartbeat_at=now,
             started_at=func.coalesce(Job.started_at, now),
             attempts=Job.attempts + 1,
+            run_first_step=None,
+            run_first_step_at=None,
             updated_at=now,
         )
     ).rowcount
@@ -327,6 +335,9 @@ def heartbeat(
     values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
     if step is not None:
         values["step"] = step
+        # The run's first progress stays as it was: the origin of its ETA (see eta_seconds).
+        values["run_first_step"] = func.coalesce(Job.run_first_step, step)
+        values["run_first_step_at"] = func.coalesce(Job.run_first_step_at, now)
     if total_steps is not None:
         values["total_steps"] = total_steps
     if epoch is not None:

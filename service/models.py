@@ -193,6 +193,11 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The first progress the current run recorded (a claim resets them): the ETA's rate is
+    # measured from here, so neither the time a job was down before a resume nor the loading
+    # of its model counts as time per step.
+    run_first_step: Mapped[int | None] = mapped_column(Integer)
+    run_first_step_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key"),

@@ -192,6 +192,7 @@ def test_metrics_pages_by_whole_steps(client, key, sessions):
     with session_scope(sessions) as session:
         job_service.record_metrics(session, job_id, rows)
         job_service.record_metrics(session, job_id, rows[:3])  # a replay adds nothing
+        assert job_service.heartbeat(session, job_id, "test-worker", 60, step=3, total_steps=10, epoch=0.3)
         assert job_service.heartbeat(session, job_id, "test-worker", 60, step=6, total_steps=10, epoch=0.6)
     page = client.get(f"/jobs/{job_id}/metrics?limit=2", headers=auth(key)).json()
     assert [(m["step"], m["kind"]) for m in page["data"]] == [(1, "train"), (2, "eval"), (2, "train")]
