@@ -14,9 +14,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
-from mola.client import Job, MolaAPIError, MolaClient
+from mola.client import Dataset, Job, Metric, MolaAPIError, MolaClient
 
 HYPERPARAMETER_FLAGS = {
     # flag: (hyperparameter, type)
@@ -39,43 +40,83 @@ HYPERPARAMETER_FLAGS = {
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="server URL (default: $MOLA_URL or http://127.0.0.1:8000)")
     parser.add_argument("--api-key", help="API key (default: $MOLA_API_KEY)")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    parser.add_argument("--json", action="store_true", help="print the API's JSON answer as it sent it")
 
 
 def _client(args: argparse.Namespace) -> MolaClient:
     return MolaClient(args.url, args.api_key)
 
 
-def _json_out(value: Any) -> None:
-    def default(obj: Any) -> Any:
-        if hasattr(obj, "__dataclass_fields__"):
-            return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
-        return str(obj)
-
-    print(json.dumps(value, indent=2, default=default))
+def _print_json(raw: Any) -> None:
+    """The API's answer, values untouched (pretty-printed)."""
+    print(json.dumps(raw, indent=2))
 
 
-def _parse_value(text: str) -> Any:
+def _text_out(args: argparse.Namespace) -> TextIO:
+    """Where messages for a person go: stderr when stdout carries --json."""
+    return sys.stderr if args.json else sys.stdout
+
+
+# ---- flag values (argparse types: a bad value is a usage error naming its flag) -------------
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number the API accepts")
+
+
+def _json_value(text: str) -> Any:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _parse_allocation(text: str | None) -> Any:
-    if text is None:
-        return None
+def _allocation_arg(text: str) -> Any:
+    """--allocation: the compact forms ('2468', '2,4,6,8', 'inverted_triangle:5') are sent as
+    strings for the server to read; JSON (a list, a preset object) is sent as JSON."""
     text = text.strip()
-    return json.loads(text) if text[:1] in "[{" else text
+    if not text:
+        raise argparse.ArgumentTypeError("empty: give e.g. 2468, 2,4,6,8 or [2, 2, 4, 4]")
+    return _json_value(text) if text[0] in "[{" else text
+
+
+def _top_k_arg(text: str) -> int | list[Any]:
+    """--top-k: a whole number, or a JSON list with one per layer (the API refuses "2")."""
+    value = _json_value(text.strip()) if text.strip() else None
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise argparse.ArgumentTypeError(f"expects a whole number or a JSON list with one per layer, got {text!r}")
+    return value
+
+
+def _hp_arg(item: str) -> tuple[str, Any]:
+    """--hp KEY=VALUE: the value is read as JSON (`warmup_steps=0`, `bf16=false`), or taken as a
+    string when it is a plain word (`lr_schedule=cosine`)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expects KEY=VALUE, got {item!r}")
+    if _is_plain_string(text):
+        return key, text
+    try:
+        return key, _json_value(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{key}: {exc}") from None
+
+
+def _is_plain_string(text: str) -> bool:
+    """A value meant as a string: not JSON, and not JSON broken off (`[1, 2`, which would
+    otherwise travel as the string "[1, 2")."""
+    if text.strip()[:1] in ("[", "{", '"'):
+        return False
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return True
+    return False
 
 
 def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
-    hp: dict[str, Any] = {}
-    for item in args.hp or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--hp expects KEY=VALUE, got {item!r}")
-        hp[key.strip()] = _parse_value(value)
+    hp: dict[str, Any] = dict(args.hp or [])
     for name in HYPERPARAMETER_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
@@ -83,6 +124,20 @@ def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     if args.target_modules:
         hp["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
     return hp
+
+
+# ---- text output -----------------------------------------------------------------------------
+def _adapter_shape(job: Job) -> str:
+    """What the job trains, in a few words: experts per layer, or a LoRA's rank."""
+    if job.method == "lora":
+        return f"LoRA rank {job.hyperparameters.get('rank')}, alpha {job.hyperparameters.get('alpha')}"
+    return f"experts per layer {job.allocation}, top-k {job.top_k}"
+
+
+def _load_hint(method: str, folder: Path) -> str:
+    if method == "lora":  # a plain peft adapter: mola's loader expects MoLA weights
+        return f"peft.PeftModel.from_pretrained(base, '{folder}')"
+    return f"mola.load_mola_model(base, '{folder}')"
 
 
 def _job_line(job: Job) -> str:
@@ -113,6 +168,26 @@ def _show_job(job: Job) -> None:
     print(f"adapter:     {'available' if job.adapter_available else 'not yet'}")
 
 
+def _show_dataset(dataset: Dataset) -> None:
+    report = dataset.report
+    formats = ", ".join(f"{name} {count}" for name, count in (report.get("formats") or {}).items())
+    print(f"id:          {dataset.id}")
+    print(f"file:        {dataset.filename} ({dataset.size_bytes} bytes, sha256 {dataset.sha256[:16]}...)")
+    print(f"rows:        {report.get('valid_rows', dataset.rows)} valid of {dataset.rows}, format {dataset.format or '-'}" + (f" ({formats})" if formats else ""))
+    print(f"created:     {dataset.created_at:%Y-%m-%d %H:%M:%S}" if dataset.created_at else "created:     -")
+    for error in report.get("errors") or []:
+        print(f"  line {error.get('line')}: {error.get('message')}")
+    counts = dataset.token_counts or {}
+    print(f"tokens:      {counts.get('status') or 'not counted'}" + (f": {counts['error']}" if counts.get("error") else ""))
+    for model, c in (counts.get("models") or {}).items():
+        print(
+            f"  {model}: {c.get('total_tokens')} tokens, mean {c.get('mean_tokens')}, max {c.get('max_tokens')}; "
+            f"{c.get('over_cutoff')} rows over cutoff_len {c.get('cutoff_len')}"
+        )
+    for model, stats in (dataset.token_stats or {}).items():  # measured by jobs that trained on it
+        print(f"  {model} (from a job): " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+
+
 # ---- datasets --------------------------------------------------------------------------------
 def cmd_datasets_upload(args: argparse.Namespace) -> int:
     with _client(args) as client:
@@ -127,7 +202,7 @@ def cmd_datasets_upload(args: argparse.Namespace) -> int:
                 return 1
             raise
     if args.json:
-        _json_out(dataset)
+        _print_json(dataset.raw)
     else:
         print(f"{dataset.id}  {dataset.filename}: {dataset.rows} rows, format {dataset.format}")
     return 0
@@ -137,7 +212,7 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         page = client.list_datasets(limit=args.limit, after=args.after)
     if args.json:
-        _json_out(list(page))
+        _print_json(page.raw)
         return 0
     for d in page:
         print(f"{d.id}  {d.filename:<30}  {d.rows:>7} rows  {d.format or '-':<10}  {d.created_at:%Y-%m-%d %H:%M}")
@@ -148,14 +223,15 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
 
 def cmd_datasets_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        _json_out(client.get_dataset(args.id))
+        dataset = client.get_dataset(args.id)
+    _print_json(dataset.raw) if args.json else _show_dataset(dataset)
     return 0
 
 
 def cmd_datasets_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        client.delete_dataset(args.id)
-    print(f"deleted {args.id}")
+        answer = client.delete_dataset(args.id)
+    _print_json(answer) if args.json else print(f"deleted {args.id}")
     return 0
 
 
@@ -166,19 +242,19 @@ def cmd_jobs_create(args: argparse.Namespace) -> int:
             base_model=args.model,
             dataset_id=args.dataset,
             method=args.method,
-            allocation=_parse_allocation(args.allocation),
-            top_k=_parse_allocation(args.top_k) if args.top_k else None,
+            allocation=args.allocation,
+            top_k=args.top_k,
             hyperparameters=_hyperparameters(args) or None,
             validation_dataset_id=args.validation_dataset,
             suffix=args.suffix,
             idempotency_key=args.idempotency_key,
         )
         if args.json:
-            _json_out(job)
+            _print_json(job.raw)
         else:
-            print(f"created {job.id}: {job.method} on {job.base_model}, experts per layer {job.allocation}")
-        if args.follow:
-            return _follow(client, job.id)
+            print(f"created {job.id}: {job.method} on {job.base_model}, {_adapter_shape(job)}")
+        if args.follow:  # with --json, stdout keeps the one JSON answer above: progress goes to stderr
+            return _follow(client, job.id, _text_out(args))
     return 0
 
 
@@ -186,7 +262,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         page = client.list_jobs(status=args.status, limit=args.limit, after=args.after)
     if args.json:
-        _json_out(list(page))
+        _print_json(page.raw)
         return 0
     for job in page:
         print(_job_line(job))
@@ -198,7 +274,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.get_job(args.id)
-    _json_out(job) if args.json else _show_job(job)
+    _print_json(job.raw) if args.json else _show_job(job)
     return 0
 
 
@@ -206,7 +282,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.cancel_job(args.id)
     if args.json:
-        _json_out(job)
+        _print_json(job.raw)
     else:
         print(f"{job.id}: {job.status}" + (" (stops at its next step)" if job.status == "running" else ""))
     return 0
@@ -216,7 +292,7 @@ def cmd_jobs_metrics(args: argparse.Namespace) -> int:
     with _client(args) as client:
         page = client.metrics(args.id, after_step=args.after_step, limit=args.limit, kind=args.kind)
     if args.json:
-        _json_out(list(page))
+        _print_json(page.raw)
         return 0
     for m in page:
         values = "  ".join(
@@ -234,7 +310,7 @@ def cmd_jobs_checkpoints(args: argparse.Namespace) -> int:
     with _client(args) as client:
         checkpoints = client.checkpoints(args.id)
     if args.json:
-        _json_out(checkpoints)
+        _print_json(checkpoints.raw)
         return 0
     for c in checkpoints:
         print(f"step {c.step:>6}  {c.size_bytes / 1e6:8.2f} MB  {c.created_at:%Y-%m-%d %H:%M:%S}")
@@ -243,58 +319,92 @@ def cmd_jobs_checkpoints(args: argparse.Namespace) -> int:
 
 def cmd_jobs_download(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        if args.output == "-":
+            return _download_to_stdout(client, args.id)
         if args.extract:
+            method = client.get_job(args.id).method  # the loader to suggest depends on it
             path = client.download_adapter(args.id, args.extract, extract=True)
-            print(f"adapter extracted to {path}/ (load it with mola.load_mola_model(base, '{path}'))")
+            print(f"adapter extracted to {path}/ (load it with {_load_hint(method, path)})", file=_text_out(args))
         else:
             path = client.download_adapter(args.id, args.output or f"{args.id}-adapter.tar.gz")
-            print(f"saved {path}")
+            print(f"saved {path}", file=_text_out(args))
+    return 0
+
+
+def _download_to_stdout(client: MolaClient, job_id: str) -> int:
+    """`-o -`: the archive's bytes on stdout, for a pipe (`| tar xz`) or a redirection."""
+    if sys.stdout.isatty():
+        print("error: -o - writes a binary archive: redirect stdout to a file or a pipe", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    client.write_adapter(job_id, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
     return 0
 
 
 def cmd_jobs_follow(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        return _follow(client, args.id)
+        return _follow(client, args.id, _text_out(args), print_final_json=args.json)
 
 
-def _follow(client: MolaClient, job_id: str) -> int:
-    """A progress bar over the job's events until it ends; exit code 0 when it succeeded."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=None, unit="step", desc=job_id, dynamic_ncols=True)
-    status, error = None, None
+def _follow(client: MolaClient, job_id: str, out: TextIO, print_final_json: bool = False) -> int:
+    """A progress bar (on stderr) over the job's events until it ends, then its final status on
+    ``out``; exit code 0 when it succeeded. ``print_final_json``: print the job's last state as
+    the API sent it. The bar is drawn at the first event, so a job that does not exist (404)
+    draws none."""
+    bar, job, end = None, None, {}
     try:
         for event, data in client.events(job_id):
+            if bar is None:
+                bar = _progress_bar(job_id)
             if event == "job":
-                if data.progress.total_steps and bar.total != data.progress.total_steps:
-                    bar.total = data.progress.total_steps
-                    bar.refresh()
-                if data.progress.step > bar.n:
-                    bar.update(data.progress.step - bar.n)
-                bar.set_description(f"{job_id} {data.status}")
+                job = data
+                _show_job_progress(bar, data)
             elif event == "metric":
-                if data.step > bar.n:
-                    bar.update(data.step - bar.n)
-                shown = {k: f"{v:.4g}" for k, v in data.metrics.items() if k in ("loss", "eval_loss") and isinstance(v, float)}
-                if shown:
-                    bar.set_postfix(shown, refresh=False)
+                _show_metric(bar, data)
             elif event == "end":
-                status, error = data.get("status"), data.get("error")
+                end = data
     except KeyboardInterrupt:
-        bar.close()
-        print(f"stopped following {job_id} (the job goes on; `mola jobs cancel {job_id}` stops it)")
+        print(f"stopped following {job_id} (the job goes on; `mola jobs cancel {job_id}` stops it)", file=sys.stderr)
         return 130
     finally:
-        bar.close()
-    print(f"{job_id}: {status}" + (f": {error}" if error else ""))
+        if bar is not None:
+            bar.close()
+    status, error = end.get("status"), end.get("error")
+    print(f"{job_id}: {status}" + (f": {error}" if error else ""), file=out)
+    if print_final_json and job is not None:
+        _print_json(job.raw)
     return 0 if status == "succeeded" else 1
+
+
+def _progress_bar(job_id: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=None, unit="step", desc=job_id, dynamic_ncols=True, file=sys.stderr)
+
+
+def _show_job_progress(bar: Any, job: Job) -> None:
+    if job.progress.total_steps and bar.total != job.progress.total_steps:
+        bar.total = job.progress.total_steps
+        bar.refresh()
+    if job.progress.step > bar.n:
+        bar.update(job.progress.step - bar.n)
+    bar.set_description(f"{job.id} {job.status}")
+
+
+def _show_metric(bar: Any, metric: Metric) -> None:
+    if metric.step > bar.n:
+        bar.update(metric.step - bar.n)
+    shown = {k: f"{v:.4g}" for k, v in metric.metrics.items() if k in ("loss", "eval_loss") and isinstance(v, float)}
+    if shown:
+        bar.set_postfix(shown, refresh=False)
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.list_models()
     if args.json:
-        _json_out(models)
+        _print_json(models.raw)
         return 0
     for m in models:
         print(f"{m.name:<28} {m.model_type:<8} {m.num_layers:>3} layers  hidden {m.hidden_size:<5} targets {','.join(m.target_modules)}")
@@ -308,6 +418,9 @@ def _wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespa
             return fn(args)
         except MolaAPIError as exc:
             print(f"error: {exc.detail}" if exc.status_code == 0 else f"error ({exc.status_code}): {exc.detail}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # a local file: the upload to read, the download to write
+            print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
             return 1
 
     return run
@@ -343,15 +456,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help="training dataset id")
     p.add_argument("--validation-dataset", help="validation dataset id")
     p.add_argument("--method", choices=("mola", "lora"), default="mola")
-    p.add_argument("--allocation", help="experts per layer: '2468', '2,4,6,8', 'inverted_triangle:5' or JSON ([2,2,4,4], {\"preset\": ..., \"average\": ...})")
-    p.add_argument("--top-k", help="experts per token: N or a JSON list per layer")
+    p.add_argument("--allocation", type=_allocation_arg, help="experts per layer: '2468', '2,4,6,8', 'inverted_triangle:5' or JSON ([2,2,4,4], {\"preset\": ..., \"average\": ...})")
+    p.add_argument("--top-k", type=_top_k_arg, help="experts per token: N or a JSON list per layer ([2, 2, 1, 1])")
     for name, kind in HYPERPARAMETER_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
     p.add_argument("--target-modules", help="comma-separated module names")
-    p.add_argument("--hp", action="append", metavar="KEY=VALUE", help="any other hyperparameter (value parsed as JSON)")
+    p.add_argument("--hp", action="append", type=_hp_arg, metavar="KEY=VALUE", help="any other hyperparameter (the value read as JSON, or a plain word as a string)")
     p.add_argument("--suffix")
     p.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
-    p.add_argument("--follow", action="store_true", help="follow the job with a progress bar")
+    p.add_argument("--follow", action="store_true", help="follow the job with a progress bar (on stderr)")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_create))
     p = jobs.add_parser("list", help="list jobs")
@@ -379,7 +492,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_wrap(cmd_jobs_metrics))
     p = jobs.add_parser("download", help="download a job's adapter")
     p.add_argument("id")
-    p.add_argument("-o", "--output", help="archive path (default: <job id>-adapter.tar.gz)")
-    p.add_argument("--extract", metavar="DIR", help="unpack into DIR instead, ready for mola.load_mola_model")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output", help="archive path, or - for stdout (default: <job id>-adapter.tar.gz)")
+    where.add_argument("--extract", metavar="DIR", help="unpack into DIR instead, ready for mola.load_mola_model (peft for a lora job)")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_download))

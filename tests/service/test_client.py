@@ -1,0 +1,396 @@
+"""The client and its CLI commands against real servers: the API of the `app` fixture served by
+uvicorn on a port (stopped and started again where a test needs a restart), and, for streams
+that break off in exact places, a small socket server that speaks HTTP and SSE by script."""
+
+from __future__ import annotations
+
+import json
+import socket
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from mola import client as client_module
+from mola.client import MolaAPIError, MolaClient
+from service import cli
+from service import jobs as job_service
+from service.db import session_scope
+from tests.service.conftest import ALPACA_ROWS, jsonl
+
+pytestmark = pytest.mark.timeout(120)
+
+OWNER = "test-worker"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """The app served by uvicorn in a thread on a port of its own; `stop` then `start` again
+    on the same port is a restarting server (open event streams are cut, not drained)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=0.2)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            assert self._thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(20)
+        assert not self._thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture
+def live(app) -> Iterator[LiveServer]:
+    server = LiveServer(app)
+    server.start()
+    yield server
+    if server.running:
+        server.stop()
+
+
+@pytest.fixture
+def api(live, key) -> Iterator[MolaClient]:
+    with MolaClient(live.url, key) as client:
+        yield client
+
+
+@pytest.fixture
+def dataset_id(api, tmp_path) -> str:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(jsonl(ALPACA_ROWS))
+    return api.upload_dataset(path).id
+
+
+def mola(capsys, live, key, *args: str) -> tuple[int, str, str]:
+    """Run a client command of the `mola` CLI in this process: (exit code, stdout, stderr). An
+    exception the command does not handle fails the test with its traceback."""
+    code = cli.main([*args, "--url", live.url, "--api-key", key])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def start_job(sessions, job_id: str, metrics: list[tuple[int, str]] = ()) -> None:
+    with session_scope(sessions) as session:
+        assert job_service.claim_job(session, job_id, OWNER, 60) is not None
+    record(sessions, job_id, metrics)
+
+
+def record(sessions, job_id: str, metrics: list[tuple[int, str]]) -> None:
+    rows = [{"step": step, "kind": kind, "values": {"loss": 1.0 / step}} for step, kind in metrics]
+    with session_scope(sessions) as session:
+        job_service.record_metrics(session, job_id, rows)
+
+
+def finish_job(sessions, job_id: str, adapter_key: str | None = None) -> None:
+    with session_scope(sessions) as session:
+        assert job_service.finish_job(session, job_id, OWNER, "succeeded", result={"train": {"loss": 0.5}}, adapter_key=adapter_key)
+
+
+def adapter_archive(tmp_path: Path) -> Path:
+    folder = tmp_path / "made-adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    archive = tmp_path / "made-adapter.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder / "adapter_config.json", arcname="adapter_config.json")
+    return archive
+
+
+# ---- flags -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("top_k, expected", [("2", [2, 2, 2, 2]), ("[2, 2, 1, 1]", [2, 2, 1, 1])])
+def test_top_k_is_sent_as_a_number_or_a_list(capsys, live, key, dataset_id, top_k, expected):
+    code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--top-k", top_k, "--json")
+    assert code == 0, err
+    assert json.loads(out)["top_k"] == expected
+
+
+BAD_FLAGS = [
+    # (arguments, the flag the error must name)
+    (["--allocation", "[1,2"], "--allocation"),
+    (["--allocation", ""], "--allocation"),
+    (["--allocation", " "], "--allocation"),
+    (["--top-k", "[1,2"], "--top-k"),
+    (["--top-k", "two"], "--top-k"),
+    (["--top-k", "true"], "--top-k"),
+    (["--hp", "warmup_steps"], "--hp"),
+    (["--hp", "=3"], "--hp"),
+    (["--hp", "dropout=NaN"], "--hp"),
+    (["--hp", "target_modules=[q_proj"], "--hp"),
+    (["--max-steps", "many"], "--max-steps"),
+]
+
+
+@pytest.mark.parametrize("flags, flag", BAD_FLAGS)
+def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(capsys, flags, flag):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["jobs", "create", "--model", "tiny-llama", "--dataset", "ds_1", *flags, "--url", "http://127.0.0.1:9"])
+    assert exit_.value.code == 2
+    assert f"error: argument {flag}" in capsys.readouterr().err
+
+
+def test_hp_values_are_json_or_plain_words():
+    args = cli.build_parser().parse_args(
+        ["jobs", "create", "--model", "m", "--dataset", "d", "--hp", "warmup_steps=0", "--hp", "bf16=false",
+         "--hp", "lr_schedule=linear", "--hp", "target_modules=[\"q_proj\"]", "--allocation", "inverted_triangle:5"]
+    )
+    assert args.allocation == "inverted_triangle:5"
+    assert dict(args.hp) == {"warmup_steps": 0, "bf16": False, "lr_schedule": "linear", "target_modules": ["q_proj"]}
+
+
+def test_files_that_cannot_be_read_are_errors_not_tracebacks(capsys, live, key, tmp_path):
+    code, _, err = mola(capsys, live, key, "datasets", "upload", str(tmp_path / "nonexist.jsonl"))
+    assert code == 1 and err == f"error: {tmp_path / 'nonexist.jsonl'}: No such file or directory\n"
+    code, _, err = mola(capsys, live, key, "datasets", "upload", str(tmp_path))
+    assert code == 1 and err == f"error: {tmp_path}: Is a directory\n"
+
+
+@pytest.mark.parametrize("command", [["jobs", "follow", "job_1"], ["jobs", "download", "job_1"], ["datasets", "upload", "FILE"], ["models", "list"]])
+def test_a_server_that_is_not_running_is_an_error_line(capsys, tmp_path, command):
+    upload = tmp_path / "train.jsonl"
+    upload.write_bytes(jsonl(ALPACA_ROWS))
+    args = [str(upload) if a == "FILE" else a for a in command]
+    code = cli.main([*args, "--url", f"http://127.0.0.1:{_free_port()}", "--api-key", "k"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: cannot reach http://127.0.0.1:") and err.count("\n") == 1
+
+
+# ---- --json: the API's answer as it sent it -------------------------------------------------
+def test_json_output_is_the_api_answer(capsys, live, key, api, dataset_id, sessions):
+    first = api.create_job("tiny-llama", dataset_id, hyperparameters={"max_steps": 2})
+    api.create_job("tiny-llama", dataset_id, method="lora")
+    start_job(sessions, first.id, [(1, "train")])
+    http = httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {key}"})
+    commands = [
+        (["jobs", "list", "--limit", "1"], "/jobs?limit=1"),
+        (["jobs", "show", first.id], f"/jobs/{first.id}"),
+        (["jobs", "metrics", first.id], f"/jobs/{first.id}/metrics"),
+        (["jobs", "checkpoints", first.id], f"/jobs/{first.id}/checkpoints"),
+        (["datasets", "list"], "/datasets"),
+        (["datasets", "show", dataset_id], f"/datasets/{dataset_id}"),
+        (["models", "list"], "/models"),
+    ]
+    for args, path in commands:
+        code, out, err = mola(capsys, live, key, *args, "--json")
+        answer = http.get(path).json()
+        if args[:2] == ["jobs", "show"]:  # the ETA is computed at each request
+            answer["progress"]["eta_seconds"] = json.loads(out)["progress"]["eta_seconds"]
+        assert code == 0 and json.loads(out) == answer, args
+    page = json.loads(mola(capsys, live, key, "jobs", "list", "--limit", "1", "--json")[1])
+    assert page["has_more"] is True and page["last_id"] == page["data"][0]["id"]
+    assert page["data"][0]["created_at"].endswith("Z") and "T" in page["data"][0]["created_at"]
+    http.close()
+
+
+def test_datasets_show_is_text_without_json(capsys, live, key, dataset_id):
+    code, out, _ = mola(capsys, live, key, "datasets", "show", dataset_id)
+    assert code == 0 and out.startswith(f"id:          {dataset_id}\n")
+    assert "rows:        24 valid of 24, format alpaca" in out and not out.lstrip().startswith("{")
+
+
+def _work_when_queued(queue, sessions, metrics: list[tuple[int, str]]) -> threading.Thread:
+    """The worker's writes, done when the API enqueues the next job: claim, metrics, success."""
+    before = len(queue.enqueued)
+
+    def work() -> None:
+        deadline = time.monotonic() + 30
+        while len(queue.enqueued) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job_id = queue.enqueued[-1]
+        start_job(sessions, job_id, metrics)
+        finish_job(sessions, job_id)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_create_json_follow_keeps_stdout_one_json_answer(capsys, live, key, dataset_id, queue, sessions):
+    worker = _work_when_queued(queue, sessions, [(1, "train"), (2, "train")])
+    code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--json", "--follow")
+    worker.join()
+    job = json.loads(out)  # one JSON document: nothing else on stdout
+    assert code == 0 and job["status"] == "queued" and job["created_at"].endswith("Z")
+    assert f"{job['id']}: succeeded" in err
+
+    code, out, err = mola(capsys, live, key, "jobs", "follow", job["id"], "--json")
+    assert code == 0 and json.loads(out)["status"] == "succeeded" and f"{job['id']}: succeeded" in err
+
+
+# ---- following, downloading ----------------------------------------------------------------
+def test_following_a_missing_job_draws_no_progress_bar(capsys, live, key):
+    code, out, err = mola(capsys, live, key, "jobs", "follow", "job_nope")
+    assert code == 1 and out == "" and err == "error (404): job 'job_nope' not found\n"
+
+
+@pytest.mark.parametrize("method, shape, loader", [
+    ("mola", "experts per layer [2, 4, 6, 8], top-k [2, 2, 2, 2]", "mola.load_mola_model(base, "),
+    ("lora", "LoRA rank 8, alpha 16.0", "peft.PeftModel.from_pretrained(base, "),
+])
+def test_create_and_extract_speak_of_the_method(capsys, live, key, dataset_id, sessions, storage, tmp_path, method, shape, loader):
+    code, out, _ = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--method", method)
+    assert code == 0 and out.endswith(f"{method} on tiny-llama, {shape}\n")
+    job_id = out.split()[1].rstrip(":")
+    storage.put_file(f"jobs/{job_id}/adapter.tar.gz", adapter_archive(tmp_path))
+    start_job(sessions, job_id)
+    finish_job(sessions, job_id, adapter_key=f"jobs/{job_id}/adapter.tar.gz")
+    code, out, err = mola(capsys, live, key, "jobs", "download", job_id, "--extract", str(tmp_path / "out"))
+    assert code == 0, err
+    assert f"{loader}'{tmp_path / 'out'}')" in out and (tmp_path / "out" / "adapter_config.json").is_file()
+
+
+def test_download_to_stdout_writes_the_archive_there(capsysbinary, live, key, api, dataset_id, sessions, storage, tmp_path, monkeypatch):
+    job_id = api.create_job("tiny-llama", dataset_id).id
+    archive = adapter_archive(tmp_path)
+    storage.put_file(f"jobs/{job_id}/adapter.tar.gz", archive)
+    start_job(sessions, job_id)
+    finish_job(sessions, job_id, adapter_key=f"jobs/{job_id}/adapter.tar.gz")
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["jobs", "download", job_id, "-o", "-", "--url", live.url, "--api-key", key])
+    out = capsysbinary.readouterr().out
+    assert code == 0 and out == archive.read_bytes() and not (tmp_path / "-").exists()
+
+
+# ---- events: reconnecting ------------------------------------------------------------------
+def test_events_resume_across_a_server_restart(live, api, dataset_id, sessions):
+    job_id = api.create_job("tiny-llama", dataset_id).id
+    start_job(sessions, job_id, [(1, "train"), (2, "eval"), (2, "train")])
+    events = api.events(job_id)
+    seen = [next(events) for _ in range(4)]
+    assert [e for e, _ in seen] == ["job", "metric", "metric", "metric"]
+
+    live.stop()  # cuts the open stream; the client finds nothing listening until the restart
+    record(sessions, job_id, [(3, "train")])
+    finish_job(sessions, job_id)
+    restart = threading.Timer(1.5, live.start)
+    restart.start()
+    seen += list(events)
+    restart.join()
+
+    metrics = [(m.step, m.kind) for e, m in seen if e == "metric"]
+    assert metrics == [(1, "train"), (2, "eval"), (2, "train"), (3, "train")]
+    assert [j.status for e, j in seen if e == "job"] == ["running", "succeeded"]
+    assert seen[-1] == ("end", {"status": "succeeded", "error": None})
+
+
+def job_json(status: str = "running", step: int = 0) -> dict:
+    return {
+        "id": "job_1", "status": status, "base_model": "tiny-llama", "method": "mola", "dataset_id": "ds_1",
+        "validation_dataset_id": None, "allocation": [2, 4, 6, 8], "top_k": [2, 2, 2, 2], "allocation_spec": "2468",
+        "hyperparameters": {}, "suffix": None, "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+        "started_at": None, "finished_at": None, "cancel_requested": False,
+        "progress": {"step": step, "total_steps": 3, "epoch": None, "fraction": None, "eta_seconds": None},
+        "error": None, "result": None, "adapter_available": False, "attempts": 1,
+    }
+
+
+def sse(event: str, data: dict, event_id: str | None = None) -> str:
+    return (f"id: {event_id}\n" if event_id else "") + f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def metric(step: int, kind: str = "train") -> dict:
+    return {"step": step, "kind": kind, "created_at": "2026-01-01T00:00:00Z", "metrics": {"loss": 1.0}}
+
+
+class ScriptedServer:
+    """A real HTTP server on a socket that answers its Nth connection with the Nth script entry:
+    (status, body text, whole) — ``whole`` False cuts the chunked body off mid-way, as a server
+    that dies does. It records each request's headers and when it arrived; after the last entry
+    it stops listening, so further connections are refused."""
+
+    def __init__(self, script: list[tuple[int, str, bool]]) -> None:
+        self.script = script
+        self.requests: list[tuple[float, dict[str, str]]] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.cut_at: list[float] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with self.listener:
+            for status, body, whole in self.script:
+                conn, _ = self.listener.accept()
+                with conn:
+                    self.requests.append((time.monotonic(), self._read_headers(conn)))
+                    self._answer(conn, status, body, whole)
+                    self.cut_at.append(time.monotonic())
+
+    @staticmethod
+    def _read_headers(conn: socket.socket) -> dict[str, str]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        lines = data.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:]
+        return {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+
+    @staticmethod
+    def _answer(conn: socket.socket, status: int, body: str, whole: bool) -> None:
+        kind = "text/event-stream" if status == 200 else "application/json"
+        payload = body.encode()
+        head = f"HTTP/1.1 {status} X\r\nContent-Type: {kind}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        conn.sendall(head.encode() + f"{len(payload):x}\r\n".encode() + payload + b"\r\n" + (b"0\r\n\r\n" if whole else b""))
+        if not whole:
+            conn.shutdown(socket.SHUT_RDWR)  # the body's end never comes
+
+
+def test_events_reconnect_with_the_last_id_and_skip_what_is_replayed():
+    first = (
+        "retry: 1200\n\n"
+        + sse("job", job_json(step=1)) + sse("metric", metric(1), "1:train") + sse("metric", metric(2, "eval"), "2:eval")
+        + "id: 2:train\nevent: metric\ndata: {\"st"  # cut off: this event never completed
+    )
+    second = (  # a server that resumes too early: the same job state and step 2's eval again
+        sse("job", job_json(step=1)) + sse("metric", metric(2, "eval"), "2:eval") + sse("metric", metric(2), "2:train")
+        + sse("job", job_json("succeeded", 3)) + sse("metric", metric(3), "3:train") + sse("end", {"status": "succeeded", "error": None})
+    )
+    server = ScriptedServer([(200, first, False), (503, '{"detail": "restarting"}', True), (200, second, True)])
+    with MolaClient(server.url, "k") as client:
+        seen = list(client.events("job_1"))
+    assert [(e, d.step, d.kind) if e == "metric" else (e,) for e, d in seen] == [
+        ("job",), ("metric", 1, "train"), ("metric", 2, "eval"), ("metric", 2, "train"), ("job",), ("metric", 3, "train"), ("end",)
+    ]
+    assert [headers.get("last-event-id") for _, headers in server.requests] == [None, "2:eval", "2:eval"]
+    assert server.requests[1][0] - server.cut_at[0] >= 1.2  # the server's retry: 1200 (ms)
+
+
+def test_events_give_up_with_an_api_error(capsys, monkeypatch):
+    server = ScriptedServer([(200, sse("job", job_json()) + sse("metric", metric(1), "1"), False)])
+    with MolaClient(server.url, "k") as client:
+        events = client.events("job_1", reconnect_seconds=1.0)
+        assert [e for e, _ in [next(events), next(events)]] == ["job", "metric"]
+        started = time.monotonic()
+        with pytest.raises(MolaAPIError) as error:
+            next(events)
+    assert error.value.status_code == 0 and "lost the event stream of job job_1" in error.value.detail
+    assert 0.9 <= time.monotonic() - started < 10  # the budget counts from the last event, just before
+
+    server = ScriptedServer([(200, sse("job", job_json()), False)])
+    monkeypatch.setattr(client_module, "EVENTS_RECONNECT_SECONDS", 1.0)
+    code = cli.main(["jobs", "follow", "job_1", "--url", server.url, "--api-key", "k"])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: lost the event stream of job job_1" in err and "Traceback" not in err
