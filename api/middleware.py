@@ -7,9 +7,8 @@ before the body is read."""
 
 from __future__ import annotations
 
-import json
-
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Room for the multipart framing around the file.
@@ -35,9 +34,7 @@ class UploadSizeLimit:
         detail = too_large_detail(self.max_bytes)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            body = json.dumps({"detail": detail}).encode()
-            await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
+            await JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})(scope, receive, send)
             return
         received = 0
 
@@ -75,12 +72,9 @@ class CredentialsBeforeBody:
         if authorization[:7].lower() == b"bearer " and authorization[7:].strip():
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": MISSING_KEY_DETAIL}).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-            (b"connection", b"close"),
-        ]
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        # The same response as the key check's 401 (api/errors.py), plus closing the connection:
+        # the body it did not read is still on it.
+        response = JSONResponse(
+            {"detail": MISSING_KEY_DETAIL}, status_code=401, headers={"WWW-Authenticate": "Bearer", "Connection": "close"}
+        )
+        await response(scope, receive, send)

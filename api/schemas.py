@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationInfo, field_validator
 
 from service import jobs as job_service
 from service.models import BaseModelEntry, Checkpoint, Dataset, Job, JobMetric
@@ -26,6 +26,12 @@ def _no_nul(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_no_nul)]
 """A string from a client: a request body field, a path id or a query cursor."""
+
+
+def text_of_length(min_length: int | None = None, max_length: int | None = None) -> Any:
+    """`Text` with a length limit, for optional fields: on `Text | None`, a `Field` limit is
+    checked as a sequence's ("at most 64 items"), not a string's ("at most 64 characters")."""
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length), AfterValidator(_no_nul)]
 
 
 def json_type(value: Any) -> str:
@@ -156,8 +162,8 @@ class Hyperparameters(BaseModel):
     bf16: StrictBool | None = Field(None, description="bf16 autocast; default: on where the GPU supports it")
     gradient_checkpointing: StrictBool = False
     torch_compile: StrictBool = Field(False, description="torch.compile the training forward: faster steps after minutes of compiling")
-    eval_every: int | None = Field(None, ge=1, description="evaluate on the validation set every N steps")
-    checkpoint_every: int | None = Field(None, ge=1, description="save a checkpoint every N steps")
+    eval_every: int | None = Field(None, ge=1, le=10_000_000, description="evaluate on the validation set every N steps")
+    checkpoint_every: int | None = Field(None, ge=1, le=10_000_000, description="save a checkpoint every N steps")
     rank: int = Field(8, ge=1, le=4096, description="LoRA rank of every expert")
     alpha: float = Field(16.0, gt=0, le=1e6)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -177,13 +183,35 @@ class Hyperparameters(BaseModel):
             raise ValueError(f"must be a number, not {json_type(value)}")
         return value
 
+    @field_validator(
+        "max_steps", "batch_size", "micro_batch_size", "cutoff_len", "warmup_steps", "seed",
+        "eval_every", "checkpoint_every", "rank",
+        mode="before",
+    )
+    @classmethod
+    def _whole_numbers_in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        # One message for every way a count can be wrong: pydantic's own say "Unable to parse
+        # input string as an integer" for 1e30 (a number, not a string) and give no range.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = _bounds(cls.model_fields[info.field_name].metadata)
+            if (isinstance(value, float) and not value.is_integer()) or not low <= value <= high:
+                raise ValueError(f"must be a whole number within [{low}, {high}]")
+        return value
+
+
+def _bounds(constraints: list[Any]) -> tuple[int, int]:
+    """The inclusive range of an integer field from its `ge`/`le` constraints."""
+    low = next(c.ge for c in constraints if hasattr(c, "ge"))
+    high = next(c.le for c in constraints if hasattr(c, "le"))
+    return low, high
+
 
 class JobCreate(BaseModel):
     model_config = REQUEST_CONFIG
 
     base_model: Text = Field(min_length=1, max_length=200, description="a name from GET /models")
     dataset_id: Text = Field(min_length=1, max_length=40)
-    validation_dataset_id: Text | None = Field(None, min_length=1, max_length=40)
+    validation_dataset_id: text_of_length(1, 40) | None = None
     method: Literal["mola", "lora"] = "mola"
     allocation: list[int] | str | AllocationPreset | None = Field(
         None,
@@ -196,7 +224,7 @@ class JobCreate(BaseModel):
     )
     top_k: int | list[int] | None = Field(None, description="experts mixed per token (mola), one for all layers or one per layer; default 2")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    suffix: Text | None = Field(None, max_length=64, description="a label for the adapter")
+    suffix: text_of_length(max_length=64) | None = Field(None, description="a label for the adapter")
 
     @field_validator("allocation", mode="before")
     @classmethod

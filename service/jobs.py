@@ -111,6 +111,14 @@ def build_spec(session: Session, tenant_id: str, request: dict[str, Any]) -> dic
             ("body", "hyperparameters", "eval_every"), "needs a validation_dataset_id to evaluate on"
         )
 
+    warmup_steps, max_steps = hp.get("warmup_steps"), hp.get("max_steps")
+    if warmup_steps is not None and max_steps is not None and warmup_steps > max_steps:
+        # (With epochs, the run's steps depend on what tokenizing keeps: known only when it starts.)
+        raise InvalidRequest(
+            ("body", "hyperparameters", "warmup_steps"),
+            f"{warmup_steps} is more than max_steps ({max_steps}): the warmup must fit in the run",
+        )
+
     if hp.get("micro_batch_size") and hp.get("batch_size"):
         hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
 
@@ -223,6 +231,18 @@ def check_job_cursor(session: Session, tenant_id: str, after: str) -> None:
         raise InvalidRequest(("query", "after"), f"{after!r} is not a job id: pass the last_id of the previous page of jobs")
     if session.scalar(select(Job.tenant_id).where(Job.id == after)) != tenant_id:
         raise InvalidRequest(("query", "after"), f"no job {after!r} to continue after: pass the last_id of the previous page of jobs")
+
+
+def active_jobs_using_dataset(session: Session, dataset_id: str, limit: int = 5) -> tuple[list[str], int]:
+    """Up to ``limit`` ids of the queued or running jobs that train or evaluate on the dataset
+    (oldest first), and how many there are in all."""
+    using = (
+        (Job.dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id),
+        Job.status.in_(("queued", "running")),
+    )
+    ids = list(session.scalars(select(Job.id).where(*using).order_by(Job.id).limit(limit)))
+    count = len(ids) if len(ids) < limit else session.scalar(select(func.count()).select_from(Job).where(*using))
+    return ids, count
 
 
 def cancel_job(session: Session, job: Job) -> Job:

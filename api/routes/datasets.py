@@ -15,7 +15,8 @@ from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDe
 from api.middleware import too_large_detail
 from api.schemas import DatasetList, DatasetPublic, Deleted, ErrorResponse, Text
 from service import datasets as dataset_service
-from service.errors import InvalidRequest, PayloadTooLarge
+from service import jobs as job_service
+from service.errors import Conflict, InvalidRequest, PayloadTooLarge
 from service.models import Dataset
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,18 @@ def list_datasets(
     return DatasetList(data=[DatasetPublic.of(r) for r in rows], has_more=has_more, last_id=rows[-1].id if rows else None)
 
 
+def _refuse_while_in_use(session: Session, dataset_id: str) -> None:
+    """A 409 that names the jobs to cancel or wait for. (`delete_dataset` checks again, in case
+    a job was created in the meantime.)"""
+    ids, count = job_service.active_jobs_using_dataset(session, dataset_id)
+    if ids:
+        more = f" and {count - len(ids)} more" if count > len(ids) else ""
+        raise Conflict(
+            f"dataset {dataset_id} is used by queued or running job(s) {', '.join(ids)}{more}: "
+            "cancel them or wait for them to finish, then delete it"
+        )
+
+
 def _check_cursor(session: Session, tenant_id: str, after: str) -> None:
     """``after`` must be one of the tenant's dataset ids (a deleted one too: its row stays, and a
     client may delete what it pages through). Any other string still sorts among the ids, so a
@@ -132,6 +145,7 @@ def get_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep) ->
 )
 def delete_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Deleted:
     dataset = dataset_service.get_dataset(session, tenant.id, dataset_id)
+    _refuse_while_in_use(session, dataset_id)
     key = dataset_service.delete_dataset(session, dataset)
     session.commit()
     try:

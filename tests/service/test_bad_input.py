@@ -64,6 +64,12 @@ JOB_CASES = [
     ("target module in the wrong block", _post_hp(target_modules=["mlp.q_proj"]), 422, "body.hyperparameters.target_modules"),
     ("cutoff_len past the model's positions", _post_hp(cutoff_len=1024), 422, "body.hyperparameters.cutoff_len"),
     ("eval_every without a validation set", _post_hp(eval_every=2), 422, "body.hyperparameters.eval_every"),
+    ("a seed of 1e30", _post_hp(seed=1e30), 422, "body.hyperparameters.seed"),
+    ("a fractional step count", _post_hp(max_steps=2.5), 422, "body.hyperparameters.max_steps"),
+    ("checkpoint_every of 1e30", _post_hp(checkpoint_every=1e30), 422, "body.hyperparameters.checkpoint_every"),
+    ("warmup longer than max_steps", _post_hp(max_steps=4, warmup_steps=5), 422, "body.hyperparameters.warmup_steps"),
+    ("a suffix too long", _post_job(suffix="x" * 65), 422, "body.suffix"),
+    ("an empty validation dataset id", _post_job(validation_dataset_id=""), 422, "body.validation_dataset_id"),
     ("infinite max_grad_norm", _post_raw('{"base_model": "tiny-llama", "dataset_id": "DS", "hyperparameters": {"max_grad_norm": 1e999}}'), 422, "body.hyperparameters.max_grad_norm"),
     # PostgreSQL refuses NUL in text and JSONB: these were 500s there.
     ("NUL in suffix", _post_job(suffix="a\x00b"), 422, "body.suffix"),
@@ -118,6 +124,33 @@ def test_messages_name_the_model_and_its_layers(client, key, ctx):
     assert body["detail"] == "body.allocation: allocation: layer 1 has 0, expected at least 1 (tiny-llama has 4 layers)"
     body = client.post("/jobs", headers={**auth(key), "Content-Type": "application/json"}, content=b'{"base_model": ').json()
     assert body["detail"].startswith("body: the request body is not valid JSON")
+
+
+MESSAGES = [
+    # request, the exact detail
+    (_post_hp(seed=1e30), "body.hyperparameters.seed: must be a whole number within [0, 4294967295]"),
+    (_post_hp(seed=-1), "body.hyperparameters.seed: must be a whole number within [0, 4294967295]"),
+    (_post_hp(max_steps=2.5), "body.hyperparameters.max_steps: must be a whole number within [1, 10000000]"),
+    (_post_job(suffix="x" * 65), "body.suffix: String should have at most 64 characters"),
+    (_post_hp(max_steps=4, warmup_steps=5), "body.hyperparameters.warmup_steps: 5 is more than max_steps (4): the warmup must fit in the run"),
+]
+
+
+@pytest.mark.parametrize("request_fn,detail", MESSAGES, ids=[m[1].split(":")[0] + f" {i}" for i, m in enumerate(MESSAGES)])
+def test_messages_say_what_is_wanted(client, key, ctx, request_fn, detail):
+    assert request_fn(client, key, ctx).json()["detail"] == detail
+
+
+def test_a_warmup_as_long_as_max_steps_is_fine(client, key, ctx):
+    assert _post_hp(max_steps=4, warmup_steps=4, seed=42.0)(client, key, ctx).status_code == 201
+
+
+def test_every_401_has_the_same_body(client):
+    refused_unread = client.post("/jobs", json={})  # by the middleware, before the body is read
+    refused_by_the_key_check = client.get("/jobs")
+    assert refused_unread.status_code == refused_by_the_key_check.status_code == 401
+    assert refused_unread.content == refused_by_the_key_check.content
+    assert refused_unread.headers["content-type"] == refused_by_the_key_check.headers["content-type"]
 
 
 UPLOAD_CASES = [

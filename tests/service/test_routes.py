@@ -74,9 +74,19 @@ def test_a_failed_commit_leaves_no_file_and_a_failed_file_delete_no_error(client
 
 def test_delete_dataset_in_use_is_refused(client, key):
     dataset_id = make_dataset(client, key)
-    assert client.post("/jobs", headers=auth(key), json=job_body(dataset_id)).status_code == 201
+    job_id = client.post("/jobs", headers=auth(key), json=job_body(dataset_id)).json()["id"]
     response = client.delete(f"/datasets/{dataset_id}", headers=auth(key))
-    assert response.status_code == 409 and "queued or running" in response.json()["detail"]
+    assert response.status_code == 409
+    assert response.json()["detail"] == (
+        f"dataset {dataset_id} is used by queued or running job(s) {job_id}: cancel them or wait for them to finish, then delete it"
+    )
+    # Many jobs: the first five, and how many more.
+    others = [client.post("/jobs", headers=auth(key), json=job_body(make_dataset(client, key), validation_dataset_id=dataset_id)).json()["id"] for _ in range(6)]
+    detail = client.delete(f"/datasets/{dataset_id}", headers=auth(key)).json()["detail"]
+    assert f"{job_id}, {', '.join(others[:4])} and 2 more:" in detail
+    for job in [job_id, *others]:
+        client.post(f"/jobs/{job}/cancel", headers=auth(key))
+    assert client.delete(f"/datasets/{dataset_id}", headers=auth(key)).status_code == 200
 
 
 def test_create_job_expands_allocation_and_enqueues_after_commit(client, key, queue, sessions):
