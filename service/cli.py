@@ -218,6 +218,26 @@ def _recover(settings) -> None:
         logger.info("enqueued %d queued job(s) again", len(report.enqueued))
 
 
+def _finish_deletions(settings) -> None:
+    """At start-up, finish the job deletions that were interrupted after the job was hidden:
+    its stored files, then its row (see `service/jobs.py`, "deleting a job")."""
+    from service import jobs
+    from service.db import session_scope
+    from service.storage import make_storage
+
+    try:
+        sessions, storage = _sessions(settings), make_storage(settings)
+        with sessions() as session:
+            pending = jobs.jobs_being_deleted(session)
+        for job_id in pending:
+            jobs.delete_job_files(storage, job_id)
+            with session_scope(sessions) as session:
+                jobs.finish_deletion(session, job_id)
+            logger.info("job %s: its interrupted deletion is finished", job_id)
+    except Exception:
+        logger.exception("could not finish the interrupted job deletions; DELETE /jobs/{id} again finishes one")
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Run the reconciliation once, or every MOLA_RECONCILE_SECONDS with --loop."""
     from service.queue import CeleryQueue
@@ -346,6 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if sync.returncode != 0:
         logger.warning("no base model could be described; GET /models is empty until `mola models sync` succeeds")
     _recover(settings)
+    _finish_deletions(settings)
     token = _ensure_first_key(settings)
     if token:
         print(

@@ -31,6 +31,7 @@ from service.models import (
     JobMetric,
     utcnow,
 )
+from service.storage import Storage, StorageError
 
 DEFAULT_ALLOCATION = "2468"
 DEFAULT_TOP_K = 2
@@ -174,6 +175,8 @@ def create_job(
     if idempotency_key:
         existing = find_by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is not None:
+            if existing.deleted_at is not None:  # its row, and so the key, is gone once deleted
+                raise Conflict(f"Idempotency-Key was used for job {existing.id}, which is being deleted: retry in a moment")
             if existing.request_hash != digest:
                 raise Conflict("Idempotency-Key was already used with a different request")
             return existing, False
@@ -201,6 +204,14 @@ def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job |
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    """The tenant's job; another tenant's, or one being deleted, is not found."""
+    job = get_job_even_if_being_deleted(session, tenant_id, job_id)
+    if job.deleted_at is not None:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def get_job_even_if_being_deleted(session: Session, tenant_id: str, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"job {job_id!r} not found")
@@ -211,7 +222,7 @@ def list_jobs(
     session: Session, tenant_id: str, status: str | None = None, limit: int = 20, after: str | None = None
 ) -> tuple[list[Job], bool]:
     """Newest first; ``after`` is the last id of the previous page. Returns (jobs, has_more)."""
-    query = select(Job).where(Job.tenant_id == tenant_id)
+    query = select(Job).where(Job.tenant_id == tenant_id, Job.deleted_at.is_(None))
     if status is not None:
         if status not in JOB_STATUSES:
             raise InvalidRequest(("query", "status"), f"status must be one of {', '.join(JOB_STATUSES)}")
@@ -264,6 +275,61 @@ def cancel_job(session: Session, job: Job) -> Job:
         )
     session.refresh(job)
     return job
+
+
+# ---- deleting a job ----------------------------------------------------------------------
+# In three steps, so that nothing is left orphaned and nothing is seen half deleted:
+# 1. `start_deletion`, one transaction: the job is marked (`deleted_at`, from then on it answers
+#    404 everywhere) and its metric and checkpoint rows are deleted (rows before files, as when
+#    checkpoints are pruned: a row never names a file that is gone);
+# 2. the caller deletes the stored files under `job_storage_prefix` (checkpoints, adapter);
+# 3. `finish_deletion` deletes the row.
+# Interrupted after 1, the marked row still names the files: a repeated DELETE or the next
+# `mola serve` (`jobs_being_deleted`) does 2 and 3 again. Files first instead would show a job
+# whose adapter and checkpoints are gone; the row first would leave files nothing names.
+def job_storage_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def start_deletion(session: Session, job: Job) -> None:
+    """Step 1 (above) for a finished job; `Conflict` for a queued or running one, whose worker
+    may still write its files. A job already being deleted stays so. Flushes only."""
+    if job.deleted_at is not None:
+        return
+    marked = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_(TERMINAL_STATUSES), Job.deleted_at.is_(None))
+        .values(deleted_at=utcnow())
+    ).rowcount
+    if not marked:
+        session.refresh(job)
+        raise Conflict(
+            f"job {job.id} is {job.status}: cancel it first (POST /jobs/{job.id}/cancel), "
+            "and delete it once it has stopped"
+        )
+    session.execute(delete(JobMetric).where(JobMetric.job_id == job.id))
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id))
+    session.refresh(job)
+
+
+def delete_job_files(storage: Storage, job_id: str) -> None:
+    """Step 2 (above); `StorageError` when files are left (neither the local folder's removal
+    nor S3's batch delete raises for a file it could not delete)."""
+    prefix = job_storage_prefix(job_id)
+    storage.delete_prefix(prefix)
+    left = storage.list(prefix)
+    if left:
+        raise StorageError(f"{len(left)} file(s) under {prefix}/ could not be deleted, e.g. {left[0]}")
+
+
+def finish_deletion(session: Session, job_id: str) -> None:
+    """Step 3 (above): the row of a job whose files are deleted. Flushes only."""
+    session.execute(delete(Job).where(Job.id == job_id, Job.deleted_at.is_not(None)))
+
+
+def jobs_being_deleted(session: Session) -> list[str]:
+    """Jobs whose deletion was interrupted before its last step."""
+    return list(session.scalars(select(Job.id).where(Job.deleted_at.is_not(None)).order_by(Job.id)))
 
 
 def eta_seconds(job: Job, now: datetime | None = None) -> float | None:

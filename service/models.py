@@ -188,6 +188,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set while the job is being deleted (service.jobs.start_deletion): hidden from the API,
+    # its stored files not all gone yet. The row itself goes last.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(255))

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
@@ -121,6 +121,36 @@ def cancel_job(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> JobP
     return JobPublic.of(job)
 
 
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    summary="Delete a finished job",
+    description=(
+        "Deletes a succeeded, failed or cancelled job with its metrics, checkpoints and adapter "
+        "(their stored files included); a queued or running job is a 409: cancel it first. The "
+        "job answers 404 from the moment the deletion starts. A 503 means its files could not "
+        "all be deleted yet: send the DELETE again to finish (`mola serve` also finishes "
+        "interrupted deletions when it starts). Its `Idempotency-Key` is free again afterwards."
+    ),
+    responses={409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+def delete_job(job_id: Text, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
+    # A job whose deletion was interrupted is found too: this request finishes it.
+    job = job_service.get_job_even_if_being_deleted(session, tenant.id, job_id)
+    job_service.start_deletion(session, job)
+    session.commit()
+    try:
+        job_service.delete_job_files(storage, job_id)
+    except Exception:
+        logger.exception("job %s: deleting its stored files failed; the job stays marked for deletion", job_id)
+        raise HTTPException(
+            503, f"job {job_id} is deleted, but its stored files could not all be removed yet: send the DELETE again to finish"
+        ) from None
+    job_service.finish_deletion(session, job_id)
+    session.commit()
+    return Response(status_code=204)
+
+
 @router.get(
     "/{job_id}/metrics",
     response_model=MetricList,
@@ -202,10 +232,13 @@ async def job_events(
     start = resume_point(last_event_id, after_step)
     factory = request.app.state.sessionmaker
 
-    def poll(cursor: tuple[int, str | None]) -> tuple[JobPublic, list[MetricPublic]]:
+    def poll(cursor: tuple[int, str | None]) -> tuple[JobPublic | None, list[MetricPublic]]:
+        """The job (None once it is being deleted) and its metrics after ``cursor``."""
         with factory() as s:
             rows, _ = job_service.get_metrics(s, job_id, cursor[0], limit=500, after_kind=cursor[1])
             job = s.get(Job, job_id)
+            if job is None or job.deleted_at is not None:
+                return None, []
             return JobPublic.of(job), [MetricPublic.of(r) for r in rows]
 
     shutting_down = request.app.state.shutting_down
@@ -219,6 +252,8 @@ async def job_events(
                 yield ": the server is shutting down; reconnect with Last-Event-ID to continue\n\n"
                 return
             job, metrics = await run_in_threadpool(poll, cursor)
+            if job is None:  # deleted while followed (it had ended, so this is only the replay)
+                return
             # The job first: a client that connects learns the state before the history.
             state = (job.status, job.progress.step, job.cancel_requested, job.progress.total_steps)
             if state != last_state:

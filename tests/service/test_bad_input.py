@@ -234,6 +234,7 @@ def test_an_anonymous_body_is_refused_before_it_is_read(client):
 OTHER_TENANT_ROUTES = [
     ("GET", "/jobs/{job}"),
     ("POST", "/jobs/{job}/cancel"),
+    ("DELETE", "/jobs/{job}"),
     ("GET", "/jobs/{job}/metrics"),
     ("GET", "/jobs/{job}/events"),
     ("GET", "/jobs/{job}/adapter"),
