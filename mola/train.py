@@ -3,7 +3,9 @@
 No database, no queue, no environment reads: the worker, the CLI and a notebook all drive it the
 same way and follow it through a callback. Checkpoints hold everything needed for an exact
 resume (adapter, optimizer, scheduler, RNG states, step), and the data order is a function of
-(seed, epoch), so a resumed run follows the same trajectory as an uninterrupted one.
+(seed, epoch), so a resumed run follows the same trajectory as an uninterrupted one, provided
+it is the same run: a resume compares the config and data size with the checkpoint's, and a
+checkpoint folder holding another run's checkpoints is refused (see `RESUME_MUST_MATCH`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import random
 import resource
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 
 from mola.architectures import max_positions
 from mola.compile import compile_for_training
-from mola.data import collate
+from mola.data import IGNORE_INDEX, collate
 from mola.evaluate import evaluate_loss
 from mola.logits import forward_logits_at, next_token_positions, to_device
 
@@ -39,6 +42,38 @@ Callback = Callable[[dict[str, Any]], "bool | None"]
 STATE_NAME = "training_state.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
 SCHEDULES = ("cosine", "linear", "constant")
+
+
+# numpy seeds its generator with 0 <= seed < 2**32 (torch takes more), and the service's API
+# takes the same range; (seed, epoch) also seeds the data order, which stays within torch's.
+MAX_SEED = 2**32 - 1
+
+
+def _is_finite_number(value: Any) -> bool:
+    """An int or float that is not a bool, NaN or infinite (NaN passes every comparison's
+    negation, so range checks alone let it through)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    in_range = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    if not in_range or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {bounds}{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, in_range: Callable[[float], bool], description: str) -> None:
+    if not _is_finite_number(value) or not in_range(value):
+        raise ValueError(f"{name} must be {description}, got {value!r}")
+
+
+def _checked_betas(betas: Any) -> tuple[float, float]:
+    """AdamW's two betas as a tuple (JSON round-trips give lists)."""
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(_is_finite_number(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
+    return (betas[0], betas[1])
 
 
 @dataclass
@@ -52,15 +87,19 @@ class TrainConfig:
         batch_size: examples per optimizer step (the paper uses 128).
         micro_batch_size: examples per forward pass; gradients accumulate over
             ceil(batch_size / micro_batch_size) micro-batches.
-        cutoff_len: maximum tokens per example (applied when the data is tokenized).
-        train_on_inputs: also learn to predict the prompt tokens (applied at tokenization).
+        cutoff_len: maximum tokens per example, at least 2. The data comes to `train` already
+            tokenized (`mola.data.load_training_data(..., cutoff_len=...)`), so `train` checks
+            that no example is longer, and a resumed run that it is the checkpoint's.
+        train_on_inputs: also learn to predict the prompt tokens. A data-loading option
+            (`load_training_data(..., train_on_inputs=...)`) that `train` cannot see in the
+            tokens: recorded with the run's checkpoints, and a resumed run must have the same.
         warmup_steps: linear warm-up steps; None means warmup_ratio of the total.
         warmup_ratio: warm-up as a fraction of the total steps when warmup_steps is None.
         lr_schedule: decay after warm-up: "cosine", "linear" or "constant".
         weight_decay: AdamW weight decay on the adapter parameters.
         adam_betas, adam_eps: AdamW hyper-parameters.
         max_grad_norm: gradient clipping threshold; None or 0 disables clipping.
-        seed: seeds the data order, dropout and any other randomness.
+        seed: seeds the data order, dropout and any other randomness; 0 <= seed < 2**32.
         bf16: bf16 autocast; None turns it on where CUDA supports it, off on CPU.
         gradient_checkpointing: recompute activations in backward to save memory.
         torch_compile: run the training forward passes through `torch.compile`
@@ -69,6 +108,8 @@ class TrainConfig:
         eval_every: evaluate on eval_data every this many steps (and always at the end).
         checkpoint_every: write a checkpoint every this many steps (needs checkpoint_dir).
         keep_checkpoints: how many of the newest checkpoints to keep (0 keeps all).
+        Numbers must be finite; every field is checked when the config is built (ValueError
+        naming the field and the value).
         log_every: report training metrics every this many steps.
     """
 
@@ -96,31 +137,29 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
-        positive_ints = ["batch_size", "micro_batch_size", "cutoff_len", "log_every"]
-        for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "warmup_steps"):
-            value = getattr(self, name)
-            minimum = 0 if name == "warmup_steps" else 1
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-                raise ValueError(f"{name} must be an integer >= {minimum} or None, got {value!r}")
-        if not isinstance(self.epochs, (int, float)) or self.epochs <= 0:
-            raise ValueError(f"epochs must be a positive number, got {self.epochs!r}")
-        if not isinstance(self.learning_rate, (int, float)) or not 0 < self.learning_rate < 1:
-            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.lr_schedule not in SCHEDULES:
+        for name in ("batch_size", "micro_batch_size", "log_every"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("cutoff_len", self.cutoff_len, minimum=2)  # a token and the next to predict
+        _check_int("keep_checkpoints", self.keep_checkpoints, minimum=0)
+        _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        for name in ("max_steps", "eval_every", "checkpoint_every"):
+            _check_int(name, getattr(self, name), minimum=1, optional=True)
+        _check_int("warmup_steps", self.warmup_steps, minimum=0, optional=True)
+        _check_number("epochs", self.epochs, lambda v: v > 0, "a positive number")
+        _check_number("learning_rate", self.learning_rate, lambda v: 0 < v < 1, "in (0, 1)")
+        _check_number("warmup_ratio", self.warmup_ratio, lambda v: 0 <= v < 1, "in [0, 1)")
+        _check_number("weight_decay", self.weight_decay, lambda v: v >= 0, "a number >= 0")
+        _check_number("adam_eps", self.adam_eps, lambda v: v > 0, "a positive number")
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, "a number >= 0 or None")
+        self.adam_betas = _checked_betas(self.adam_betas)
+        if not isinstance(self.lr_schedule, str) or self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm!r}")
-        if self.keep_checkpoints < 0:
-            raise ValueError(f"keep_checkpoints must be >= 0, got {self.keep_checkpoints!r}")
-        self.adam_betas = tuple(self.adam_betas)  # JSON round-trips give lists
+        for name in ("train_on_inputs", "gradient_checkpointing", "torch_compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16 must be True, False or None, got {self.bf16!r}")
 
     @property
     def accumulation_steps(self) -> int:
@@ -134,7 +173,7 @@ class TrainConfig:
 class TrainResult:
     steps: int  # optimizer steps completed
     total_steps: int
-    stopped: bool  # True when the callback stopped the run early
+    stopped: bool  # True when the callback stopped the run before its final step
     metrics: dict[str, Any] = field(default_factory=dict)  # the last training metrics
     eval_metrics: dict[str, Any] = field(default_factory=dict)  # the last evaluation
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -154,8 +193,13 @@ def steps_per_epoch(config: TrainConfig, num_examples: int) -> int:
     return max(1, math.ceil(num_examples / config.batch_size))
 
 
+def warmup_steps_for(warmup_steps: int | None, warmup_ratio: float, total_steps: int) -> int:
+    """The warm-up length in steps: ``warmup_steps``, else ``warmup_ratio`` of the total."""
+    return warmup_steps if warmup_steps is not None else round(warmup_ratio * total_steps)
+
+
 def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * total_steps)
+    warmup = warmup_steps_for(config.warmup_steps, config.warmup_ratio, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -202,7 +246,9 @@ def save_adapter(model: nn.Module, directory: Path) -> None:
     model.save_pretrained(str(directory))
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, total_steps: int, metrics: dict, checkpoint_dir: Path, config: TrainConfig) -> Path:
+def save_checkpoint(
+    model, optimizer, scheduler, step: int, total_steps: int, metrics: dict, checkpoint_dir: Path, config: TrainConfig, num_examples: int | None = None
+) -> Path:
     """Write `checkpoint-<step>/` atomically (a temporary folder renamed into place)."""
     final = checkpoint_dir / f"checkpoint-{step}"
     tmp = checkpoint_dir / f".checkpoint-{step}.tmp"
@@ -213,7 +259,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, total_steps: int, me
         {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
         tmp / STATE_NAME,
     )
-    trainer_state = {"step": step, "total_steps": total_steps, "metrics": metrics, "config": config.to_dict()}
+    trainer_state = {"step": step, "total_steps": total_steps, "num_examples": num_examples, "metrics": metrics, "config": config.to_dict()}
     (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=2, default=str) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -223,13 +269,17 @@ def save_checkpoint(model, optimizer, scheduler, step: int, total_steps: int, me
     return final
 
 
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
 def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints in ``checkpoint_dir``, oldest first."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.glob("checkpoint-*") if p.is_dir() and (p / STATE_NAME).is_file() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return sorted(found, key=_checkpoint_step)
 
 
 def load_adapter_weights(model: nn.Module, directory: Path) -> None:
@@ -240,6 +290,98 @@ def load_adapter_weights(model: nn.Module, directory: Path) -> None:
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+
+
+# ---- resuming -------------------------------------------------------------------------------
+
+# What a resumed run must share with its checkpoint: what shapes the learning-rate schedule, the
+# data order and the update. A different value would not fail: it would mix two runs (step 7 of
+# 8 at the learning rate 0 that ended a 6-step schedule), or be ignored without a word, since the
+# optimizer's and scheduler's saved states bring back the checkpoint's learning rate, betas, eps
+# and weight decay. cutoff_len and train_on_inputs say what the data is. Compared through what
+# they give: epochs and max_steps (the total steps, with the number of examples), warmup_steps
+# and warmup_ratio (the warm-up length).
+# May differ: micro_batch_size (accumulation gives the same LM-loss gradient, tested, so a run
+# may resume on a smaller GPU; only the balance loss, averaged per micro-batch, moves slightly);
+# how a step is computed (bf16, gradient_checkpointing, torch_compile); what is only reported or
+# kept (log_every, eval_every, checkpoint_every, keep_checkpoints).
+RESUME_MUST_MATCH = (
+    "batch_size", "seed", "learning_rate", "lr_schedule", "weight_decay", "adam_betas", "adam_eps",
+    "max_grad_norm", "cutoff_len", "train_on_inputs",
+)
+
+
+def _comparable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # JSON gives lists for tuples
+
+
+def _resume_differences(saved: dict[str, Any], config: TrainConfig, total_steps: int, num_examples: int) -> list[str]:
+    """``"what: X in the checkpoint, Y now"`` for each value in ``saved`` (a checkpoint's trainer
+    state) that this run would have otherwise. Values an older checkpoint lacks are not compared."""
+    before, now = saved.get("config") or {}, config.to_dict()
+    differences = [
+        f"{name}: {before[name]!r} in the checkpoint, {now[name]!r} now"
+        for name in RESUME_MUST_MATCH
+        if name in before and _comparable(before[name]) != _comparable(now[name])
+    ]
+    if saved.get("num_examples") not in (None, num_examples):
+        differences.append(f"examples: {saved['num_examples']} in the checkpoint, {num_examples} now")
+    saved_total = saved.get("total_steps")
+    if saved_total is not None and saved_total != total_steps:
+        differences.append(
+            f"total steps: {saved_total} in the checkpoint, {total_steps} now (max_steps "
+            f"{before.get('max_steps')!r} -> {config.max_steps!r}, epochs {before.get('epochs')!r} -> {config.epochs!r})"
+        )
+    if saved_total is not None and "warmup_ratio" in before:
+        warmup_before = warmup_steps_for(before.get("warmup_steps"), before["warmup_ratio"], saved_total)
+        warmup_now = warmup_steps_for(config.warmup_steps, config.warmup_ratio, total_steps)
+        if warmup_before != warmup_now:
+            differences.append(f"warm-up steps (warmup_steps, else warmup_ratio of the total): {warmup_before} in the checkpoint, {warmup_now} now")
+    return differences
+
+
+def _read_resume_state(resume_path: Path, config: TrainConfig, total_steps: int, num_examples: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(training state, trainer state)`` of the checkpoint at ``resume_path``, once it is
+    known that this run continues the one that wrote it (ValueError naming what differs)."""
+    if not (resume_path / STATE_NAME).is_file():
+        raise FileNotFoundError(f"{resume_path} is not a checkpoint: it has no {STATE_NAME}")
+    saved: dict[str, Any] = {}
+    if (resume_path / TRAINER_STATE_NAME).is_file():
+        saved = json.loads((resume_path / TRAINER_STATE_NAME).read_text())
+    else:
+        logger.warning("%s has no %s: cannot check that this run's config is the checkpoint's", resume_path, TRAINER_STATE_NAME)
+    differences = _resume_differences(saved, config, total_steps, num_examples)
+    if differences:
+        raise ValueError(
+            f"cannot resume from {resume_path}: this run's schedule or data differ from the checkpoint's "
+            f"({'; '.join(differences)}); resume with the checkpoint's config and data, or start a new run"
+        )
+    return torch.load(resume_path / STATE_NAME, map_location="cpu", weights_only=False), saved
+
+
+def _check_checkpoint_dir(checkpoint_root: Path, resume_step: int | None) -> None:
+    """Refuse a ``checkpoint_dir`` holding checkpoints of another run: any, for a fresh run; any
+    newer than the resume point, for a resumed one.
+
+    Left there, they would mix with this run's: `keep_checkpoints` deletes the oldest steps, so
+    the other run's higher steps would stay while this run's checkpoints are deleted as soon as
+    they are written, and "resume from the newest" would pick one of theirs. They are refused
+    rather than deleted: they may be the only copy of a run that someone still wants.
+    """
+    found = list_checkpoints(checkpoint_root)
+    others = [p for p in found if resume_step is None or _checkpoint_step(p) > resume_step]
+    if not others:
+        return
+    names = ", ".join(p.name for p in others)
+    if resume_step is None:
+        raise ValueError(
+            f"checkpoint_dir {checkpoint_root} already holds checkpoints of another run ({names}): "
+            f"resume from the newest (resume_from={found[-1]}) or train into an empty folder"
+        )
+    raise ValueError(
+        f"checkpoint_dir {checkpoint_root} holds checkpoints past the resume point, step {resume_step} ({names}): "
+        f"resume from the newest ({found[-1]}) or move them away"
+    )
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -258,25 +400,127 @@ def _forward_lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], device: tor
     return out, F.cross_entropy(logits.float(), to_device(targets, device), reduction="sum")
 
 
+def _labelled_targets(example: dict[str, Sequence[int]]) -> int:
+    """Tokens the loss is on: labels other than -100 after the first (position 0 predicts
+    nothing). Labels default to the input ids, as `mola.data.collate` makes them."""
+    labels = example.get("labels", example["input_ids"])
+    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _check_lengths(model: nn.Module, train_data: Sequence[dict], eval_data: Sequence[dict] | None) -> None:
-    """A clear error instead of an index error deep in the position embeddings (or a device-side
-    assert on a GPU) when an example is longer than the model's positions."""
-    limit = max_positions(model)
-    if limit is None:
-        return
+def _longest_example(name: str, data: Sequence[dict]) -> int:
+    for index, example in enumerate(data):
+        if not isinstance(example, dict) or "input_ids" not in example:
+            raise ValueError(f"{name}[{index}] is not an example with 'input_ids' (see mola.data.load_training_data)")
+    return max((len(example["input_ids"]) for example in data), default=0)
+
+
+def _check_data(model: nn.Module, train_data: Sequence[dict], eval_data: Sequence[dict] | None, config: TrainConfig) -> None:
+    """Clear errors for data `train` cannot use: none, or an example longer than the model's
+    positions (else an index error deep in the position embeddings, or a device-side assert on a
+    GPU) or than ``config.cutoff_len`` (the data was tokenized with another cutoff than the one
+    the run records and a resume compares)."""
+    if not train_data:
+        raise ValueError(
+            "train_data is empty: no example left to train on (were they all dropped when tokenized, "
+            "with no trainable token within cutoff_len?)"
+        )
+    positions = max_positions(model)
     for name, data in (("train_data", train_data), ("eval_data", eval_data or ())):
-        longest = max((len(example["input_ids"]) for example in data), default=0)
-        if longest > limit:
+        longest = _longest_example(name, data)
+        if positions is not None and longest > positions:
             raise ValueError(
-                f"{name} has an example of {longest} tokens but the model has {limit} positions: "
-                f"tokenize with cutoff_len <= {limit}"
+                f"{name} has an example of {longest} tokens but the model has {positions} positions: "
+                f"tokenize with cutoff_len <= {positions}"
             )
+        if longest > config.cutoff_len:
+            raise ValueError(
+                f"{name} has an example of {longest} tokens, more than cutoff_len={config.cutoff_len}: "
+                f"tokenize with the run's cutoff_len (load_training_data(..., cutoff_len={config.cutoff_len})) "
+                f"or set TrainConfig.cutoff_len to the one the data was tokenized with"
+            )
+
+
+def _checkpointing_on(model: nn.Module) -> bool:
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    # transformers 5 renamed the switch and its argument; older releases have the old ones.
+    if not on:
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        return
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    # transformers also makes the embeddings' output require grad, which only reentrant
+    # checkpointing needs; torch.compile would break its graph there.
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+
+
+@contextmanager
+def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
+    """Train mode, and activation checkpointing without a KV cache when asked, inside the block;
+    afterwards the model as it came: each module's own mode (a model left training keeps its
+    dropout on, so its logits differ from the saved adapter's), checkpointing off again if it
+    was off, and its ``config.use_cache``."""
+    modes = [(module, module.training) for module in model.modules()]
+    model_config = getattr(model, "config", None)
+    use_cache = getattr(model_config, "use_cache", None)
+    was_checkpointing = _checkpointing_on(model)
+    if gradient_checkpointing:
+        _set_checkpointing(model, True)
+        model_config.use_cache = False
+    model.train()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        if gradient_checkpointing and not was_checkpointing:
+            _set_checkpointing(model, False)
+        if use_cache is not None:
+            model_config.use_cache = use_cache
+
+
+def _accumulate_gradients(
+    forward_model: nn.Module, aux_loss_coef: float, batch: list[dict], micro: int, pad_id: int, device: torch.device, autocast_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor, int]:
+    """Forward and backward over ``batch`` in micro-batches of ``micro`` examples; returns the
+    batch's LM loss and balance loss (detached) and its count of input tokens."""
+    # Normalise by the labelled tokens of the whole batch, so accumulation over
+    # micro-batches gives exactly the gradient of one big batch.
+    label_tokens = sum(_labelled_targets(example) for example in batch)
+    lm_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    input_tokens = 0
+    chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
+    for chunk in chunks:
+        batch_cpu = collate(chunk, pad_id)
+        input_tokens += int(batch_cpu["attention_mask"].sum())
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out, lm_sum_chunk = _forward_lm_loss_sum(forward_model, batch_cpu, device)
+            lm = lm_sum_chunk / max(1, label_tokens)
+            aux = getattr(out, "aux_loss", None)
+            loss = lm
+            if aux is not None:
+                aux = aux / len(chunks)
+                loss = lm + aux_loss_coef * aux
+                aux_sum += aux.detach()
+        loss.backward()
+        lm_sum += lm.detach()
+    return lm_sum, aux_sum, input_tokens
 
 
 def train(
@@ -292,153 +536,125 @@ def train(
     """Train the adapter of ``model`` (a `MolaModel` or a peft LoRA model) on tokenized data.
 
     ``train_data``/``eval_data``: sequences of ``{"input_ids", "labels"}`` (see
-    `mola.data.load_training_data`). ``callback`` receives one dict per event
-    (``kind`` = "train", "eval" or "checkpoint"); returning True stops the run after the
-    current step, writing a checkpoint first when ``checkpoint_dir`` is set. ``resume_from``:
-    a checkpoint folder written by an earlier run with the same data and config.
+    `mola.data.load_training_data`; labels default to the input ids), none longer than
+    ``config.cutoff_len``. ``callback`` receives one dict per event (``kind`` = "train", "eval"
+    or "checkpoint"); returning True stops the run after the current step, writing a checkpoint
+    first when ``checkpoint_dir`` is set (True on the final step changes nothing: the run is
+    complete and ends as usual, with its final evaluation and checkpoint). ``checkpoint_dir``
+    must not hold another run's checkpoints. ``resume_from``: a checkpoint folder written by an
+    earlier run with the same data and config (what must match: `RESUME_MUST_MATCH`).
+    The model leaves in the train/eval mode it came in, with its activation checkpointing and
+    KV-cache settings.
     """
     config = config or TrainConfig()
-    if not train_data:
-        raise ValueError("train_data is empty")
-    _check_lengths(model, train_data, eval_data)
+    _check_data(model, train_data, eval_data, config)
+    total_steps = total_steps_for(config, len(train_data))
+    per_epoch = steps_per_epoch(config, len(train_data))
+    resume_state, saved = None, {}
+    if resume_from is not None:
+        resume_state, saved = _read_resume_state(Path(resume_from), config, total_steps, len(train_data))
+    checkpoint_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if checkpoint_root is not None:
+        _check_checkpoint_dir(checkpoint_root, int(resume_state["step"]) if resume_state else None)
     device = next(p for p in model.parameters()).device
     use_bf16 = config.bf16 if config.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast_dtype = torch.bfloat16 if use_bf16 else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    checkpoint_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
-    total_steps = total_steps_for(config, len(train_data))
-    per_epoch = steps_per_epoch(config, len(train_data))
     micro = min(config.micro_batch_size, config.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    aux_loss_coef = getattr(getattr(model, "mola_config", None), "aux_loss_coef", 0.0)
 
-    if config.gradient_checkpointing:
-        # transformers 5 renamed the switch and its argument; older releases have the old ones.
-        options = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-        # transformers also makes the embeddings' output require grad, which only reentrant
-        # checkpointing needs; torch.compile would break its graph there.
-        if hasattr(model, "disable_input_require_grads"):
-            model.disable_input_require_grads()
-        model.config.use_cache = False
-    forward_model = compile_for_training(model) if config.torch_compile else model
+    with _training_mode(model, config.gradient_checkpointing):
+        forward_model = compile_for_training(model) if config.torch_compile else model
+        start_step = 0
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        resumed_metrics: dict[str, Any] = {}
+        if resume_state is not None:
+            load_adapter_weights(model, Path(resume_from))
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+            _set_rng_state(resume_state["rng"])
+            start_step = int(resume_state["step"])
+            # Until a step runs here, the last training metrics are the checkpoint's: a run resumed
+            # from its final checkpoint (its process died before it reported) still has them.
+            resumed_metrics = dict(saved.get("metrics") or {})
+            logger.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
 
-    start_step = 0
-    resumed_metrics: dict[str, Any] = {}
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    if resume_from is not None:
-        resume_path = Path(resume_from)
-        state = torch.load(resume_path / STATE_NAME, map_location="cpu", weights_only=False)
-        load_adapter_weights(model, resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start_step = int(state["step"])
-        # Until a step runs here, the last training metrics are the checkpoint's: a run resumed
-        # from its final checkpoint (its process died before it reported) still has them.
-        trainer_state = resume_path / TRAINER_STATE_NAME
-        if trainer_state.is_file():
-            resumed_metrics = dict(json.loads(trainer_state.read_text()).get("metrics") or {})
-        logger.info("resumed from %s at step %d of %d", resume_path, start_step, total_steps)
+        result = TrainResult(steps=start_step, total_steps=total_steps, stopped=False, metrics=resumed_metrics)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
-    result = TrainResult(steps=start_step, total_steps=total_steps, stopped=False, metrics=resumed_metrics)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        def emit(event: dict[str, Any]) -> bool:
+            return bool(callback(event)) if callback is not None else False
 
-    def emit(event: dict[str, Any]) -> bool:
-        return bool(callback(event)) if callback is not None else False
+        def run_eval(step: int) -> bool:
+            metrics = evaluate_loss(model, eval_data, pad_id, batch_size=micro, autocast_dtype=autocast_dtype)
+            event = {"kind": "eval", "step": step, "total_steps": total_steps, "epoch": step / per_epoch, **metrics}
+            result.eval_metrics = event
+            return emit(event)
 
-    def run_eval(step: int) -> bool:
-        metrics = evaluate_loss(model, eval_data, pad_id, batch_size=micro, autocast_dtype=autocast_dtype)
-        event = {"kind": "eval", "step": step, "total_steps": total_steps, "epoch": step / per_epoch, **metrics}
-        result.eval_metrics = event
-        return emit(event)
+        def checkpoint(step: int, metrics: dict) -> bool:
+            path = save_checkpoint(model, optimizer, scheduler, step, total_steps, metrics, checkpoint_root, config, num_examples=len(train_data))
+            result.last_checkpoint = path
+            return emit({"kind": "checkpoint", "step": step, "total_steps": total_steps, "epoch": step / per_epoch, "path": str(path)})
 
-    def checkpoint(step: int, metrics: dict) -> bool:
-        path = save_checkpoint(model, optimizer, scheduler, step, total_steps, metrics, checkpoint_root, config)
-        result.last_checkpoint = path
-        return emit({"kind": "checkpoint", "step": step, "total_steps": total_steps, "epoch": step / per_epoch, "path": str(path)})
+        metrics: dict[str, Any] = {}
+        for step in range(start_step, total_steps):
+            started = time.perf_counter()
+            batch = [train_data[i] for i in batch_indices(config, len(train_data), step)]
+            lm_sum, aux_sum, input_tokens = _accumulate_gradients(forward_model, aux_loss_coef, batch, micro, pad_id, device, autocast_dtype)
+            if config.max_grad_norm:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            result.steps = done
 
-    model.train()
-    metrics: dict[str, Any] = {}
-    for step in range(start_step, total_steps):
-        started = time.perf_counter()
-        indices = batch_indices(config, len(train_data), step)
-        batch = [train_data[i] for i in indices]
-        # Normalise by the labelled tokens of the whole batch, so accumulation over
-        # micro-batches gives exactly the gradient of one big batch.
-        label_tokens = sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in batch)
-        lm_sum = torch.zeros((), device=device)
-        aux_sum = torch.zeros((), device=device)
-        input_tokens = 0
-        chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
-        for chunk in chunks:
-            batch_cpu = collate(chunk, pad_id)
-            input_tokens += int(batch_cpu["attention_mask"].sum())
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out, lm_sum_chunk = _forward_lm_loss_sum(forward_model, batch_cpu, device)
-                lm = lm_sum_chunk / max(1, label_tokens)
-                aux = getattr(out, "aux_loss", None)
-                loss = lm
-                if aux is not None:
-                    aux = aux / len(chunks)
-                    loss = lm + model.mola_config.aux_loss_coef * aux
-                    aux_sum += aux.detach()
-            loss.backward()
-            lm_sum += lm.detach()
-        if config.max_grad_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        result.steps = done
+            stop = False
+            if done % config.log_every == 0 or done == total_steps:
+                elapsed = time.perf_counter() - started
+                lm_value, aux_value = float(lm_sum), float(aux_sum)
+                metrics = {
+                    "kind": "train",
+                    "step": done,
+                    "total_steps": total_steps,
+                    "epoch": done / per_epoch,
+                    "loss": lm_value + aux_loss_coef * aux_value,
+                    "lm_loss": lm_value,
+                    "aux_loss": aux_value,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": input_tokens / elapsed if elapsed > 0 else None,
+                    "step_time_s": elapsed,
+                    "peak_memory_mb": _peak_memory_mb(device),
+                }
+                result.metrics = metrics
+                result.history.append(metrics)
+                stop = emit(metrics)
+            if eval_data and config.eval_every and done % config.eval_every == 0 and done < total_steps:
+                stop = run_eval(done) or stop
+            if checkpoint_root is not None and done < total_steps and (stop or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                stop = checkpoint(done, metrics) or stop
+            # A stop on the final step is no early stop: the run has done all its steps, so it
+            # ends below as every complete run does, with its final evaluation and checkpoint.
+            if stop and done < total_steps:
+                result.stopped = True
+                logger.info("training stopped by the callback at step %d of %d", done, total_steps)
+                return result
 
-        stop = False
-        if done % config.log_every == 0 or done == total_steps:
-            elapsed = time.perf_counter() - started
-            coef = getattr(getattr(model, "mola_config", None), "aux_loss_coef", 0.0)
-            lm_value, aux_value = float(lm_sum), float(aux_sum)
-            metrics = {
-                "kind": "train",
-                "step": done,
-                "total_steps": total_steps,
-                "epoch": done / per_epoch,
-                "loss": lm_value + coef * aux_value,
-                "lm_loss": lm_value,
-                "aux_loss": aux_value,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": input_tokens / elapsed if elapsed > 0 else None,
-                "step_time_s": elapsed,
-                "peak_memory_mb": _peak_memory_mb(device),
-            }
-            result.metrics = metrics
-            result.history.append(metrics)
-            stop = emit(metrics)
-        if eval_data and config.eval_every and done % config.eval_every == 0 and done < total_steps:
-            stop = run_eval(done) or stop
-        if checkpoint_root is not None and done < total_steps and (stop or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-            stop = checkpoint(done, metrics) or stop
-        if stop:
-            result.stopped = True
-            logger.info("training stopped by the callback at step %d of %d", done, total_steps)
-            return result
-
-    if eval_data:
-        run_eval(result.steps)
-    if checkpoint_root is not None and start_step < total_steps:
-        checkpoint(result.steps, metrics)
+        if eval_data:
+            run_eval(result.steps)
+        if checkpoint_root is not None and start_step < total_steps:
+            checkpoint(result.steps, metrics)
     return result

@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 
-from mola import MolaConfig, byte_tokenizer, get_mola_model, tiny_model
+from mola import MolaConfig, byte_tokenizer, get_mola_model, load_mola_model, tiny_model
 from mola.compile import compile_for_training
 from mola.data import load_training_data
 from mola.lora import get_lora_model
@@ -133,16 +133,38 @@ def test_schedule_and_data_order():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"batch_size": 0}, "batch_size must be a positive integer"),
-        ({"learning_rate": 0}, "learning_rate must be in"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"learning_rate": 0}, r"learning_rate must be in \(0, 1\), got 0"),
+        ({"learning_rate": float("nan")}, r"learning_rate must be in \(0, 1\), got nan"),
         ({"lr_schedule": "steps"}, "lr_schedule must be one of"),
-        ({"max_steps": -1}, "max_steps must be an integer"),
-        ({"epochs": 0}, "epochs must be a positive number"),
+        ({"max_steps": -1}, "max_steps must be an integer >= 1 or None, got -1"),
+        ({"epochs": 0}, "epochs must be a positive number, got 0"),
+        ({"epochs": float("nan")}, "epochs must be a positive number, got nan"),
+        ({"epochs": float("inf")}, "epochs must be a positive number, got inf"),
+        ({"seed": 2**50}, r"seed must be an integer in \[0, 4294967295\], got 1125899906842624"),
+        ({"seed": -1}, r"seed must be an integer in \[0, 4294967295\], got -1"),
+        ({"keep_checkpoints": 1.5}, "keep_checkpoints must be an integer >= 0, got 1.5"),
+        ({"cutoff_len": 1}, "cutoff_len must be an integer >= 2, got 1"),
+        ({"bf16": "yes"}, "bf16 must be True, False or None, got 'yes'"),
+        ({"gradient_checkpointing": 1}, "gradient_checkpointing must be True or False, got 1"),
+        ({"adam_betas": (0.9,)}, r"adam_betas must be two numbers in \[0, 1\), got \(0.9,\)"),
+        ({"adam_betas": (0.9, float("nan"))}, "adam_betas must be two numbers"),
+        ({"adam_eps": -1}, "adam_eps must be a positive number, got -1"),
+        ({"warmup_ratio": "x"}, r"warmup_ratio must be in \[0, 1\), got 'x'"),
+        ({"weight_decay": "x"}, "weight_decay must be a number >= 0, got 'x'"),
+        ({"max_grad_norm": float("inf")}, "max_grad_norm must be a number >= 0 or None, got inf"),
     ],
 )
 def test_bad_train_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_train_config_takes_the_services_extremes():
+    # The service's API bounds (api/schemas.py): what it accepts, the library must too.
+    TrainConfig(epochs=1000.0, max_steps=10_000_000, learning_rate=0.5, batch_size=8192, micro_batch_size=8192, cutoff_len=8,
+                warmup_steps=0, weight_decay=10.0, max_grad_norm=0.0, seed=2**32 - 1, bf16=False, eval_every=1, checkpoint_every=1)
+    assert TrainConfig(adam_betas=[0.9, 0.95], max_grad_norm=None, seed=0, epochs=0.01).adam_betas == (0.9, 0.95)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -187,3 +209,126 @@ def test_torch_compile_gives_the_same_steps(data, monkeypatch, checkpointing, ba
             assert not counters["recompile_limit"], "the model fell back to eager"
     for name, tensor in results[0].items():
         torch.testing.assert_close(results[1][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+# ---- resuming only the same run ---------------------------------------------------------------
+
+RESUMED = dict(max_steps=3, batch_size=8, micro_batch_size=8, learning_rate=3e-3, seed=7)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(data, tmp_path_factory):
+    """A checkpoint at step 2 of a 3-step run."""
+    root = tmp_path_factory.mktemp("stopped")
+    train(fresh_model(), TOKENIZER, data, config=TrainConfig(**RESUMED), checkpoint_dir=root, callback=lambda e: e["kind"] == "train" and e["step"] == 2)
+    return root / "checkpoint-2"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"max_steps": 4}, r"total steps: 3 in the checkpoint, 4 now \(max_steps 3 -> 4, epochs 3.0 -> 3.0\)"),
+        ({"seed": 8}, "seed: 7 in the checkpoint, 8 now"),
+        ({"learning_rate": 1e-3}, "learning_rate: 0.003 in the checkpoint, 0.001 now"),
+        ({"lr_schedule": "linear"}, "lr_schedule: 'cosine' in the checkpoint, 'linear' now"),
+        ({"warmup_steps": 1}, r"warm-up steps \(warmup_steps, else warmup_ratio of the total\): 0 in the checkpoint, 1 now"),
+        ({"weight_decay": 0.1}, "weight_decay: 0.0 in the checkpoint, 0.1 now"),
+        ({"adam_betas": (0.9, 0.95)}, r"adam_betas: \[0.9, 0.999\] in the checkpoint, \(0.9, 0.95\) now"),
+        ({"max_grad_norm": None}, "max_grad_norm: 1.0 in the checkpoint, None now"),
+        ({"cutoff_len": 128}, "cutoff_len: 256 in the checkpoint, 128 now"),
+        ({"train_on_inputs": True}, "train_on_inputs: False in the checkpoint, True now"),
+        # Both values of every field that differs, in one message.
+        ({"batch_size": 4, "micro_batch_size": 4, "seed": 1}, "batch_size: 8 in the checkpoint, 4 now; seed: 7 in the checkpoint, 1 now"),
+    ],
+)
+def test_resume_refuses_another_schedule(data, stopped_run, changes, message):
+    with pytest.raises(ValueError, match=f"cannot resume from {stopped_run}: this run's schedule or data differ from the checkpoint's .*{message}"):
+        train(fresh_model(), TOKENIZER, data, config=TrainConfig(**{**RESUMED, **changes}), resume_from=stopped_run)
+
+
+def test_resume_refuses_other_data(data, stopped_run):
+    with pytest.raises(ValueError, match="examples: 64 in the checkpoint, 40 now"):
+        train(fresh_model(), TOKENIZER, data[:40], config=TrainConfig(**RESUMED), resume_from=stopped_run)
+
+
+def test_resume_allows_what_only_reports_or_computes_differently(data, stopped_run, tmp_path):
+    # micro_batch_size: the same LM-loss gradient (accumulation); the rest reports or stores.
+    changes = dict(micro_batch_size=4, log_every=2, eval_every=1, checkpoint_every=1, keep_checkpoints=0, bf16=False)
+    result = train(fresh_model(), TOKENIZER, data, data[:4], TrainConfig(**{**RESUMED, **changes}), resume_from=stopped_run, checkpoint_dir=tmp_path)
+    assert result.steps == 3 and [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
+
+
+def test_a_checkpoint_dir_is_one_runs_history(data, tmp_path):
+    config = TrainConfig(**{**RESUMED, "max_steps": 2, "checkpoint_every": 1})
+    train(fresh_model(), TOKENIZER, data, config=config, checkpoint_dir=tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    # A fresh run would have its checkpoints deleted by the rotation as soon as written (the
+    # other run's steps are higher), and "the newest" would be the other run's.
+    with pytest.raises(ValueError, match=f"checkpoint_dir {tmp_path} already holds checkpoints of another run \\(checkpoint-1, checkpoint-2\\): resume from the newest \\(resume_from={tmp_path / 'checkpoint-2'}\\)"):
+        train(fresh_model(), TOKENIZER, data, config=config, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"holds checkpoints past the resume point, step 1 \(checkpoint-2\): resume from the newest"):
+        train(fresh_model(), TOKENIZER, data, config=config, checkpoint_dir=tmp_path, resume_from=tmp_path / "checkpoint-1")
+    assert train(fresh_model(), TOKENIZER, data, config=config, checkpoint_dir=tmp_path, resume_from=tmp_path / "checkpoint-2").steps == 2
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint: it has no training_state.pt"):
+        train(fresh_model(), TOKENIZER, data, config=config, resume_from=tmp_path)
+
+
+# ---- stopping, data and the model after training ----------------------------------------------
+
+
+def test_a_stop_on_the_final_step_is_a_complete_run(data, tmp_path):
+    events = []
+
+    def stop_at_the_end(event):
+        events.append((event["kind"], event["step"]))
+        return event["kind"] == "train" and event["step"] == 3
+
+    result = train(fresh_model(), TOKENIZER, data, data[:4], TrainConfig(**RESUMED), checkpoint_dir=tmp_path, callback=stop_at_the_end)
+    assert result.steps == 3 and not result.stopped
+    assert result.last_checkpoint == tmp_path / "checkpoint-3" and result.eval_metrics["step"] == 3
+    assert events[-2:] == [("eval", 3), ("checkpoint", 3)]
+
+
+def test_labels_default_to_the_input_ids(data):
+    # As `mola.data.collate` does: an example without labels learns every token.
+    unlabelled = [{"input_ids": ex["input_ids"]} for ex in data]
+    labelled = [{"input_ids": ex["input_ids"], "labels": ex["input_ids"]} for ex in data]
+    config = TrainConfig(max_steps=1, batch_size=8, micro_batch_size=4)
+    losses = [train(fresh_model(dropout=0.0), TOKENIZER, examples, config=config).metrics["lm_loss"] for examples in (unlabelled, labelled)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_data_train_cannot_use_is_refused(data):
+    with pytest.raises(ValueError, match=r"train_data is empty: no example left to train on \(were they all dropped when tokenized, with no trainable token within cutoff_len\?\)"):
+        train(fresh_model(), TOKENIZER, [], config=TrainConfig(max_steps=1))
+    long = load_training_data([{"text": "x" * 80}], TOKENIZER, cutoff_len=128)  # 81 tokens with EOS
+    with pytest.raises(ValueError, match=r"train_data has an example of 81 tokens, more than cutoff_len=64: tokenize with the run's cutoff_len \(load_training_data\(..., cutoff_len=64\)\)"):
+        train(fresh_model(), TOKENIZER, long, config=TrainConfig(max_steps=1, cutoff_len=64))
+    with pytest.raises(ValueError, match="eval_data has an example of 81 tokens, more than cutoff_len=64"):
+        train(fresh_model(), TOKENIZER, data, long, config=TrainConfig(max_steps=1, cutoff_len=64))
+    with pytest.raises(ValueError, match=r"train_data\[1\] is not an example with 'input_ids'"):
+        train(fresh_model(), TOKENIZER, [data[0], {"labels": [1, 2]}], config=TrainConfig(max_steps=1))
+
+
+@pytest.mark.parametrize("method", ["mola", "lora"])
+def test_the_model_leaves_train_as_it_came(data, tmp_path, method):
+    if method == "mola":
+        model = fresh_model().eval()  # dropout 0.05
+    else:
+        torch.manual_seed(123)
+        model = get_lora_model(tiny_model("llama"), rank=8, alpha=16, dropout=0.05).eval()
+    train(model, TOKENIZER, data, config=TrainConfig(max_steps=1, batch_size=8, micro_batch_size=8, gradient_checkpointing=True))
+    assert not any(module.training for module in model.modules())
+    assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    assert model.config.use_cache is True
+    if method == "mola":
+        # The in-memory model computes what its saved adapter computes once reloaded.
+        model.save_pretrained(tmp_path)
+        reloaded = load_mola_model(tiny_model("llama"), tmp_path).eval()
+        ids = torch.tensor([data[0]["input_ids"]])
+        torch.testing.assert_close(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    # A model that came in train mode, with checkpointing on, leaves with both.
+    model.train()
+    model.activation_checkpointing_enable()
+    train(model, TOKENIZER, data, config=TrainConfig(max_steps=1, batch_size=8, micro_batch_size=8, gradient_checkpointing=True))
+    assert model.training and any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
