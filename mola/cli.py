@@ -37,11 +37,16 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine", help="decay after the warm-up")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: --warmup-ratio of the total)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up as a fraction of the total steps, without --warmup-steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--cutoff-len", type=int, default=256)
     p.add_argument("--train-on-inputs", action="store_true")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in OUTPUT/checkpoints (0: all)")
     p.add_argument("--resume", help="checkpoint folder to resume from ('latest' picks the newest in --output)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (faster steps after a slower start)")
@@ -57,6 +62,7 @@ def _add_analyze(subparsers: Any) -> None:
     p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
     p.add_argument("--data", help="dataset to gather routing statistics over")
     p.add_argument("--limit", type=int, default=64, help="rows of --data to route")
+    p.add_argument("--cutoff-len", type=int, default=256, help="tokens of each --data row routed (longer rows are cut)")
     p.add_argument("--json", dest="json_path", help="also write the full analysis as JSON here")
     p.add_argument("--cache-dir")
     p.set_defaults(handler=cmd_analyze)
@@ -76,12 +82,55 @@ def _parse_top_k(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 else values
 
 
+def _device(requested: str | None) -> str:
+    """``--device``, checked before any model is loaded: torch reports a missing CUDA with an
+    AssertionError traceback from deep inside the first transfer."""
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as error:
+        raise ValueError(f"--device {requested!r}: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {requested}: {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {requested}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    return requested
+
+
+def _refuse_other_runs(output: Path, resume: str | None) -> None:
+    """A new run into a folder holding another run's checkpoints would have its own checkpoints
+    deleted by the rotation (the other run's steps are higher) and `--resume latest` would pick
+    theirs; checked before the model loads (`train` refuses it too)."""
+    from mola.train import list_checkpoints
+
+    found = list_checkpoints(output / "checkpoints")
+    if found and not resume:
+        raise ValueError(
+            f"--output {output} already holds checkpoints of another run (newest: {found[-1]}): "
+            "pass --resume latest to continue that run, or choose another --output"
+        )
+
+
+def _load_examples(flag: str, path: str, tokenizer: Any, config: Any) -> list[dict]:
+    """Tokenized examples of ``path``; an error rather than a run without them."""
+    from mola.data import load_training_data
+
+    examples = load_training_data(path, tokenizer, cutoff_len=config.cutoff_len, train_on_inputs=config.train_on_inputs)
+    if not examples:
+        raise ValueError(f"{flag} {path}: no example to use (no rows, or none keeps a trainable token within --cutoff-len {config.cutoff_len})")
+    return examples
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
     from mola.config import MolaConfig
-    from mola.data import load_training_data
     from mola.lora import get_lora_model, matched_alpha_pattern, matched_rank_pattern
     from mola.model import get_mola_model
     from mola.models import load_base_model
@@ -92,13 +141,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs,
+        warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
         seed=args.seed, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, torch_compile=args.compile,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    output = Path(args.output)
+    _refuse_other_runs(output, args.resume)
+    device = _device(args.device)
     model, tokenizer = load_base_model(args.model, device=device, cache_dir=args.cache_dir)
-    train_data = load_training_data(args.data, tokenizer, cutoff_len=config.cutoff_len, train_on_inputs=config.train_on_inputs)
-    eval_data = load_training_data(args.eval_data, tokenizer, cutoff_len=config.cutoff_len) if args.eval_data else None
+    train_data = _load_examples("--data", args.data, tokenizer, config)
+    # The eval loss is on the tokens training learns (train_on_inputs included), as in the service.
+    eval_data = _load_examples("--eval-data", args.eval_data, tokenizer, config) if args.eval_data else None
     torch.manual_seed(config.seed)
     if args.method == "mola":
         model = get_mola_model(model, mola_config)
@@ -108,12 +161,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         alphas = matched_alpha_pattern(pattern, mola_config.scaling) if pattern else None
         model = get_lora_model(model, rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, rank_pattern=pattern, alpha_pattern=alphas)
 
-    output = Path(args.output)
     checkpoints = output / "checkpoints"
     resume = None
     if args.resume == "latest":
         found = list_checkpoints(checkpoints)
         resume = found[-1] if found else None
+        if resume is None:
+            logger.info("no checkpoint in %s: starting a new run", checkpoints)
     elif args.resume:
         resume = Path(args.resume)
 
@@ -141,6 +195,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     from mola.analysis import expert_redundancy, routing_statistics
     from mola.data import collate, load_training_data
     from mola.model import load_mola_model, read_adapter_config
@@ -159,7 +215,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         distance, relative = ("-" if row[k] is None else f"{row[k]:.5f}" for k in ("mean_distance", "relative_distance"))
         print(f"{row['layer']:>5}  {row['num_experts']:>7}  {description['top_k_per_layer'][row['layer']]:>5}  {distance:>22}  {row['mean_norm']:>15.5f}  {relative:>15}")
     if args.data:
-        data = load_training_data(args.data, tokenizer)[: args.limit]
+        # Routing needs no labels: train_on_inputs labels every token, so no row is dropped for
+        # want of a trainable token within the cutoff (with the loss on responses, rows whose
+        # prompt fills the cutoff were, and the tables could come out empty).
+        data = load_training_data(args.data, tokenizer, cutoff_len=args.cutoff_len, train_on_inputs=True)[: args.limit]
+        if not data:
+            raise ValueError(f"--data {args.data}: no row to route")
         batches = [collate(data[i : i + 8], tokenizer.pad_token_id) for i in range(0, len(data), 8)]
         report["routing"] = routing_statistics(model, batches)
         print("\nlayer  selection share per expert")

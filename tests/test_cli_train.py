@@ -1,0 +1,87 @@
+"""`mola train` and `mola analyze` (python -m mola) run in-process on tiny models: the errors
+and options the library commands add on top of `mola.train` and `mola.analysis`."""
+
+import json
+
+import pytest
+import torch
+
+from mola import MolaConfig, get_mola_model
+from mola.cli import main
+from mola.models import load_base_model
+from mola.train import list_checkpoints
+
+ROWS = [{"instruction": "Repeat the word.", "input": w, "output": w} for w in ["cat", "dog", "sun", "sky"]]
+SMALL_RUN = ["--model", "tiny-llama", "--experts", "1,2", "--top-k", "1", "--batch-size", "4", "--micro-batch-size", "4", "--device", "cpu"]
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    return path
+
+
+def mola_train(*args):
+    return main(["train", *SMALL_RUN, *map(str, args)])
+
+
+def test_an_output_folder_is_one_runs(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert mola_train("--data", data, "--output", out, "--max-steps", 2) == 0
+    capsys.readouterr()
+    # A new run there would lose its checkpoints to the rotation, and --resume latest would
+    # pick the old run's: it is refused before the model loads.
+    assert mola_train("--data", data, "--output", out, "--max-steps", 2) == 2
+    error = capsys.readouterr().err
+    assert f"--output {out} already holds checkpoints of another run (newest: {out / 'checkpoints' / 'checkpoint-2'})" in error
+    assert "pass --resume latest to continue that run, or choose another --output" in error
+    # Continuing it with another schedule is refused too, naming both values.
+    assert mola_train("--data", data, "--output", out, "--max-steps", 3, "--resume", "latest") == 2
+    assert "total steps: 2 in the checkpoint, 3 now (max_steps 2 -> 3" in capsys.readouterr().err
+    assert mola_train("--data", data, "--output", out, "--max-steps", 2, "--resume", "latest") == 0
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 2
+
+
+def test_schedule_and_checkpoint_flags_reach_the_run(data, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--lr-schedule", "constant", "--warmup-steps", 1, "--weight-decay", 0.01, "--keep-checkpoints", 1, "--checkpoint-every", 1]
+    assert mola_train("--data", data, "--output", out, "--max-steps", 3, *flags) == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-3"]
+    config = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())["config"]
+    assert (config["lr_schedule"], config["warmup_steps"], config["weight_decay"], config["keep_checkpoints"]) == ("constant", 1, 0.01, 1)
+
+
+def test_an_empty_eval_file_is_an_error(data, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert mola_train("--data", data, "--eval-data", empty, "--output", tmp_path / "run", "--max-steps", 1) == 2
+    assert f"--eval-data {empty}: no example to use" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without a usable GPU")
+def test_a_device_that_is_not_there_is_a_clear_error(data, tmp_path, capsys):
+    for device, message in [("cuda", "--device cuda: "), ("cuda:1", "--device cuda:1: "), ("tpu9", "--device 'tpu9': ")]:
+        assert main(["train", "--model", "tiny-llama", "--data", str(data), "--output", str(tmp_path / "run"), "--device", device]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {message}") and "Traceback" not in error
+        if device.startswith("cuda"):
+            assert "use --device cpu" in error
+
+
+def test_analyze_routes_rows_longer_than_the_cutoff(tmp_path, capsys):
+    # Rows whose prompt fills the cutoff have no trainable token, and were dropped: the routing
+    # tables came out empty. Routing needs no labels, so they are routed, cut at --cutoff-len.
+    base, _ = load_base_model("tiny-llama")
+    torch.manual_seed(0)
+    get_mola_model(base, MolaConfig(experts="1,2", top_k=1)).save_pretrained(tmp_path / "adapter")
+    data = tmp_path / "long.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": "x" * 100, "completion": "y"}) for _ in range(3)) + "\n")
+    report = tmp_path / "analysis.json"
+    argv = ["analyze", str(tmp_path / "adapter"), "--model", "tiny-llama", "--data", str(data), "--cutoff-len", "32", "--json", str(report)]
+    assert main(argv) == 0
+    routing = json.loads(report.read_text())["routing"]
+    assert len(routing["layers"]) == 4
+    assert {row["tokens"] for row in routing["modules"].values()} == {3 * 32}
+    assert main([*argv, "--limit", "0"]) == 2
+    assert "--limit must be at least 1, got 0" in capsys.readouterr().err
