@@ -23,12 +23,13 @@ logger = logging.getLogger(__name__)
 MAX_REPORTED_ERRORS = 20
 
 
-def inspect_file(path: Path, max_errors: int = MAX_REPORTED_ERRORS) -> dict[str, Any]:
+def inspect_file(path: Path, max_row_bytes: int | None = None, max_errors: int = MAX_REPORTED_ERRORS) -> dict[str, Any]:
     """The library's report on a dataset file as a JSON-able dict (rows, format, errors with
-    line numbers, ...). Imported here so that importing the API does not import `mola.data`."""
+    line numbers, ...). Imported here so that importing the API does not import `mola.data`.
+    Rows longer than ``max_row_bytes`` are errors: a worker tokenizes whole rows."""
     from mola.data import inspect_dataset
 
-    return _as_dict(inspect_dataset(path, tokenizer=None, max_errors=max_errors))
+    return _as_dict(inspect_dataset(path, tokenizer=None, max_errors=max_errors, max_row_bytes=max_row_bytes))
 
 
 def _as_dict(report: Any) -> dict[str, Any]:
@@ -67,10 +68,11 @@ def create_dataset(
     path: Path,
     size_bytes: int,
     sha256: str,
+    max_row_bytes: int | None = None,
 ) -> Dataset:
     """Validate the file at ``path`` and store it; raises `InvalidRequest` (with the report) when
     it has errors. Flushes; the caller commits."""
-    report = inspect_file(path)
+    report = inspect_file(path, max_row_bytes)
     if not is_valid(report):
         # error_count: the report lists only the first errors
         count = report.get("error_count") or len(report.get("errors") or [])

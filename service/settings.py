@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     presign_seconds: int = Field(300, ge=1, le=7 * 24 * 3600, description="lifetime of a presigned download URL")
     ready_timeout_seconds: float = Field(2.0, gt=0, description="per-backend timeout of GET /readyz")
     max_upload_mb: float = Field(100.0, gt=0, description="largest dataset upload, in MiB")
+    max_row_kb: int = Field(
+        1024, gt=0, description="longest row of an upload, in KiB: workers tokenize whole rows, at about 100 bytes of memory per token"
+    )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_MODELS),
         description="base models offered (comma-separated); `mola models sync` describes them",

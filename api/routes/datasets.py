@@ -78,7 +78,8 @@ def upload_dataset(
                 digest.update(chunk)
                 out.write(chunk)
         dataset = dataset_service.create_dataset(
-            session, storage, tenant.id, _clean_filename(file.filename), path, size, digest.hexdigest()
+            session, storage, tenant.id, _clean_filename(file.filename), path, size, digest.hexdigest(),
+            max_row_bytes=settings.max_row_kb * 1024,
         )
         try:
             session.commit()

@@ -190,6 +190,14 @@ def test_chunked_oversize_upload_is_cut_off(client, key, storage):
     assert storage.list("datasets") == []
 
 
+def test_upload_with_a_row_over_max_row_kb(client, key, monkeypatch):
+    # A worker tokenizes whole rows (about 100 bytes of memory a token), so a row is bounded too.
+    monkeypatch.setattr(client.app.state, "settings", client.app.state.settings.model_copy(update={"max_row_kb": 1}))
+    rows = b'{"text": "short"}\n{"text": "' + b"x" * 2000 + b'"}\n'
+    body = _check(upload(client, key, rows), 422, "line 2")
+    assert body["report"]["errors"] == [{"line": 2, "message": "the row is 2 KiB, more than the 1 KiB a row may have"}]
+
+
 def test_upload_error_count_is_the_files_not_the_reports(client, key):
     body = _check(upload(client, key, b"{bad\n" * 30), 422, "30 error(s)")
     assert body["report"]["error_count"] == 30 and len(body["report"]["errors"]) < 30
