@@ -435,6 +435,11 @@ class MolaClient:
     def cancel_job(self, job_id: str) -> Job:
         return Job.from_json(self._json("POST", f"/jobs/{job_id}/cancel"))
 
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished job with its metrics, checkpoints and adapter (the server answers
+        409 for a queued or running job: cancel it first)."""
+        self._request("DELETE", f"/jobs/{job_id}")
+
     def metrics(self, job_id: str, after_step: int = 0, limit: int = 100, kind: str | None = None) -> Page:
         params: dict[str, Any] = {"after_step": after_step, "limit": limit}
         if kind:

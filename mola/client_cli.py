@@ -236,6 +236,14 @@ def cmd_datasets_delete(args: argparse.Namespace) -> int:
 
 
 # ---- jobs ------------------------------------------------------------------------------------
+def cmd_jobs_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_job(args.id)
+    # The API answers 204 without a body: --json prints what it would have said.
+    _print_json({"id": args.id, "deleted": True}) if args.json else print(f"deleted {args.id}")
+    return 0
+
+
 def cmd_jobs_create(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.create_job(
@@ -478,6 +486,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         ("cancel", cmd_jobs_cancel, "cancel a job (a running one stops at its next step)"),
         ("follow", cmd_jobs_follow, "follow a job with a progress bar until it ends"),
         ("checkpoints", cmd_jobs_checkpoints, "list a job's checkpoints"),
+        ("delete", cmd_jobs_delete, "delete a finished job with its metrics, checkpoints and adapter"),
     ):
         p = jobs.add_parser(name, help=text)
         p.add_argument("id")

@@ -276,6 +276,23 @@ def test_download_to_stdout_writes_the_archive_there(capsysbinary, live, key, ap
     assert code == 0 and out == archive.read_bytes() and not (tmp_path / "-").exists()
 
 
+def test_jobs_delete_removes_a_finished_job_and_refuses_a_queued_one(capsys, live, key, api, dataset_id, sessions, storage, tmp_path):
+    queued = api.create_job("tiny-llama", dataset_id).id
+    code, _, err = mola(capsys, live, key, "jobs", "delete", queued)
+    assert code == 1 and err.startswith("error (409): ")
+    done = api.create_job("tiny-llama", dataset_id).id
+    storage.put_file(f"jobs/{done}/adapter.tar.gz", adapter_archive(tmp_path))
+    start_job(sessions, done, [(1, "train")])
+    finish_job(sessions, done, adapter_key=f"jobs/{done}/adapter.tar.gz")
+    code, out, err = mola(capsys, live, key, "jobs", "delete", done)
+    assert (code, out) == (0, f"deleted {done}\n"), err
+    assert storage.list(f"jobs/{done}") == []
+    with pytest.raises(MolaAPIError) as gone:
+        api.get_job(done)
+    assert gone.value.status_code == 404
+    assert [job.id for job in api.list_jobs()] == [queued]
+
+
 # ---- events: reconnecting ------------------------------------------------------------------
 def test_events_resume_across_a_server_restart(live, api, dataset_id, sessions):
     job_id = api.create_job("tiny-llama", dataset_id).id
