@@ -522,9 +522,9 @@ def record_checkpoint(
 
 def prune_checkpoints(session: Session, job_id: str, keep: int) -> int | None:
     """Delete the rows of all but the job's ``keep`` newest checkpoints (0 keeps all) and return
-    the oldest kept step (None when nothing is pruned): the caller deletes the stored checkpoints
-    of earlier steps after the commit, so a row never names files that are gone. Only the
-    newest is ever resumed from; the others are its fallbacks."""
+    the oldest kept step (None when nothing is pruned): the caller deletes the stored
+    checkpoints no row names (`checkpoint_prefixes`) after the commit, so a row never names
+    files that are gone. Only the newest is ever resumed from; the others are its fallbacks."""
     if keep <= 0:
         return None
     kept = list(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(keep)))
@@ -532,6 +532,11 @@ def prune_checkpoints(session: Session, job_id: str, keep: int) -> int | None:
         return None
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step < kept[-1]))
     return kept[-1]
+
+
+def checkpoint_prefixes(session: Session, job_id: str) -> list[str]:
+    """The storage prefixes the job's checkpoint rows name."""
+    return list(session.scalars(select(Checkpoint.storage_prefix).where(Checkpoint.job_id == job_id)))
 
 
 def record_token_stats(session: Session, dataset_id: str, model_name: str, stats: dict[str, Any]) -> None:

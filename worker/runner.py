@@ -13,6 +13,13 @@
   warm shutdown, or after its worker died and its lease expired) resumes from its latest one,
   and the metrics the lost run wrote after that step are deleted first: the new run writes
   them again, so every step has exactly one row, from the run the adapter continues.
+- Stored files are fenced like rows: each run writes under names of its own
+  (`jobs/<job>/checkpoints/<run>/checkpoint-<step>/`, `jobs/<job>/adapter-<run>.tar.gz`), and
+  a row names them only if the lease still held when it was written. A worker that stalled
+  and lost the job (say, paused for longer than its lease) can therefore never overwrite the
+  files of the run that took over, and deletes what it uploaded once it learns it lost the
+  job; files that nothing names (an upload whose row could not be written) are deleted by the
+  run's next checkpoint and at its end.
 - A database that drops its connection or restarts mid-run costs no progress: a metrics write
   that fails keeps its rows for the next flush, a failed cancellation read counts as "not
   cancelled", a checkpoint whose row cannot be written is simply not offered for resuming, and
@@ -111,6 +118,39 @@ def worker_identity() -> str:
     return f"{worker_prefix()}{uuid.uuid4().hex[:8]}"
 
 
+def run_token(owner: str) -> str:
+    """The random part of a run's lease owner: it names the files the run stores."""
+    return owner.rsplit(":", 1)[-1]
+
+
+def checkpoints_root(job_id: str) -> str:
+    return f"jobs/{job_id}/checkpoints"
+
+
+def checkpoint_prefix(job_id: str, run: str, step: int) -> str:
+    return f"{checkpoints_root(job_id)}/{run}/checkpoint-{step}"
+
+
+def adapter_key(job_id: str, run: str) -> str:
+    return f"jobs/{job_id}/adapter-{run}.tar.gz"
+
+
+def stored_checkpoint_folders(keys: list[str], root: str) -> dict[str, int]:
+    """{folder: step} of the checkpoint folders that hold ``keys`` (listed under ``root``):
+    ``root/<run>/checkpoint-<step>``, or ``root/checkpoint-<step>`` as stored before runs
+    had folders of their own."""
+    folders: dict[str, int] = {}
+    for key in keys:
+        parts = key[len(root) + 1 :].split("/")
+        depth = 1 if parts[0].startswith("checkpoint-") else 2
+        if len(parts) <= depth:
+            continue  # a file beside the folders: not a checkpoint
+        name = parts[depth - 1].removeprefix("checkpoint-")
+        if name.isdigit():
+            folders["/".join([root, *parts[:depth]])] = int(name)
+    return folders
+
+
 class Stop(Exception):
     """The run ended early for ``reason`` ("cancel", "shutdown" or "lease_lost")."""
 
@@ -138,6 +178,7 @@ class Reporter:
     def __init__(self, job_id: str, owner: str, res: Resources, heartbeat: "Heartbeat") -> None:
         self.job_id = job_id
         self.owner = owner
+        self.run = run_token(owner)
         self.res = res
         self.heartbeat = heartbeat
         self.settings = res.settings
@@ -159,6 +200,8 @@ class Reporter:
         elif kind == "eval":
             self.buffer.append(self._row(event))
         elif kind == "checkpoint":
+            # The flush renews the lease: a worker that stalled for longer than its lease learns
+            # here that the job is gone, before it spends an upload on it.
             self.flush()
             self.upload_checkpoint(event)
         return self.should_stop()
@@ -220,40 +263,64 @@ class Reporter:
     def upload_checkpoint(self, event: dict[str, Any]) -> None:
         if self.heartbeat.lost:  # the job is someone else's now: its checkpoints are theirs
             return
-        path = Path(event["path"])
         step = int(event["step"])
-        prefix = f"jobs/{self.job_id}/checkpoints/checkpoint-{step}"
-        size = self.res.storage.put_dir(prefix, path)
-        oldest_kept: int | None = None
+        prefix = checkpoint_prefix(self.job_id, self.run, step)
+        size = self.res.storage.put_dir(prefix, Path(event["path"]))
         try:
             with session_scope(self.res.sessions) as session:
                 held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds)
                 if held:
                     job_service.record_checkpoint(session, self.job_id, step, prefix, size, _clean({"epoch": event.get("epoch")}))
-                    oldest_kept = job_service.prune_checkpoints(session, self.job_id, self.settings.keep_checkpoints)
+                    job_service.prune_checkpoints(session, self.job_id, self.settings.keep_checkpoints)
+                    named = set(job_service.checkpoint_prefixes(session, self.job_id))
         except TRANSIENT_DB_ERRORS as exc:
-            # Without its row the checkpoint is never resumed from; the next one will be.
+            # Without its row the checkpoint is never resumed from; the next one will be (and
+            # its clean-up deletes these files).
             logger.warning("job %s: recording the checkpoint at step %d failed (%s)", self.job_id, step, _first_line(exc))
             return
         if not held:
+            # Lost during the upload: these files are this run's own, and nothing names them.
             self.heartbeat.lost = True
+            _delete_quietly(self.res.storage, self.job_id, prefix)
             return
         logger.info("job %s: checkpoint at step %d uploaded (%d bytes)", self.job_id, step, size)
-        if oldest_kept is not None:
-            self._delete_stored_checkpoints_before(oldest_kept)
+        self._delete_unnamed_checkpoints(named, up_to_step=step)
 
-    def _delete_stored_checkpoints_before(self, step: int) -> None:
-        """Delete the stored checkpoints of steps before ``step``: those whose rows were just
-        pruned, and any whose row was never written (a failed insert). Nothing names them."""
-        root = f"jobs/{self.job_id}/checkpoints"
+    def _delete_unnamed_checkpoints(self, named: set[str], up_to_step: int) -> None:
+        """Delete the stored checkpoint folders no row names, up to ``up_to_step``: those whose
+        rows were just pruned, uploads whose row could not be written, and what runs that lost
+        the job left. Not later steps: if this run lost the job just now, the run that takes
+        over resumes from ``up_to_step`` and may be uploading a later step right now."""
+        root = checkpoints_root(self.job_id)
         try:
-            names = {key[len(root) + 1 :].split("/", 1)[0] for key in self.res.storage.list(root)}
-            for name in sorted(names):
-                number = name.removeprefix("checkpoint-")
-                if number.isdigit() and int(number) < step:
-                    self.res.storage.delete_prefix(f"{root}/{name}")
+            folders = stored_checkpoint_folders(self.res.storage.list(root), root)
+            for folder, step in sorted(folders.items()):
+                if folder not in named and step <= up_to_step:
+                    self.res.storage.delete_prefix(folder)
         except Exception as exc:  # an orphan costs space, not correctness
             logger.warning("job %s: could not delete old checkpoints (%s)", self.job_id, exc)
+
+
+def _delete_quietly(storage: Storage, job_id: str, prefix_or_key: str, is_file: bool = False) -> None:
+    try:
+        if is_file:
+            storage.delete(prefix_or_key)
+        else:
+            storage.delete_prefix(prefix_or_key)
+    except Exception as exc:  # an orphan costs space, not correctness
+        logger.warning("job %s: could not delete %s (%s)", job_id, prefix_or_key, exc)
+
+
+def _delete_other_adapters(storage: Storage, job_id: str, kept: str) -> None:
+    """Delete the adapter archives of the job's earlier runs that lost it mid-upload."""
+    prefix = f"jobs/{job_id}"
+    try:
+        for key in storage.list(prefix):
+            name = key[len(prefix) + 1 :]
+            if key != kept and "/" not in name and name.startswith("adapter") and name.endswith(".tar.gz"):
+                storage.delete(key)
+    except Exception as exc:
+        logger.warning("job %s: could not delete stale adapter files (%s)", job_id, exc)
 
 
 class Heartbeat(threading.Thread):
@@ -459,10 +526,10 @@ def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(adapter_dir.iterdir()):
             tar.add(path, arcname=path.name)
-    if reporter.heartbeat.lost:  # the job is no longer ours: leave its adapter to its owner
+    if reporter.heartbeat.lost:
         logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
         return "lost"
-    key = f"jobs/{job_id}/adapter.tar.gz"
+    key = adapter_key(job_id, reporter.run)
     res.storage.put_file(key, archive)
 
     def finish(session: Session) -> bool:
@@ -470,7 +537,9 @@ def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res
 
     if not _retrying_write(res, job_id, "recording the result", finish) and not _committed_anyway(res, job_id, status, owner):
         logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
+        _delete_quietly(res.storage, job_id, key, is_file=True)  # this run's own name: nothing names it
         return "lost"
+    _delete_other_adapters(res.storage, job_id, kept=key)
     logger.info("job %s %s after %d/%d steps", job_id, status, result.steps, result.total_steps)
     return status
 

@@ -143,7 +143,8 @@ def test_sigterm_checkpoints_requeues_and_another_worker_resumes(cluster, datase
     assert cluster.worker_of(job.lease_owner) is second
     assert train_steps(cluster, job_id) == list(range(1, 61))
     assert [c.step for c in cluster.checkpoints(job_id)] == [stopped_at, 60]
-    assert f"resuming from jobs/{job_id}/checkpoints/checkpoint-{stopped_at}" in second.log(tail=10**6)
+    resumed_from = next(c.storage_prefix for c in cluster.checkpoints(job_id) if c.step == stopped_at)
+    assert resumed_from.endswith(f"/checkpoint-{stopped_at}") and f"resuming from {resumed_from}" in second.log(tail=10**6)
     assert_artifacts(cluster, job_id)
 
 

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from service import catalogue, security
 from service.db import migrate, session_scope
+from service.models import Job
 from service.settings import Settings
 from tests.servers import pg_url, redis_url, s3_bucket, s3_server, unique_name  # noqa: F401 (fixtures)
 from tests.service.conftest import TINY_LLAMA, auth, jsonl
@@ -94,7 +95,8 @@ def test_a_job_on_postgres_redis_and_s3(api, settings: Settings, broker, tmp_pat
     assert runner.run_job(job_id, settings) == "succeeded"
     job = client.get(f"/jobs/{job_id}", headers=auth(token)).json()
     assert job["status"] == "succeeded" and job["progress"]["step"] == 4
-    assert any(k.startswith(f"jobs/{job_id}/checkpoints/checkpoint-4/") for k in storage.list(f"jobs/{job_id}"))
+    stored = storage.list(f"jobs/{job_id}")
+    assert any(k.startswith(f"jobs/{job_id}/checkpoints/") and "/checkpoint-4/" in k for k in stored), stored
 
     response = client.get(f"/jobs/{job_id}/adapter", headers=auth(token), follow_redirects=False)
     assert response.status_code == 307
@@ -116,7 +118,8 @@ def test_a_job_on_postgres_redis_and_s3(api, settings: Settings, broker, tmp_pat
         streaming.state.engine.dispose()
 
     # An object gone from the bucket is the API's 404, not a redirect to the store's error.
-    storage.delete(f"jobs/{job_id}/adapter.tar.gz")
+    with client.app.state.sessionmaker() as session:
+        storage.delete(session.get(Job, job_id).adapter_key)
     response = client.get(f"/jobs/{job_id}/adapter", headers=auth(token), follow_redirects=False)
     assert response.status_code == 404 and "missing from storage" in response.json()["detail"]
 

@@ -162,7 +162,85 @@ def test_storage_keeps_the_newest_checkpoints(client, key, settings, storage, ke
 
 
 def _stored_checkpoints(storage, job_id: str) -> list[int]:
-    return sorted({int(k.split("/")[3].split("-")[1]) for k in storage.list(f"jobs/{job_id}/checkpoints")})
+    root = f"jobs/{job_id}/checkpoints"
+    return sorted(runner.stored_checkpoint_folders(storage.list(root), root).values())
+
+
+def _take_the_job(sessions, job_id: str, owner: str = "elsewhere:1:0therrun") -> None:
+    """What a recovery and another worker's claim do to the job's row."""
+    with session_scope(sessions) as session:
+        session.get(Job, job_id).lease_owner = owner
+
+
+def _fake_files(storage, tmp_path, *keys: str) -> None:
+    source = tmp_path / "fake.bin"
+    source.write_bytes(b"not ours")
+    for key in keys:
+        storage.put_file(key, source)
+
+
+def test_a_worker_that_loses_the_job_during_a_checkpoint_upload_deletes_it(client, key, settings, sessions, storage, tmp_path, monkeypatch):
+    """Paused through its lease while uploading: the row is not written, the upload (under this
+    run's own folder) is deleted, and the files of the run that took over are untouched."""
+    job_id = _create(client, key, hyperparameters={"max_steps": 6, "checkpoint_every": 2})
+    res = runner.Resources.of(settings)
+    upload = res.storage.put_dir
+    theirs = f"jobs/{job_id}/checkpoints/0therrun/checkpoint-5/adapter_model.safetensors"
+
+    def stall_through_the_lease(prefix, directory):
+        size = upload(prefix, directory)
+        if prefix.endswith("/checkpoint-4"):
+            _take_the_job(sessions, job_id)
+            _fake_files(storage, tmp_path, theirs)
+        return size
+
+    monkeypatch.setattr(res.storage, "put_dir", stall_through_the_lease)
+    assert runner.run_job(job_id, settings) == "lost"
+    with sessions() as session:
+        assert [c.step for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id))] == [2]
+        assert session.get(Job, job_id).status == "running"
+    assert _stored_checkpoints(storage, job_id) == [2, 5] and storage.exists(theirs)
+
+
+def test_a_worker_that_loses_the_job_during_the_adapter_upload_deletes_it(client, key, settings, sessions, storage, tmp_path, monkeypatch):
+    job_id = _create(client, key, hyperparameters={"max_steps": 2})
+    res = runner.Resources.of(settings)
+    upload = res.storage.put_file
+    theirs = f"jobs/{job_id}/adapter-0therrun.tar.gz"
+    uploaded = []
+
+    def stall_through_the_lease(key, path):
+        size = upload(key, path)
+        if key.endswith(".tar.gz"):
+            uploaded.append(key)
+            _take_the_job(sessions, job_id)
+            _fake_files(storage, tmp_path, theirs)
+        return size
+
+    monkeypatch.setattr(res.storage, "put_file", stall_through_the_lease)
+    assert runner.run_job(job_id, settings) == "lost"
+    assert len(uploaded) == 1 and uploaded[0] != theirs and not storage.exists(uploaded[0])
+    assert storage.exists(theirs)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "running" and job.adapter_key is None
+
+
+def test_a_run_deletes_the_files_that_runs_which_lost_the_job_left(client, key, settings, sessions, storage, tmp_path):
+    """Uploads that no row names (from runs that lost the job, or whose row failed) go at the
+    run's checkpoints and end; the adapter the job names is this run's own."""
+    job_id = _create(client, key, hyperparameters={"max_steps": 4, "checkpoint_every": 2})
+    left = [f"jobs/{job_id}/adapter-0ldrun.tar.gz", f"jobs/{job_id}/adapter.tar.gz", f"jobs/{job_id}/checkpoints/0ldrun/checkpoint-3/state.pt", f"jobs/{job_id}/checkpoints/checkpoint-1/state.pt"]
+    _fake_files(storage, tmp_path, *left)
+    assert runner.run_job(job_id, settings) == "succeeded"
+    assert not any(storage.exists(k) for k in left)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        named = {c.storage_prefix for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id))}
+    assert storage.list(f"jobs/{job_id}") == sorted([job.adapter_key, *(k for k in storage.list(f"jobs/{job_id}/checkpoints"))])
+    root = f"jobs/{job_id}/checkpoints"
+    assert set(runner.stored_checkpoint_folders(storage.list(root), root)) == named and len(named) == 2
+    assert client.get(f"/jobs/{job_id}/adapter", headers=auth(key)).status_code == 200
 
 
 def test_lora_job(client, key, settings, tmp_path):
