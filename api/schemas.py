@@ -280,6 +280,11 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     cancel_requested: bool
     progress: JobProgress
+    data: dict[str, Any] | None = Field(
+        description='what the run tokenized, once it has: {"train": {records, examples, over_cutoff, '
+        "dropped_at_cutoff, total_tokens, trainable_tokens, mean_tokens, max_tokens, cutoff_len, "
+        'train_on_inputs}, "validation": {...}} (validation only with a validation set)'
+    )
     error: str | None
     result: dict[str, Any] | None
     adapter_available: bool
@@ -313,6 +318,7 @@ class JobPublic(BaseModel):
                 fraction=(job.step / total) if total else None,
                 eta_seconds=job_service.eta_seconds(job),
             ),
+            data=job.data_stats,
             error=job.error,
             result=job.result,
             adapter_available=job.adapter_key is not None,

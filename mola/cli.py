@@ -116,13 +116,20 @@ def _refuse_other_runs(output: Path, resume: str | None) -> None:
         )
 
 
-def _load_examples(flag: str, path: str, tokenizer: Any, config: Any) -> list[dict]:
+def _load_examples(flag: str, path: str, tokenizer: Any, config: Any) -> Any:
     """Tokenized examples of ``path``; an error rather than a run without them."""
     from mola.data import load_training_data
 
     examples = load_training_data(path, tokenizer, cutoff_len=config.cutoff_len, train_on_inputs=config.train_on_inputs)
     if not examples:
         raise ValueError(f"{flag} {path}: no example to use (no rows, or none keeps a trainable token within --cutoff-len {config.cutoff_len})")
+    stats = examples.stats
+    if stats.over_cutoff:
+        print(
+            f"{flag} {path}: {stats.over_cutoff} of {stats.records} records longer than --cutoff-len {config.cutoff_len} "
+            f"were cut, {stats.dropped_at_cutoff} of them dropped (no completion token left)",
+            file=sys.stderr,
+        )
     return examples
 
 
@@ -188,7 +195,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     model.save_pretrained(str(output))
-    summary = {"output": str(output), "steps": result.steps, "metrics": result.metrics, "eval": result.eval_metrics}
+    data = {"train": train_data.stats.to_dict(), **({"eval": eval_data.stats.to_dict()} if eval_data else {})}
+    summary = {"output": str(output), "steps": result.steps, "metrics": result.metrics, "eval": result.eval_metrics, "data": data}
     (output / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(json.dumps(summary, indent=2, default=str))
     return 0

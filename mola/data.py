@@ -362,18 +362,68 @@ def build_example(prompt_ids: list[int], completion_ids: list[int], cutoff_len: 
     return {"input_ids": input_ids, "labels": labels}
 
 
+@dataclass
+class TrainingDataStats:
+    """What tokenizing a dataset for training kept and cut, as `load_training_data` did it.
+
+    ``records`` were read; ``over_cutoff`` of them were longer than ``cutoff_len`` tokens (cut
+    to it), and ``dropped_at_cutoff`` of those kept no trainable token (left out), so
+    ``examples = records - dropped_at_cutoff``. Token counts are of the kept examples, after
+    the cut; ``trainable_tokens`` counts the labels the loss uses (never position 0).
+    """
+
+    records: int
+    examples: int
+    over_cutoff: int
+    dropped_at_cutoff: int
+    total_tokens: int
+    trainable_tokens: int
+    mean_tokens: float
+    max_tokens: int
+    cutoff_len: int
+    train_on_inputs: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainingData(list):
+    """The training examples (a plain list of ``{"input_ids", "labels"}`` dicts, as before),
+    with ``stats``: a `TrainingDataStats` of what tokenizing them kept and cut. Slices and
+    copies are plain lists."""
+
+    stats: TrainingDataStats
+
+
+def _stats(examples: list[dict[str, list[int]]], records: int, over_cutoff: int, cutoff_len: int, train_on_inputs: bool) -> TrainingDataStats:
+    lengths = [len(e["input_ids"]) for e in examples]
+    return TrainingDataStats(
+        records=records,
+        examples=len(examples),
+        over_cutoff=over_cutoff,
+        dropped_at_cutoff=records - len(examples),
+        total_tokens=sum(lengths),
+        trainable_tokens=sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples),
+        mean_tokens=sum(lengths) / len(lengths) if lengths else 0.0,
+        max_tokens=max(lengths, default=0),
+        cutoff_len=cutoff_len,
+        train_on_inputs=train_on_inputs,
+    )
+
+
 def load_training_data(
     path_or_records: str | os.PathLike | Sequence[dict],
     tokenizer: Any,
     cutoff_len: int = 256,
     train_on_inputs: bool = False,
     split: str = "train",
-) -> list[dict[str, list[int]]]:
+) -> TrainingData:
     """Read (a path) or take (a list of records) and tokenize into training examples.
 
     Returns ``[{"input_ids": [...], "labels": [...]}, ...]`` with labels ``-100`` on the prompt
     (unless ``train_on_inputs``), EOS appended to each completion, each example cut to its
     first ``cutoff_len`` tokens; examples left with no trainable token are dropped (logged).
+    The list's ``stats`` (`TrainingDataStats`) counts what was cut and dropped.
     """
     if not isinstance(cutoff_len, int) or cutoff_len < 2:
         raise ValueError(f"cutoff_len must be an integer >= 2, got {cutoff_len!r}")
@@ -384,15 +434,17 @@ def load_training_data(
             pairs.append(render(row.record, tokenizer, row.format))
         except Exception as e:  # a chat template may reject a conversation (e.g. a role)
             raise ValueError(f"{row.where}: cannot render the record: {e}") from e
-    examples = []
+    examples = TrainingData()
+    over_cutoff = 0
     for prompt_ids, completion_ids in iter_encoded_pairs(pairs, tokenizer):
+        over_cutoff += len(prompt_ids) + len(completion_ids) > cutoff_len
         example = build_example(prompt_ids, completion_ids, cutoff_len, train_on_inputs)
         if example is not None:
             examples.append(example)
-    dropped = len(rows) - len(examples)
-    if dropped:
-        logger.warning("dropped %d of %d examples: no trainable token within cutoff_len=%d", dropped, len(rows), cutoff_len)
-    logger.info("tokenized %d examples", len(examples))
+    examples.stats = _stats(examples, len(rows), over_cutoff, cutoff_len, train_on_inputs)
+    if examples.stats.dropped_at_cutoff:
+        logger.warning("dropped %d of %d examples: no trainable token within cutoff_len=%d", examples.stats.dropped_at_cutoff, len(rows), cutoff_len)
+    logger.info("tokenized %d examples (%d cut to cutoff_len=%d)", len(examples), over_cutoff, cutoff_len)
     return examples
 
 

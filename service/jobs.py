@@ -496,6 +496,15 @@ def finish_job(
     )
 
 
+def record_data_stats(session: Session, job_id: str, owner: str, stats: dict[str, Any]) -> bool:
+    """Record what the run's tokenization kept and cut; False if ``owner`` no longer holds the job."""
+    return bool(
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running").values(data_stats=stats)
+        ).rowcount
+    )
+
+
 def record_metrics(session: Session, job_id: str, rows: list[dict[str, Any]]) -> None:
     """Insert metric rows ({step, kind, values}); a (job, kind, step) already stored is kept, so a
     resumed run that replays steps adds no duplicates."""

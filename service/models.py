@@ -181,6 +181,9 @@ class Job(Base):
     epoch: Mapped[float | None]
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # {"train": mola.data.TrainingDataStats as a dict, "validation": ... or absent}, written
+    # once the run has tokenized its data.
+    data_stats: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     adapter_key: Mapped[str | None] = mapped_column(String(500))
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -52,6 +52,18 @@ def test_schedule_and_checkpoint_flags_reach_the_run(data, tmp_path):
     assert (config["lr_schedule"], config["warmup_steps"], config["weight_decay"], config["keep_checkpoints"]) == ("constant", 1, 0.01, 1)
 
 
+def test_the_summary_says_what_the_cutoff_cut_and_dropped(data, tmp_path, capsys):
+    rows = [*ROWS, {"instruction": "x" * 600, "output": "y"}, {"instruction": "Spell it.", "output": "a b c " * 100}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    assert mola_train("--data", path, "--eval-data", data, "--output", out, "--max-steps", 1, "--cutoff-len", 400) == 0
+    assert f"--data {path}: 2 of 6 records longer than --cutoff-len 400 were cut, 1 of them dropped" in capsys.readouterr().err
+    summary = json.loads((out / "training_summary.json").read_text())["data"]
+    assert (summary["train"]["records"], summary["train"]["examples"], summary["train"]["max_tokens"]) == (6, 5, 400)
+    assert summary["eval"]["examples"] == 4 and summary["eval"]["over_cutoff"] == 0
+
+
 def test_an_empty_eval_file_is_an_error(data, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -217,9 +217,28 @@ def test_truncation_keeps_the_start_and_drops_examples_without_trainable_tokens(
     assert examples[0]["input_ids"] == full["input_ids"][:8]
     assert examples[0]["labels"] == [IGNORE_INDEX] * 4 + full["input_ids"][4:8]
     assert "dropped 1 of 2 examples" in caplog.text
+    assert examples.stats.to_dict() == {
+        "records": 2, "examples": 1, "over_cutoff": 2, "dropped_at_cutoff": 1,
+        "total_tokens": 8, "trainable_tokens": 4, "mean_tokens": 8.0, "max_tokens": 8,
+        "cutoff_len": 8, "train_on_inputs": False,
+    }
     # Exactly one completion token left after the prompt still counts as trainable.
     assert len(load_training_data([long_prompt], tokenizer, cutoff_len=21)) == 1
     assert load_training_data([long_prompt], tokenizer, cutoff_len=20) == []
+
+
+def test_training_data_is_a_list_whose_stats_count_what_the_loss_uses():
+    tokenizer = byte_tokenizer()
+    records = [{"prompt": "ab", "completion": "cd"}, {"text": "xyz"}]
+    data = load_training_data(records, tokenizer, cutoff_len=64)
+    lengths = [len(e["input_ids"]) for e in data]
+    trainable = sum(sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in data)
+    assert isinstance(data, list) and lengths == [5, 4]  # EOS appended to each completion
+    assert (data.stats.records, data.stats.examples, data.stats.over_cutoff, data.stats.dropped_at_cutoff) == (2, 2, 0, 0)
+    assert (data.stats.total_tokens, data.stats.trainable_tokens, data.stats.max_tokens) == (9, trainable, 5) and trainable == 3 + 3
+    every_token = load_training_data(records, tokenizer, cutoff_len=64, train_on_inputs=True).stats
+    assert every_token.trainable_tokens == 4 + 3 and every_token.train_on_inputs
+    assert type(data[:1]) is list and json.loads(json.dumps(data.stats.to_dict()))["examples"] == 2
 
 
 @pytest.mark.parametrize("cutoff_len", [0, 1, 2.5, "256"])

@@ -187,6 +187,7 @@ class Reporter:
         self.last_cancel_check = 0.0
         self.stop_reason: str | None = None
         self.progress: dict[str, Any] = {}
+        self.data_stats: dict[str, Any] = {}
 
     def __call__(self, event: dict[str, Any]) -> bool:
         kind = event.get("kind")
@@ -285,6 +286,18 @@ class Reporter:
             return
         logger.info("job %s: checkpoint at step %d uploaded (%d bytes)", self.job_id, step, size)
         self._delete_unnamed_checkpoints(named, up_to_step=step)
+
+    def record_data_stats(self, stats: dict[str, Any]) -> None:
+        """What the run tokenized (`TrainingDataStats` per split), for the job's `data`."""
+        self.data_stats = stats
+        try:
+            with session_scope(self.res.sessions) as session:
+                held = job_service.record_data_stats(session, self.job_id, self.owner, _clean(stats))
+        except TRANSIENT_DB_ERRORS as exc:  # a description of the data: not worth stopping a run
+            logger.warning("job %s: recording the data statistics failed (%s)", self.job_id, _first_line(exc))
+            return
+        if not held:
+            self.heartbeat.lost = True
 
     def _delete_unnamed_checkpoints(self, named: set[str], up_to_step: int) -> None:
         """Delete the stored checkpoint folders no row names, up to ``up_to_step``: those whose
@@ -428,15 +441,20 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
 
     train_path = res.storage.get_file(datasets[spec["dataset_id"]], work / "train.jsonl")
     train_data = load_training_data(train_path, tokenizer, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
-    if not train_data:
-        raise ValueError(f"no training example keeps a trainable token within cutoff_len={hp['cutoff_len']}")
-    _record_token_stats(spec["dataset_id"], spec["base_model"], train_data, hp["cutoff_len"], res)
+    data_stats = {"train": train_data.stats.to_dict()}
+    if train_data:
+        _record_token_stats(spec["dataset_id"], spec["base_model"], train_data.stats, res)
     eval_data = None
-    if spec.get("validation_dataset_id"):
+    if spec.get("validation_dataset_id") and train_data:
         eval_path = res.storage.get_file(datasets[spec["validation_dataset_id"]], work / "validation.jsonl")
         eval_data = load_training_data(eval_path, tokenizer, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
-        if not eval_data:  # asked for, so not silently skipped: the losses would never come
-            raise ValueError(f"no validation example keeps a trainable token within cutoff_len={hp['cutoff_len']}")
+        data_stats["validation"] = eval_data.stats.to_dict()
+    # Recorded before a refusal too, so a failed job shows what was dropped.
+    reporter.record_data_stats(data_stats)
+    if not train_data:
+        raise ValueError(f"no training example keeps a trainable token within cutoff_len={hp['cutoff_len']} ({_dropped(train_data.stats)})")
+    if eval_data is not None and not eval_data:  # asked for, so not silently skipped: the losses would never come
+        raise ValueError(f"no validation example keeps a trainable token within cutoff_len={hp['cutoff_len']} ({_dropped(eval_data.stats)})")
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     options = {k: hp[k] for k in TRAIN_FIELDS if k in hp and k in known}
@@ -484,19 +502,16 @@ def _adapter(model: Any, spec: dict) -> Any:
     return get_lora_model(model, rank=hp["rank"], alpha=hp["alpha"], dropout=hp["dropout"], target_modules=hp["target_modules"])
 
 
-def _record_token_stats(dataset_id: str, model_name: str, examples: list[dict], cutoff_len: int, res: Resources) -> None:
-    lengths = [len(e["input_ids"]) for e in examples]
-    stats = {
-        "examples": len(examples),
-        "total_tokens": sum(lengths),
-        "trainable_tokens": sum(sum(1 for t in e["labels"] if t != -100) for e in examples),
-        "mean_tokens": sum(lengths) / len(lengths),
-        "max_tokens": max(lengths),
-        "cutoff_len": cutoff_len,
-    }
+def _dropped(stats: Any) -> str:
+    return f"all {stats.records} records dropped: their prompts fill the cutoff, leaving no completion token"
+
+
+def _record_token_stats(dataset_id: str, model_name: str, stats: Any, res: Resources) -> None:
+    """The dataset's token statistics for this base model (shown with the dataset)."""
+    summary = {k: getattr(stats, k) for k in ("examples", "total_tokens", "trainable_tokens", "mean_tokens", "max_tokens", "cutoff_len", "over_cutoff", "dropped_at_cutoff")}
     try:
         with session_scope(res.sessions) as session:
-            job_service.record_token_stats(session, dataset_id, model_name, stats)
+            job_service.record_token_stats(session, dataset_id, model_name, summary)
     except TRANSIENT_DB_ERRORS as exc:  # statistics for the dataset page: not worth stopping a run
         logger.warning("dataset %s: recording token statistics failed (%s)", dataset_id, _first_line(exc))
 
@@ -521,7 +536,7 @@ def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res
         model.save_pretrained(adapter_dir, metadata={"job_id": job_id, "dataset_id": spec["dataset_id"], "steps": result.steps})
     else:
         model.save_pretrained(str(adapter_dir))
-    (adapter_dir / "README.md").write_text(model_card(job_id, spec, result, status))
+    (adapter_dir / "README.md").write_text(model_card(job_id, spec, result, status, reporter.data_stats))
     archive = work / "adapter.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(adapter_dir.iterdir()):
@@ -628,7 +643,7 @@ def describe_error(exc: BaseException) -> str:
 METHOD_TITLES = {"mola": "MoLA", "lora": "LoRA"}
 
 
-def model_card(job_id: str, spec: dict, result: Any, status: str) -> str:
+def model_card(job_id: str, spec: dict, result: Any, status: str, data_stats: dict[str, Any] | None = None) -> str:
     hp = spec["hyperparameters"]
     lines = [
         f"# {METHOD_TITLES[spec['method']]} adapter for {spec['base_model']}",
@@ -649,6 +664,12 @@ def model_card(job_id: str, spec: dict, result: Any, status: str) -> str:
         f"- rank {hp['rank']}, alpha {hp['alpha']}, dropout {hp['dropout']}, targets {', '.join(hp['target_modules'])}",
         f"- dataset `{spec['dataset_id']}`, learning rate {hp['learning_rate']}, batch size {hp['batch_size']}, cutoff {hp['cutoff_len']}",
     ]
+    train = (data_stats or {}).get("train")
+    if train:
+        lines.append(
+            f"- trained on {train['examples']} of {train['records']} records ({train['trainable_tokens']} trainable tokens): "
+            f"{train['over_cutoff']} cut at {train['cutoff_len']} tokens, {train['dropped_at_cutoff']} of them dropped (no completion token left)"
+        )
     loss = (result.metrics or {}).get("loss")
     if loss is not None:
         lines.append(f"- final training loss: {loss:.4f}")

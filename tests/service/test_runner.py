@@ -65,6 +65,9 @@ def test_job_succeeds_and_its_adapter_loads(client, key, settings, sessions, sto
     assert [c["step"] for c in client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]] == [2, 4]
     dataset = client.get(f"/datasets/{job['dataset_id']}", headers=auth(key)).json()
     assert dataset["token_stats"]["tiny-llama"]["examples"] == 24
+    train = job["data"]["train"]
+    assert (train["records"], train["examples"], train["over_cutoff"], train["dropped_at_cutoff"], train["cutoff_len"]) == (24, 24, 0, 0, 64)
+    assert 0 < train["trainable_tokens"] < train["total_tokens"] and "validation" not in job["data"]
     assert runner.run_job(job_id, settings) == "skipped"  # a duplicate delivery does nothing
 
     archive = tmp_path / "adapter.tar.gz"
@@ -72,7 +75,8 @@ def test_job_succeeds_and_its_adapter_loads(client, key, settings, sessions, sto
     with tarfile.open(archive) as tar:
         assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
         tar.extractall(tmp_path / "adapter", filter="data")
-    assert "tiny-llama" in (tmp_path / "adapter" / "README.md").read_text()
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "tiny-llama" in card and "trained on 24 of 24 records" in card
 
     from mola import load_mola_model
     from mola.models import load_base_model
@@ -142,6 +146,22 @@ def test_failure_records_a_useful_error(client, key, settings):
     assert runner.run_job(job_id, settings) == "failed"
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert job["status"] == "failed" and "cutoff_len=12" in job["error"] and job["finished_at"]
+    assert "all 24 records dropped" in job["error"]
+    assert (job["data"]["train"]["records"], job["data"]["train"]["dropped_at_cutoff"]) == (24, 24)
+
+
+def test_the_job_reports_the_examples_cut_and_dropped_at_cutoff(client, key, settings):
+    rows = [*ROWS[:6], {"prompt": "x" * 300, "completion": "y"}, {"prompt": "Count: ", "completion": "1 2 3 " * 40}]
+    dataset_id = make_dataset(client, key, rows)
+    validation_id = make_dataset(client, key, [*ROWS[:2], {"prompt": "x" * 300, "completion": "y"}])
+    body = job_body(dataset_id, validation_dataset_id=validation_id, hyperparameters={**FAST, "max_steps": 1})
+    job_id = client.post("/jobs", headers=auth(key), json=body).json()["id"]
+    assert runner.run_job(job_id, settings) == "succeeded"
+    data = client.get(f"/jobs/{job_id}", headers=auth(key)).json()["data"]
+    assert {k: data["train"][k] for k in ("records", "examples", "over_cutoff", "dropped_at_cutoff", "max_tokens")} == {
+        "records": 8, "examples": 7, "over_cutoff": 2, "dropped_at_cutoff": 1, "max_tokens": 64
+    }
+    assert (data["validation"]["records"], data["validation"]["examples"], data["validation"]["dropped_at_cutoff"]) == (3, 2, 1)
 
 
 def test_a_validation_set_with_nothing_within_cutoff_fails_before_training(client, key, settings, sessions):
