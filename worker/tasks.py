@@ -18,6 +18,20 @@ logger = logging.getLogger(__name__)
 _reconciler = None
 
 
+class _RejectWithoutTraceback(logging.Filter):
+    """Celery logs a rejected task at WARNING with a traceback. Here a rejection is routine (a
+    message taken while the worker stops goes back to the broker, as at every Ctrl-C of `mola
+    serve`): its one line says all there is to say."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], Reject):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("celery.app.trace").addFilter(_RejectWithoutTraceback())
+
+
 @shared_task(name=TRAIN_TASK, acks_late=True, ignore_result=True)
 def train_job(job_id: str) -> str:
     from worker import runner  # torch and mola load in the run, in the worker process
