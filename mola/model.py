@@ -236,9 +236,14 @@ def get_mola_model(model: nn.Module, config: MolaConfig) -> MolaModel:
     for target in targets:
         j = target.layer_index
         layer = MolaLinear(target.module, experts[j], top_k[j], config.rank, config.alpha, config.dropout, j, recorder)
+        # A new module trains by default: in a model loaded in eval mode its dropout would
+        # then be on, and its forward would record routing, while the rest of the model is eval.
+        layer.train(target.module.training)
         set_submodule(model, target.name, layer)
     logger.info("MoLA: %d modules in %d layers, experts per layer %s", len(targets), num_layers, experts)
-    return MolaModel(model, config, experts, top_k, recorder)
+    mola_model = MolaModel(model, config, experts, top_k, recorder)
+    mola_model.training = model.training  # the wrapper's own flag only: the model's modes stay
+    return mola_model
 
 
 def _embedded_description(weights: Path) -> dict[str, Any] | None:

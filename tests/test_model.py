@@ -205,3 +205,18 @@ def test_target_subset_and_double_injection():
     with pytest.raises(ValueError, match="already carries MoLA layers"):
         get_mola_model(model.base_model, MolaConfig())
     assert isinstance(model.base_model.model.layers[0].self_attn.q_proj, MolaLinear)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_injection_keeps_the_models_train_eval_mode(training):
+    # load_base_model returns a model in eval mode: the MoLA layers put into it must not train
+    # (dropout on, routing recorded) while the rest of the model is in eval mode.
+    base = tiny_model("llama").train(training)
+    model = get_mola_model(base, MolaConfig(experts="2222", top_k=2, dropout=0.5))
+    assert model.training is training
+    assert {m.training for m in model.modules()} == {training}
+    if not training:
+        randomise_b(model)
+        x = torch.randint(0, 256, (2, 12))
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
