@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from mola import client_cli
@@ -71,18 +72,31 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
+@contextmanager
+def _admin_session(args: argparse.Namespace) -> Iterator[Any]:
+    """A transaction on the configured database (migrated first in local mode) for the
+    administrative commands; a `ValueError` they raise (an unknown tenant or key) becomes
+    `AdminError`, which `main` prints as one line with exit status 2."""
     from service.db import session_scope
-    from service.security import create_api_key
 
     settings = _settings(args)
     _require_schema(settings)
     try:
         with session_scope(_sessions(settings)) as session:
-            _, token = create_api_key(session, args.tenant, args.name)
+            yield session
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise AdminError(str(exc)) from exc
+
+
+class AdminError(Exception):
+    """A refused administrative command: its message is the whole story."""
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from service.security import create_api_key
+
+    with _admin_session(args) as session:
+        _, token = create_api_key(session, args.tenant, args.name)
     print(token)
     print(f"(API key for tenant {args.tenant!r}; it is shown only this once)", file=sys.stderr)
     return 0
@@ -106,17 +120,10 @@ def _key_summary(key, tenant: str) -> dict:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    from service.db import session_scope
     from service.security import list_api_keys
 
-    settings = _settings(args)
-    _require_schema(settings)
-    try:
-        with session_scope(_sessions(settings)) as session:
-            keys = list_api_keys(session, args.tenant)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with _admin_session(args) as session:
+        keys = list_api_keys(session, args.tenant)
     if args.json:
         print(json.dumps([_key_summary(key, tenant) for key, tenant in keys], indent=2))
         return 0
@@ -132,19 +139,12 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from service.db import session_scope
     from service.security import revoke_api_key
 
-    settings = _settings(args)
-    _require_schema(settings)
-    try:
-        with session_scope(_sessions(settings)) as session:
-            key, revoked = revoke_api_key(session, args.key)
-            label = f"API key {key.id} (mola_{key.prefix}_..., tenant {key.tenant.name!r})"
-            when = _when(key.revoked_at)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with _admin_session(args) as session:
+        key, revoked = revoke_api_key(session, args.key)
+        label = f"API key {key.id} (mola_{key.prefix}_..., tenant {key.tenant.name!r})"
+        when = _when(key.revoked_at)
     print(f"{label} revoked; requests with it now get 401" if revoked else f"{label} was already revoked at {when} UTC")
     return 0
 
@@ -496,7 +496,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "func"):
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except AdminError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     # A library command (mola.cli): its handler, with the library CLI's logging and errors.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
