@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mola.evaluate import eval_mode
 from mola.layer import MolaLinear
 from mola.model import MolaModel
 
@@ -102,11 +103,9 @@ def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict
     (average router probability before top-k).
     """
     _require_mola_model(model, "routing_statistics")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     totals: dict[MolaLinear, dict[str, Tensor]] = {}
-    try:
+    with eval_mode(model):  # afterwards each module's own mode, not the wrapper's for all
         for batch in batches:
             mask = batch["attention_mask"].to(device)
             model.recorder.start(mask.reshape(-1))
@@ -118,8 +117,6 @@ def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict
                 acc = totals.setdefault(module, {k: torch.zeros_like(v) for k, v in vars(stats).items()})
                 for key, value in vars(stats).items():
                     acc[key] += value
-    finally:
-        model.train(was_training)
     names = {module: name for name, module in model.mola_modules()}
     modules: dict[str, dict[str, Any]] = {}
     layers: dict[int, dict[str, Tensor]] = {}

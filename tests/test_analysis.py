@@ -56,6 +56,18 @@ def test_routing_statistics_count_real_tokens():
     assert model.training is False
 
 
+def test_routing_statistics_leave_every_module_in_its_mode():
+    # A training model with a part in eval mode on purpose: afterwards each module is in its
+    # own mode again, not the wrapper's (model.train(True) would turn that part's dropout on).
+    model = model_with_random_experts().train()
+    model.base_model.model.layers[0].eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    tokenizer = byte_tokenizer()
+    batch = collate(load_training_data([{"text": "a short one"}], tokenizer), tokenizer.pad_token_id)
+    routing_statistics(model, [batch])
+    assert {name: module.training for name, module in model.named_modules()} == modes
+
+
 def test_expert_norms_and_relative_distance():
     model = model_with_random_experts()
     name, module = model.mola_modules()[-1]
