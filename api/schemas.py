@@ -352,8 +352,8 @@ class MetricList(BaseModel):
 class CheckpointPublic(BaseModel):
     step: int
     created_at: datetime
-    size_bytes: int
-    metrics: dict[str, Any]
+    size_bytes: int = Field(description="the stored checkpoint: adapter, optimizer state and the downloadable archive")
+    metrics: dict[str, Any] = Field(description="epoch, and the step's loss and eval_loss when the run reported them at that step")
 
     @classmethod
     def of(cls, row: Checkpoint) -> "CheckpointPublic":

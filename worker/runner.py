@@ -36,6 +36,7 @@ No transaction is held across training: every write is a short session of its ow
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -118,6 +119,10 @@ def worker_identity() -> str:
     return f"{worker_prefix()}{uuid.uuid4().hex[:8]}"
 
 
+# A checkpoint's adapter (config, weights, model card), stored in its folder for downloading.
+CHECKPOINT_ADAPTER = "adapter.tar.gz"
+
+
 def run_token(owner: str) -> str:
     """The random part of a run's lease owner: it names the files the run stores."""
     return owner.rsplit(":", 1)[-1]
@@ -188,6 +193,8 @@ class Reporter:
         self.stop_reason: str | None = None
         self.progress: dict[str, Any] = {}
         self.data_stats: dict[str, Any] = {}
+        self.spec: dict[str, Any] = {}  # set by the run: the checkpoints' model cards need it
+        self.latest: dict[str, tuple[int, float]] = {}  # "loss" / "eval_loss": (step, value)
 
     def __call__(self, event: dict[str, Any]) -> bool:
         kind = event.get("kind")
@@ -198,14 +205,24 @@ class Reporter:
                 self.flush()
             self.progress = {"step": event["step"], "total_steps": event.get("total_steps"), "epoch": event.get("epoch")}
             self.buffer.append(self._row(event))
+            self._note("loss", event)
         elif kind == "eval":
             self.buffer.append(self._row(event))
+            self._note("eval_loss", event)
         elif kind == "checkpoint":
             # The flush renews the lease: a worker that stalled for longer than its lease learns
             # here that the job is gone, before it spends an upload on it.
             self.flush()
             self.upload_checkpoint(event)
         return self.should_stop()
+
+    def _note(self, name: str, event: dict[str, Any]) -> None:
+        if isinstance(event.get(name), (int, float)):
+            self.latest[name] = (int(event["step"]), float(event[name]))
+
+    def _loss_at(self, name: str, step: int) -> float | None:
+        noted = self.latest.get(name)
+        return noted[1] if noted and noted[0] == step else None
 
     @staticmethod
     def _row(event: dict[str, Any]) -> dict[str, Any]:
@@ -266,12 +283,20 @@ class Reporter:
             return
         step = int(event["step"])
         prefix = checkpoint_prefix(self.job_id, self.run, step)
-        size = self.res.storage.put_dir(prefix, Path(event["path"]))
+        path = Path(event["path"])
+        size = self.res.storage.put_dir(prefix, path)
+        # The checkpoint's adapter as a download of its own (GET .../checkpoints/<step>/adapter),
+        # uploaded before the row: a row means the archive is there.
+        archive = self._checkpoint_archive(path, step, event.get("total_steps"))
+        try:
+            size += self.res.storage.put_file(f"{prefix}/{CHECKPOINT_ADAPTER}", archive)
+        finally:
+            archive.unlink(missing_ok=True)
         try:
             with session_scope(self.res.sessions) as session:
                 held = job_service.heartbeat(session, self.job_id, self.owner, self.settings.lease_seconds)
                 if held:
-                    job_service.record_checkpoint(session, self.job_id, step, prefix, size, _clean({"epoch": event.get("epoch")}))
+                    job_service.record_checkpoint(session, self.job_id, step, prefix, size, self._checkpoint_metrics(event))
                     job_service.prune_checkpoints(session, self.job_id, self.settings.keep_checkpoints)
                     named = set(job_service.checkpoint_prefixes(session, self.job_id))
         except TRANSIENT_DB_ERRORS as exc:
@@ -286,6 +311,23 @@ class Reporter:
             return
         logger.info("job %s: checkpoint at step %d uploaded (%d bytes)", self.job_id, step, size)
         self._delete_unnamed_checkpoints(named, up_to_step=step)
+
+    def _checkpoint_metrics(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The epoch, and the losses of the checkpoint's step (to pick one by validation loss)."""
+        step = int(event["step"])
+        values = {"epoch": event.get("epoch"), "loss": self._loss_at("loss", step), "eval_loss": self._loss_at("eval_loss", step)}
+        return _clean({k: v for k, v in values.items() if v is not None})
+
+    def _checkpoint_archive(self, path: Path, step: int, total_steps: int | None) -> Path:
+        card = model_card(
+            self.job_id,
+            self.spec,
+            f"checkpoint at step {step} of {total_steps}",
+            loss=self._loss_at("loss", step),
+            eval_loss=self._loss_at("eval_loss", step),
+            data_stats=self.data_stats,
+        )
+        return pack_adapter(path.parent / f".{path.name}-{CHECKPOINT_ADAPTER}", path, card)
 
     def record_data_stats(self, stats: dict[str, Any]) -> None:
         """What the run tokenized (`TrainingDataStats` per split), for the job's `data`."""
@@ -394,6 +436,7 @@ def run_job(job_id: str, settings: Settings) -> str:
     heartbeat = Heartbeat(job_id, owner, res)
     heartbeat.start()
     reporter = Reporter(job_id, owner, res, heartbeat)
+    reporter.spec = spec
     try:
         return _run(job_id, owner, spec, datasets, resume_prefix, work, res, reporter)
     except TRANSIENT_DB_ERRORS as exc:
@@ -536,11 +579,15 @@ def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res
         model.save_pretrained(adapter_dir, metadata={"job_id": job_id, "dataset_id": spec["dataset_id"], "steps": result.steps})
     else:
         model.save_pretrained(str(adapter_dir))
-    (adapter_dir / "README.md").write_text(model_card(job_id, spec, result, status, reporter.data_stats))
-    archive = work / "adapter.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(adapter_dir.iterdir()):
-            tar.add(path, arcname=path.name)
+    card = model_card(
+        job_id,
+        spec,
+        f"{status} after {result.steps} of {result.total_steps} steps",
+        loss=(result.metrics or {}).get("loss"),
+        eval_loss=(result.eval_metrics or {}).get("eval_loss"),
+        data_stats=reporter.data_stats,
+    )
+    archive = pack_adapter(work / "adapter.tar.gz", adapter_dir, card)
     if reporter.heartbeat.lost:
         logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
         return "lost"
@@ -640,15 +687,38 @@ def describe_error(exc: BaseException) -> str:
     return text[:ERROR_LIMIT]
 
 
+def pack_adapter(archive: Path, adapter_dir: Path, card: str) -> Path:
+    """A `.tar.gz` of the adapter's own files in ``adapter_dir`` (``adapter_*``: its config and
+    weights, not a checkpoint's optimizer state) and ``card`` as its README.md."""
+    files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name.startswith("adapter_"))
+    readme = card.encode()
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in files:
+            tar.add(path, arcname=path.name)
+        info = tarfile.TarInfo("README.md")
+        info.size, info.mtime, info.mode = len(readme), int(time.time()), 0o644
+        tar.addfile(info, io.BytesIO(readme))
+    return archive
+
+
 METHOD_TITLES = {"mola": "MoLA", "lora": "LoRA"}
 
 
-def model_card(job_id: str, spec: dict, result: Any, status: str, data_stats: dict[str, Any] | None = None) -> str:
+def model_card(
+    job_id: str,
+    spec: dict,
+    state: str,
+    loss: float | None = None,
+    eval_loss: float | None = None,
+    data_stats: dict[str, Any] | None = None,
+) -> str:
+    """The adapter's README.md; ``state`` says where the run was ("succeeded after 8 of 8
+    steps", "checkpoint at step 4 of 8"), the losses are the latest at that point."""
     hp = spec["hyperparameters"]
     lines = [
         f"# {METHOD_TITLES[spec['method']]} adapter for {spec['base_model']}",
         "",
-        f"Trained by the mola fine-tuning service, job `{job_id}` ({status} after {result.steps} of {result.total_steps} steps).",
+        f"Trained by the mola fine-tuning service, job `{job_id}` ({state}).",
         "",
         f"- base model: `{spec['base_model']}` ({spec['num_layers']} layers)",
         f"- method: {spec['method']}",
@@ -670,12 +740,10 @@ def model_card(job_id: str, spec: dict, result: Any, status: str, data_stats: di
             f"- trained on {train['examples']} of {train['records']} records ({train['trainable_tokens']} trainable tokens): "
             f"{train['over_cutoff']} cut at {train['cutoff_len']} tokens, {train['dropped_at_cutoff']} of them dropped (no completion token left)"
         )
-    loss = (result.metrics or {}).get("loss")
     if loss is not None:
-        lines.append(f"- final training loss: {loss:.4f}")
-    eval_loss = (result.eval_metrics or {}).get("eval_loss")
+        lines.append(f"- training loss: {loss:.4f}")
     if eval_loss is not None:
-        lines.append(f"- final validation loss: {eval_loss:.4f}")
+        lines.append(f"- validation loss: {eval_loss:.4f}")
     load = (
         ["from mola import load_mola_model", "", f'base, tokenizer = load_base_model("{spec["base_model"]}")', 'model = load_mola_model(base, "path/to/this/folder")']
         if spec["method"] == "mola"

@@ -89,6 +89,34 @@ def test_job_succeeds_and_its_adapter_loads(client, key, settings, sessions, sto
     assert out.shape[1] > ids.shape[1]
 
 
+def test_every_checkpoint_stores_its_adapter_for_download(client, key, settings, sessions, storage, tmp_path):
+    validation_id = make_dataset(client, key, ROWS[:4])
+    job_id = _create(client, key, hyperparameters={"max_steps": 4, "checkpoint_every": 2, "eval_every": 2}, validation_dataset_id=validation_id)
+    assert runner.run_job(job_id, settings) == "succeeded"
+    checkpoints = client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]
+    assert [c["step"] for c in checkpoints] == [2, 4]
+    evals = {m["step"]: m["metrics"]["eval_loss"] for m in client.get(f"/jobs/{job_id}/metrics?kind=eval", headers=auth(key)).json()["data"]}
+    trains = {m["step"]: m["metrics"]["loss"] for m in client.get(f"/jobs/{job_id}/metrics?kind=train", headers=auth(key)).json()["data"]}
+    for checkpoint in checkpoints:
+        assert checkpoint["metrics"]["eval_loss"] == evals[checkpoint["step"]] and checkpoint["metrics"]["loss"] == trains[checkpoint["step"]]
+    with sessions() as session:
+        prefix = session.scalar(select(Checkpoint.storage_prefix).where(Checkpoint.job_id == job_id, Checkpoint.step == 2))
+    archive = storage.get_file(f"{prefix}/{runner.CHECKPOINT_ADAPTER}", tmp_path / "step2.tar.gz")
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        tar.extractall(tmp_path / "step2", filter="data")
+    stored = storage.get_file(f"{prefix}/adapter_model.safetensors", tmp_path / "stored.safetensors")
+    assert (tmp_path / "step2" / "adapter_model.safetensors").read_bytes() == stored.read_bytes()
+    card = (tmp_path / "step2" / "README.md").read_text()
+    assert f"job `{job_id}` (checkpoint at step 2 of 4)" in card and f"validation loss: {evals[2]:.4f}" in card
+
+    from mola import load_mola_model
+    from mola.models import load_base_model
+
+    base, _ = load_base_model("tiny-llama")
+    assert load_mola_model(base, tmp_path / "step2").experts_per_layer == [2, 4, 6, 8]
+
+
 def test_cancel_stops_at_the_next_step_and_keeps_the_adapter(client, key, settings, sessions):
     job_id = _create(client, key, hyperparameters={"max_steps": 500})
 
