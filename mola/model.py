@@ -211,10 +211,12 @@ class MolaModel(nn.Module):
                 f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                 f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
             )
+        # Every shape is checked before anything is copied: a refusal leaves the model as it was.
+        for name, param in own.items():
+            if tensors[name].shape != param.shape:
+                raise ValueError(f"{name}: saved shape {tuple(tensors[name].shape)} != model {tuple(param.shape)}")
         with torch.no_grad():
             for name, param in own.items():
-                if tensors[name].shape != param.shape:
-                    raise ValueError(f"{name}: saved shape {tuple(tensors[name].shape)} != model {tuple(param.shape)}")
                 param.copy_(tensors[name].to(param.dtype))
 
 

@@ -132,6 +132,16 @@ def test_loading_onto_a_different_model_fails_clearly(tmp_path):
         load_mola_model(tiny_model("llama"), tmp_path / "missing")
 
 
+def test_weights_of_other_shapes_are_refused_before_any_is_loaded(tmp_path):
+    get_mola_model(tiny_model("llama"), MolaConfig(experts="2228")).save_pretrained(tmp_path)
+    model = get_mola_model(tiny_model("llama"), MolaConfig(experts="2222"))  # only layer 3 differs
+    before = {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers\.3\..*saved shape \(8, 64\) != model \(2, 64\)"):
+        model.load_adapter_weights(tmp_path)
+    for name, tensor in model.adapter_state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 def test_generation_uses_the_adapter_with_a_kv_cache():
     model = get_mola_model(tiny_model("llama"), MolaConfig(experts="2222", top_k=1)).eval()
     prompt = torch.randint(0, 256, (2, 5))
