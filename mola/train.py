@@ -340,9 +340,50 @@ def _resume_differences(saved: dict[str, Any], config: TrainConfig, total_steps:
     return differences
 
 
-def _read_resume_state(resume_path: Path, config: TrainConfig, total_steps: int, num_examples: int) -> tuple[dict[str, Any], dict[str, Any]]:
+# What the resumed model's adapter must share with the checkpoint's. Shapes alone are not
+# enough: a MoLA model built with another top_k, alpha, dropout or balance-loss weight (or a
+# LoRA with another alpha) loads the checkpoint's weights without error and trains them as
+# something else, and peft loads a LoRA state dict without complaining about missing modules.
+MOLA_ADAPTER_MUST_MATCH = ("experts_per_layer", "top_k_per_layer", "rank", "alpha", "dropout", "aux_loss_coef")
+LORA_ADAPTER_MUST_MATCH = ("target_modules", "r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern")
+
+
+def _adapter_comparable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(value))
+    return _comparable(value)
+
+
+def _adapter_differences(model: nn.Module, resume_path: Path) -> list[str]:
+    """``"adapter what: X in the checkpoint, Y now"`` for each adapter option of ``model`` (a
+    `MolaModel` or a peft LoRA model) that differs from the checkpoint's saved adapter."""
+    if hasattr(model, "describe") and hasattr(model, "mola_modules"):  # MolaModel
+        from mola.model import read_adapter_config
+
+        saved, now, fields = read_adapter_config(resume_path), model.describe(), MOLA_ADAPTER_MUST_MATCH
+    else:
+        peft_configs = getattr(model, "peft_config", None)
+        path = resume_path / "adapter_config.json"
+        if not isinstance(peft_configs, dict) or not peft_configs or not path.is_file():
+            return []
+        active = getattr(model, "active_adapter", None)
+        now = (peft_configs.get(active) or next(iter(peft_configs.values()))).to_dict()
+        saved, fields = json.loads(path.read_text()), LORA_ADAPTER_MUST_MATCH
+        if "target_modules" in saved and isinstance(saved["target_modules"], list):
+            saved = {**saved, "target_modules": set(saved["target_modules"])}
+    return [
+        f"adapter {name}: {saved[name]!r} in the checkpoint, {now.get(name)!r} now"
+        for name in fields
+        if name in saved and _adapter_comparable(saved[name]) != _adapter_comparable(now.get(name))
+    ]
+
+
+def _read_resume_state(
+    resume_path: Path, config: TrainConfig, total_steps: int, num_examples: int, model: nn.Module | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(training state, trainer state)`` of the checkpoint at ``resume_path``, once it is
-    known that this run continues the one that wrote it (ValueError naming what differs)."""
+    known that this run continues the one that wrote it, with ``model``'s adapter (ValueError
+    naming what differs)."""
     if not (resume_path / STATE_NAME).is_file():
         raise FileNotFoundError(f"{resume_path} is not a checkpoint: it has no {STATE_NAME}")
     saved: dict[str, Any] = {}
@@ -351,10 +392,12 @@ def _read_resume_state(resume_path: Path, config: TrainConfig, total_steps: int,
     else:
         logger.warning("%s has no %s: cannot check that this run's config is the checkpoint's", resume_path, TRAINER_STATE_NAME)
     differences = _resume_differences(saved, config, total_steps, num_examples)
+    if model is not None:
+        differences += _adapter_differences(model, resume_path)
     if differences:
         raise ValueError(
-            f"cannot resume from {resume_path}: this run's schedule or data differ from the checkpoint's "
-            f"({'; '.join(differences)}); resume with the checkpoint's config and data, or start a new run"
+            f"cannot resume from {resume_path}: this run's schedule, data or adapter differ from the checkpoint's "
+            f"({'; '.join(differences)}); resume with the checkpoint's config, data and adapter, or start a new run"
         )
     return torch.load(resume_path / STATE_NAME, map_location="cpu", weights_only=False), saved
 
@@ -552,7 +595,7 @@ def train(
     per_epoch = steps_per_epoch(config, len(train_data))
     resume_state, saved = None, {}
     if resume_from is not None:
-        resume_state, saved = _read_resume_state(Path(resume_from), config, total_steps, len(train_data))
+        resume_state, saved = _read_resume_state(Path(resume_from), config, total_steps, len(train_data), model)
     checkpoint_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoint_root is not None:
         _check_checkpoint_dir(checkpoint_root, int(resume_state["step"]) if resume_state else None)

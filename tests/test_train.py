@@ -242,8 +242,40 @@ def stopped_run(data, tmp_path_factory):
     ],
 )
 def test_resume_refuses_another_schedule(data, stopped_run, changes, message):
-    with pytest.raises(ValueError, match=f"cannot resume from {stopped_run}: this run's schedule or data differ from the checkpoint's .*{message}"):
+    with pytest.raises(ValueError, match=f"cannot resume from {stopped_run}: this run's schedule, data or adapter differ from the checkpoint's .*{message}"):
         train(fresh_model(), TOKENIZER, data, config=TrainConfig(**{**RESUMED, **changes}), resume_from=stopped_run)
+
+
+@pytest.mark.parametrize(
+    "mola_config, message",
+    [
+        # Same shapes, so the weights load without error: only the comparison catches these.
+        (dict(top_k=1), r"adapter top_k_per_layer: \[2, 2, 2, 2\] in the checkpoint, \[1, 1, 1, 1\] now"),
+        (dict(alpha=32), "adapter alpha: 16.0 in the checkpoint, 32.0 now"),
+        (dict(dropout=0.1), "adapter dropout: 0.05 in the checkpoint, 0.1 now"),
+        (dict(aux_loss_coef=0.01), "adapter aux_loss_coef: 0.001 in the checkpoint, 0.01 now"),
+        (dict(experts="2466"), r"adapter experts_per_layer: \[2, 4, 6, 8\] in the checkpoint, \[2, 4, 6, 6\] now"),
+    ],
+)
+def test_resume_refuses_another_adapter(data, stopped_run, mola_config, message):
+    torch.manual_seed(123)
+    model = get_mola_model(tiny_model("llama"), MolaConfig(**{**dict(experts="2468", top_k=2), **mola_config}))
+    before = adapter_tensors(model)
+    with pytest.raises(ValueError, match=f"cannot resume from {stopped_run}: .*{message}"):
+        train(model, TOKENIZER, data, config=TrainConfig(**RESUMED), resume_from=stopped_run)
+    for name, tensor in adapter_tensors(model).items():
+        assert torch.equal(tensor, before[name]), name  # refused before anything was loaded
+
+
+def test_lora_resume_refuses_another_alpha(data, tmp_path):
+    def lora(alpha):
+        torch.manual_seed(0)
+        return get_lora_model(tiny_model("llama"), rank=4, alpha=alpha)
+
+    train(lora(8), TOKENIZER, data, config=TrainConfig(**RESUMED), checkpoint_dir=tmp_path, callback=lambda e: e["kind"] == "train" and e["step"] == 1)
+    with pytest.raises(ValueError, match="adapter lora_alpha: 8 in the checkpoint, 16 now"):
+        train(lora(16), TOKENIZER, data, config=TrainConfig(**RESUMED), resume_from=tmp_path / "checkpoint-1")
+    assert train(lora(8), TOKENIZER, data, config=TrainConfig(**RESUMED), resume_from=tmp_path / "checkpoint-1").steps == 3
 
 
 def test_resume_refuses_other_data(data, stopped_run):
