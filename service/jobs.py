@@ -380,6 +380,25 @@ def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
     return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
 
 
+def get_checkpoint(session: Session, job_id: str, step: int) -> Checkpoint:
+    """The job's checkpoint at ``step``; `NotFound` naming the steps it has."""
+    found = list_checkpoints(session, job_id)
+    for checkpoint in found:
+        if checkpoint.step == step:
+            return checkpoint
+    have = ", ".join(str(c.step) for c in found) or "none yet"
+    raise NotFound(f"job {job_id} has no checkpoint at step {step} (checkpoints: {have})")
+
+
+# A checkpoint's adapter (config, weights, model card), stored in its folder for downloading.
+CHECKPOINT_ADAPTER = "adapter.tar.gz"
+
+
+def checkpoint_adapter_key(checkpoint: Checkpoint | str) -> str:
+    prefix = checkpoint if isinstance(checkpoint, str) else checkpoint.storage_prefix
+    return f"{prefix}/{CHECKPOINT_ADAPTER}"
+
+
 # ---- the worker's side ---------------------------------------------------------------------
 def claim_job(session: Session, job_id: str, owner: str, lease_seconds: float) -> Job | None:
     """Move a queued job to running under ``owner``'s lease; None if it is not queued (already

@@ -119,10 +119,6 @@ def worker_identity() -> str:
     return f"{worker_prefix()}{uuid.uuid4().hex[:8]}"
 
 
-# A checkpoint's adapter (config, weights, model card), stored in its folder for downloading.
-CHECKPOINT_ADAPTER = "adapter.tar.gz"
-
-
 def run_token(owner: str) -> str:
     """The random part of a run's lease owner: it names the files the run stores."""
     return owner.rsplit(":", 1)[-1]
@@ -289,7 +285,7 @@ class Reporter:
         # uploaded before the row: a row means the archive is there.
         archive = self._checkpoint_archive(path, step, event.get("total_steps"))
         try:
-            size += self.res.storage.put_file(f"{prefix}/{CHECKPOINT_ADAPTER}", archive)
+            size += self.res.storage.put_file(job_service.checkpoint_adapter_key(prefix), archive)
         finally:
             archive.unlink(missing_ok=True)
         try:
@@ -327,7 +323,7 @@ class Reporter:
             eval_loss=self._loss_at("eval_loss", step),
             data_stats=self.data_stats,
         )
-        return pack_adapter(path.parent / f".{path.name}-{CHECKPOINT_ADAPTER}", path, card)
+        return pack_adapter(path.parent / f".{path.name}-adapter.tar.gz", path, card)
 
     def record_data_stats(self, stats: dict[str, Any]) -> None:
         """What the run tokenized (`TrainingDataStats` per split), for the job's `data`."""

@@ -8,9 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDep
@@ -29,7 +30,7 @@ from api.schemas import (
 )
 from service import jobs as job_service
 from service.errors import Conflict, InvalidRequest, NotFound
-from service.models import TERMINAL_STATUSES, Job
+from service.models import TERMINAL_STATUSES, BaseModelEntry, Dataset, Job
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def create_job(
     request = body.model_dump(mode="json")
     try:
         job, created = job_service.create_job(session, tenant.id, request, idempotency_key)
+        if created:
+            _refuse_data_without_examples(session, job)
         session.commit()
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race: answer with its job.
@@ -86,6 +89,32 @@ def create_job(
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     return JobPublic.of(job)
+
+
+def _refuse_data_without_examples(session: Session, job: Job) -> None:
+    """A 422 for a job that would fail at its start: its dataset's token counts (the quick
+    task's, for this base model at this `cutoff_len`) show that no row keeps a trainable token.
+    The worker would tokenize the same rows the same way and stop before its first step; a
+    dataset still counting, or counted at another `cutoff_len`, is left to the worker."""
+    hp = job.spec.get("hyperparameters") or {}
+    if hp.get("train_on_inputs"):  # the prompt's tokens are trainable: nothing is dropped
+        return
+    for field, dataset_id in (("dataset_id", job.dataset_id), ("validation_dataset_id", job.validation_dataset_id)):
+        dataset = session.get(Dataset, dataset_id) if dataset_id else None
+        if dataset is None or dataset.token_counts_status != "ready":
+            continue
+        counts = (dataset.token_counts or {}).get(job.base_model) or {}
+        valid, dropped = counts.get("valid_rows"), counts.get("dropped_at_cutoff")
+        if counts.get("cutoff_len") != hp.get("cutoff_len") or not valid or dropped != valid:
+            continue
+        entry = session.get(BaseModelEntry, job.base_model)
+        limit = f" ({job.base_model} takes up to {entry.max_positions})" if entry is not None and entry.max_positions else ""
+        raise InvalidRequest(
+            ("body", "hyperparameters", "cutoff_len"),
+            f"{field} {dataset_id}: none of its {valid} rows keeps a trainable token within cutoff_len={hp['cutoff_len']} "
+            f"with {job.base_model}'s tokenizer (the rows have up to {counts.get('max_tokens')} tokens, "
+            f"{counts.get('mean_tokens'):g} on average): raise cutoff_len{limit}, shorten the prompts, or set train_on_inputs",
+        )
 
 
 @router.get("", response_model=JobList, summary="The tenant's jobs, newest first")
@@ -297,24 +326,62 @@ def download_adapter(
     job = job_service.get_job(session, tenant.id, job_id)
     if job.adapter_key is None:
         raise NotFound(f"job {job_id} has no adapter (status: {job.status})")
-    filename = f"{job.id}-adapter.tar.gz"
     if not storage.exists(job.adapter_key):
         raise NotFound(f"the adapter file of job {job_id} is missing from storage")
+    return _send_archive(storage, settings, job.adapter_key, f"{job.id}-adapter.tar.gz")
+
+
+def _send_archive(storage, settings, key: str, filename: str) -> Response:
+    """A stored `.tar.gz` as a download: a presigned redirect where the storage has URLs (and
+    `MOLA_DOWNLOAD_MODE` is `redirect`), else the file or a stream of it."""
     if settings.download_mode == "redirect":  # a folder has no URLs: it streams
-        url = storage.presigned_url(job.adapter_key, settings.presign_seconds, filename)
+        url = storage.presigned_url(key, settings.presign_seconds, filename)
         if url is not None:
             return RedirectResponse(url, status_code=307)
-    path = storage.local_path(job.adapter_key)
+    path = storage.local_path(key)
     if path is not None:
         return FileResponse(path, media_type="application/gzip", filename=filename)
     return StreamingResponse(
-        storage.iter_chunks(job.adapter_key),
+        storage.iter_chunks(key),
         media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="Checkpoints saved during training")
+@router.get(
+    "/{job_id}/checkpoints",
+    response_model=CheckpointList,
+    summary="Checkpoints saved during training",
+    description="Oldest first, with each step's `loss` and `eval_loss` (when reported at that step) in `metrics`.",
+)
 def list_checkpoints(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> CheckpointList:
     job_service.get_job(session, tenant.id, job_id)
     return CheckpointList(data=[CheckpointPublic.of(c) for c in job_service.list_checkpoints(session, job_id)])
+
+
+@router.get(
+    "/{job_id}/checkpoints/{step}/adapter",
+    summary="Download the adapter of one checkpoint",
+    description=(
+        "The adapter as it was at that checkpoint, packed like the final one (`adapter_config.json`, "
+        "`adapter_model.safetensors`, a `README.md` naming the step): to keep the checkpoint with "
+        "the best validation loss, say. Any job's checkpoint, running ones included; the job "
+        "keeps its newest `MOLA_KEEP_CHECKPOINTS`."
+    ),
+    response_class=FileResponse,
+    responses={200: {"content": {"application/gzip": {}}}, 307: {"description": "redirect to a presigned storage URL"}},
+)
+def download_checkpoint_adapter(
+    job_id: Text,
+    step: Annotated[int, Path(ge=0, le=MAX_STEP, description="a step listed by GET /jobs/{id}/checkpoints")],
+    tenant: CurrentTenant,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> Response:
+    job_service.get_job(session, tenant.id, job_id)
+    key = job_service.checkpoint_adapter_key(job_service.get_checkpoint(session, job_id, step))
+    # Checkpoints written before they carried an archive, or pruned a moment ago.
+    if not storage.exists(key):
+        raise NotFound(f"the checkpoint at step {step} of job {job_id} has no adapter archive in storage")
+    return _send_archive(storage, settings, key, f"{job_id}-step{step}-adapter.tar.gz")

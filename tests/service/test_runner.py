@@ -101,7 +101,7 @@ def test_every_checkpoint_stores_its_adapter_for_download(client, key, settings,
         assert checkpoint["metrics"]["eval_loss"] == evals[checkpoint["step"]] and checkpoint["metrics"]["loss"] == trains[checkpoint["step"]]
     with sessions() as session:
         prefix = session.scalar(select(Checkpoint.storage_prefix).where(Checkpoint.job_id == job_id, Checkpoint.step == 2))
-    archive = storage.get_file(f"{prefix}/{runner.CHECKPOINT_ADAPTER}", tmp_path / "step2.tar.gz")
+    archive = storage.get_file(job_service.checkpoint_adapter_key(prefix), tmp_path / "step2.tar.gz")
     with tarfile.open(archive) as tar:
         assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
         tar.extractall(tmp_path / "step2", filter="data")
