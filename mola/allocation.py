@@ -21,6 +21,7 @@ Accepted specs (see :func:`expand_allocation`):
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 
@@ -63,11 +64,12 @@ def _check_counts(counts: Sequence[object], num_layers: int, what: str, unit: st
         )
     checked = []
     for index, value in enumerate(counts):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
                 raise ValueError(f"{what}: {unit} {index} has {value!r}, expected a whole number")
+        value = int(value)  # numpy's integers are whole numbers too, but not JSON's
         if value < 1:
             raise ValueError(f"{what}: {unit} {index} has {value}, expected at least 1")
         if value > MAX_EXPERTS_PER_LAYER:
@@ -84,7 +86,7 @@ def _preset(name: str, average: object, num_layers: int) -> list[int]:
         raise ValueError(f"unknown allocation preset {name!r}; choose one of {', '.join(PRESETS)}")
     if (
         isinstance(average, bool)
-        or not isinstance(average, (int, float))
+        or not isinstance(average, numbers.Real)
         or not math.isfinite(average)
         or average < 1
     ):

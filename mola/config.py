@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ def _nominal_depth(spec: Any) -> int:
 def _is_finite_number(value: Any) -> bool:
     """An int or float that is not a bool, NaN or infinite (NaN passes every comparison's
     negation, so range checks alone let it through)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 @dataclass
@@ -84,8 +85,9 @@ class MolaConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= 4096:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or not 1 <= self.rank <= 4096:
             raise ValueError(f"rank must be an integer between 1 and 4096, got {self.rank!r}")
+        self.rank = int(self.rank)  # a numpy integer would not serialise to adapter_config.json
         if not _is_finite_number(self.alpha) or self.alpha <= 0:
             raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
         if not _is_finite_number(self.dropout) or not 0 <= self.dropout < 1:

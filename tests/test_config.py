@@ -73,3 +73,19 @@ def test_unknown_architecture_needs_explicit_targets():
         MolaConfig().targets_for("bert")
     with pytest.raises(ValueError, match="unknown MolaConfig fields: colour"):
         MolaConfig.from_dict({"colour": "red"})
+
+
+def test_numpy_numbers_are_numbers():
+    # Allocations computed with numpy (np.linspace(...).round().astype(int)) were refused with
+    # "layer 0 has np.int64(2), expected a whole number"; the resolved counts are plain ints,
+    # which the adapter's JSON description needs.
+    np = pytest.importorskip("numpy")
+    config = MolaConfig(
+        experts=list(np.array([2, 4, 6, 8])), top_k=np.int64(2), rank=np.int64(4), alpha=np.int64(8), dropout=np.float32(0.0)
+    )
+    experts, top_k = config.resolve(4)
+    assert experts == [2, 4, 6, 8] and top_k == [2, 2, 2, 2]
+    assert all(type(n) is int for n in experts + top_k) and type(config.rank) is int
+    assert MolaConfig(experts={"preset": "triangle", "average": np.int64(3)}).resolve(4)[0] == [4, 3, 3, 2]
+    with pytest.raises(ValueError, match="expected a whole number"):
+        MolaConfig(experts=[np.float64(2.5)] * 4)
