@@ -1,0 +1,72 @@
+"""What a user walking through the README met with `POST /jobs`: a job that its dataset's token
+counts already show cannot train is refused at once, instead of failing when a worker starts it."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import datasets as dataset_service
+from service.db import session_scope
+from tests.service.conftest import auth, job_body, make_dataset
+
+# What the quick task records for a dataset whose rows are all longer than a job's default
+# cutoff_len with a byte-level tokenizer (tiny-llama): every row is cut before its answer.
+ALL_DROPPED = {"total_tokens": 8660, "mean_tokens": 433.0, "max_tokens": 662, "cutoff_len": 256,
+               "over_cutoff": 20, "dropped_at_cutoff": 20, "valid_rows": 20}
+
+
+def count(sessions, dataset_id: str, stats: dict, status: str = "ready") -> None:
+    with session_scope(sessions) as session:
+        dataset_service.record_token_counts(session, dataset_id, {"tiny-llama": stats}, status)
+
+
+def test_a_job_whose_rows_all_drop_at_its_cutoff_is_refused_naming_the_cutoff(client, key, sessions, queue):
+    dataset_id = make_dataset(client, key)
+    count(sessions, dataset_id, ALL_DROPPED)
+    response = client.post("/jobs", headers=auth(key), json=job_body(dataset_id))
+    assert response.status_code == 422, response.text
+    error = response.json()["errors"][0]
+    assert error["field"] == "body.hyperparameters.cutoff_len"
+    assert error["msg"] == (
+        f"dataset_id {dataset_id}: none of its 20 rows keeps a trainable token within cutoff_len=256 with tiny-llama's "
+        "tokenizer (the rows have up to 662 tokens, 433 on average): raise cutoff_len (tiny-llama takes up to 512), "
+        "shorten the prompts, or set train_on_inputs"
+    )
+    assert queue.enqueued == [] and client.get("/jobs", headers=auth(key)).json()["data"] == []
+
+
+def test_the_validation_set_is_checked_too(client, key, sessions):
+    train, validation = make_dataset(client, key), make_dataset(client, key)
+    count(sessions, validation, ALL_DROPPED)
+    body = job_body(train, validation_dataset_id=validation)
+    response = client.post("/jobs", headers=auth(key), json=body)
+    assert response.status_code == 422 and response.json()["detail"].startswith(f"body.hyperparameters.cutoff_len: validation_dataset_id {validation}:")
+
+
+@pytest.mark.parametrize(
+    "hyperparameters, stats, status",
+    [
+        ({"cutoff_len": 512}, ALL_DROPPED, "ready"),  # counted at another cutoff: the worker decides
+        ({"train_on_inputs": True}, ALL_DROPPED, "ready"),  # the prompt is trainable: nothing drops
+        ({}, ALL_DROPPED, "pending"),  # not counted yet
+        ({}, {**ALL_DROPPED, "dropped_at_cutoff": 19}, "ready"),  # one row keeps its answer
+    ],
+    ids=["other-cutoff", "train-on-inputs", "pending", "one-row-left"],
+)
+def test_jobs_that_may_train_are_created(client, key, sessions, hyperparameters, stats, status):
+    dataset_id = make_dataset(client, key)
+    count(sessions, dataset_id, stats, status)
+    body = job_body(dataset_id)
+    body["hyperparameters"].update(hyperparameters)
+    response = client.post("/jobs", headers=auth(key), json=body)
+    assert response.status_code == 201, response.text
+
+
+def test_a_replay_of_a_job_created_before_the_counts_still_answers_its_job(client, key, sessions):
+    dataset_id = make_dataset(client, key)
+    headers = {**auth(key), "Idempotency-Key": "before-the-count"}
+    first = client.post("/jobs", headers=headers, json=job_body(dataset_id))
+    assert first.status_code == 201
+    count(sessions, dataset_id, ALL_DROPPED)
+    again = client.post("/jobs", headers=headers, json=job_body(dataset_id))
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
