@@ -160,6 +160,9 @@ class Job:
     adapter_available: bool
     attempts: int = 0
     raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
+    # `create_job` only: True when the server answered with the job an earlier request with the
+    # same Idempotency-Key created (200, `Idempotent-Replayed: true`) instead of a new one.
+    replayed: bool = field(default=False, compare=False)
 
     @property
     def done(self) -> bool:
@@ -409,6 +412,8 @@ class MolaClient:
         suffix: str | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
+        """Create a job (the API's 201). With ``idempotency_key``, a retry of the same request
+        returns the job the first one created, with ``replayed`` True."""
         body: dict[str, Any] = {"base_model": base_model, "dataset_id": dataset_id, "method": method}
         optional = {
             "allocation": allocation,
@@ -419,7 +424,10 @@ class MolaClient:
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return Job.from_json(self._json("POST", "/jobs", json=body, headers=headers))
+        response = self._request("POST", "/jobs", json=body, headers=headers)
+        job = Job.from_json(response.json())
+        job.replayed = response.headers.get("Idempotent-Replayed") == "true"
+        return job
 
     def list_jobs(self, status: str | None = None, limit: int = 20, after: str | None = None) -> Page:
         params: dict[str, Any] = {"limit": limit}

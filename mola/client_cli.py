@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -126,6 +127,22 @@ def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     return hp
 
 
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number within [low, high], the range the API accepts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            within = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {within}, got {value}")
+        return value
+
+    return parse
+
+
 # ---- text output -----------------------------------------------------------------------------
 def _adapter_shape(job: Job) -> str:
     """What the job trains, in a few words: experts per layer, or a LoRA's rank."""
@@ -163,9 +180,13 @@ def _show_job(job: Job) -> None:
     if job.error:
         print(f"error:       {job.error}")
     if job.result and job.result.get("train"):
-        train = job.result["train"]
-        print(f"final loss:  {train.get('loss')}")
-    print(f"adapter:     {'available' if job.adapter_available else 'not yet'}")
+        loss = job.result["train"].get("loss")
+        print(f"final loss:  {loss:.4f}" if isinstance(loss, float) else f"final loss:  {loss}")
+    if job.adapter_available:
+        adapter = f"available (`mola jobs download {job.id} --extract DIR`)"
+    else:  # a job that ended without one will never have one
+        adapter = "none" if job.done else "not yet"
+    print(f"adapter:     {adapter}")
 
 
 def _show_dataset(dataset: Dataset) -> None:
@@ -180,9 +201,13 @@ def _show_dataset(dataset: Dataset) -> None:
     counts = dataset.token_counts or {}
     print(f"tokens:      {counts.get('status') or 'not counted'}" + (f": {counts['error']}" if counts.get("error") else ""))
     for model, c in (counts.get("models") or {}).items():
+        dropped = c.get("dropped_at_cutoff")
+        # Rows cut before any trainable token are left out of training; when that is every row,
+        # a job at that cutoff_len is refused.
+        lost = f", {dropped} of them with no trainable token left (a job at that cutoff skips them)" if dropped else ""
         print(
             f"  {model}: {c.get('total_tokens')} tokens, mean {c.get('mean_tokens')}, max {c.get('max_tokens')}; "
-            f"{c.get('over_cutoff')} rows over cutoff_len {c.get('cutoff_len')}"
+            f"{c.get('over_cutoff')} rows over cutoff_len {c.get('cutoff_len')}{lost}"
         )
     for model, stats in (dataset.token_stats or {}).items():  # measured by jobs that trained on it
         print(f"  {model} (from a job): " + ", ".join(f"{k} {v}" for k, v in stats.items()))
@@ -259,6 +284,9 @@ def cmd_jobs_create(args: argparse.Namespace) -> int:
         )
         if args.json:
             _print_json(job.raw)
+        elif job.replayed:  # the server answered 200 with the job this key created before
+            print(f"{job.id} was created earlier with this --idempotency-key (now {job.status}); no new job: "
+                  f"{job.method} on {job.base_model}, {_adapter_shape(job)}")
         else:
             print(f"created {job.id}: {job.method} on {job.base_model}, {_adapter_shape(job)}")
         if args.follow:  # with --json, stdout keeps the one JSON answer above: progress goes to stderr
@@ -424,14 +452,30 @@ def _wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespa
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
+        except BrokenPipeError:  # `mola jobs list | head`: the reader has all it wanted
+            _silence_stdout()
+            return 141  # as a shell reports a command ended by SIGPIPE
         except MolaAPIError as exc:
-            print(f"error: {exc.detail}" if exc.status_code == 0 else f"error ({exc.status_code}): {exc.detail}", file=sys.stderr)
+            detail = exc.detail
+            if exc.status_code == 401 and not (args.api_key or os.environ.get("MOLA_API_KEY")):
+                detail = "no API key: set MOLA_API_KEY or pass --api-key (keys come from `mola keys create --tenant NAME`)"
+            print(f"error: {detail}" if exc.status_code == 0 else f"error ({exc.status_code}): {detail}", file=sys.stderr)
             return 1
         except OSError as exc:  # a local file: the upload to read, the download to write
             print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
             return 1
 
     return run
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not fail on the closed pipe
+    again (Python would print "Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # stdout is no file (a test's capture)
+        pass
 
 
 def add_model_list_command(models_subparsers: argparse._SubParsersAction) -> None:
@@ -448,7 +492,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_wrap(cmd_datasets_upload))
     p = datasets.add_parser("list", help="list datasets")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_int_in(1, 100), default=20, help="datasets per page (1-100)")
     p.add_argument("--after")
     _common(p)
     p.set_defaults(func=_wrap(cmd_datasets_list))
@@ -477,7 +521,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_wrap(cmd_jobs_create))
     p = jobs.add_parser("list", help="list jobs")
     p.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_int_in(1, 100), default=20, help="jobs per page (1-100)")
     p.add_argument("--after")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_list))
@@ -494,8 +538,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_wrap(fn))
     p = jobs.add_parser("metrics", help="print a job's metrics")
     p.add_argument("id")
-    p.add_argument("--after-step", type=int, default=0)
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--after-step", type=_int_in(0), default=0)
+    p.add_argument("--limit", type=_int_in(1, 1000), default=100, help="steps per page (1-1000)")
     p.add_argument("--kind", choices=("train", "eval"))
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_metrics))

@@ -1,0 +1,101 @@
+"""What a user walking through the README's client and CLI sections met, against a live API:
+an idempotent retry told apart from a new job, `| head` without an error line, a failed job's
+adapter not promised, dropped rows shown, page sizes checked before sending, a missing key
+explained."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from service import cli
+from service import datasets as dataset_service
+from service import jobs as job_service
+from service.db import session_scope
+from tests.service.test_client import OWNER, api, dataset_id, live, mola, start_job  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_replayed_idempotency_key_is_not_reported_as_a_new_job(capsys, live, key, api, dataset_id):
+    first = api.create_job("tiny-llama", dataset_id, idempotency_key="run-1")
+    again = api.create_job("tiny-llama", dataset_id, idempotency_key="run-1")
+    assert (first.replayed, again.replayed, again.id) == (False, True, first.id)
+
+    args = ("jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--idempotency-key", "run-1")
+    code, out, err = mola(capsys, live, key, *args)
+    assert code == 0, err
+    assert out.startswith(f"{first.id} was created earlier with this --idempotency-key (now queued); no new job: mola on tiny-llama")
+    code, out, _ = mola(capsys, live, key, *args[:-1], "run-2")
+    assert code == 0 and out.startswith("created job_")
+
+
+class ClosedPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_reader_that_stops_early_gets_no_error_line(capsys, live, key, api, dataset_id, monkeypatch):
+    api.create_job("tiny-llama", dataset_id)
+    monkeypatch.setattr("sys.stdout", ClosedPipe())  # `mola jobs list | head -0`
+    code = cli.main(["jobs", "list", "--url", live.url, "--api-key", key])
+    monkeypatch.undo()
+    assert code == 141 and capsys.readouterr().err == ""
+
+
+def test_a_failed_job_has_no_adapter_rather_than_not_yet_one(capsys, live, key, api, dataset_id, sessions):
+    queued = api.create_job("tiny-llama", dataset_id).id
+    failed = api.create_job("tiny-llama", dataset_id).id
+    start_job(sessions, failed)
+    with session_scope(sessions) as session:
+        assert job_service.finish_job(session, failed, OWNER, "failed", error="ValueError: no example", result={"train": {"loss": 2.123456789}})
+    code, out, _ = mola(capsys, live, key, "jobs", "show", failed)
+    assert code == 0 and "adapter:     none\n" in out and "final loss:  2.1235\n" in out
+    code, out, _ = mola(capsys, live, key, "jobs", "show", queued)
+    assert code == 0 and "adapter:     not yet\n" in out
+
+
+def test_datasets_show_says_how_many_rows_the_cutoff_drops(capsys, live, key, dataset_id, sessions):
+    stats = {"total_tokens": 8660, "mean_tokens": 433.0, "max_tokens": 662, "cutoff_len": 256,
+             "over_cutoff": 20, "dropped_at_cutoff": 18, "valid_rows": 24}
+    with session_scope(sessions) as session:
+        dataset_service.record_token_counts(session, dataset_id, {"tiny-llama": stats}, "ready")
+    code, out, _ = mola(capsys, live, key, "datasets", "show", dataset_id)
+    assert code == 0
+    assert ("  tiny-llama: 8660 tokens, mean 433.0, max 662; 20 rows over cutoff_len 256, "
+            "18 of them with no trainable token left (a job at that cutoff skips them)\n") in out
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["jobs", "list", "--limit", "0"], "--limit"),
+        (["jobs", "list", "--limit", "101"], "--limit"),
+        (["datasets", "list", "--limit", "0"], "--limit"),
+        (["jobs", "metrics", "job_1", "--limit", "1001"], "--limit"),
+        (["jobs", "metrics", "job_1", "--after-step", "-1"], "--after-step"),
+    ],
+)
+def test_a_page_size_the_api_refuses_is_a_usage_error(capsys, args, flag):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*args, "--url", "http://127.0.0.1:9", "--api-key", "k"])
+    assert exit_.value.code == 2 and f"error: argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_no_api_key_is_explained_in_the_cli_s_terms(capsys, live, monkeypatch):
+    monkeypatch.delenv("MOLA_API_KEY", raising=False)
+    code = cli.main(["jobs", "list", "--url", live.url])
+    err = capsys.readouterr().err
+    assert code == 1 and err == (
+        "error (401): no API key: set MOLA_API_KEY or pass --api-key (keys come from `mola keys create --tenant NAME`)\n"
+    )
+    code = cli.main(["jobs", "list", "--url", live.url, "--api-key", "mola_wrong"])
+    assert code == 1 and capsys.readouterr().err == "error (401): invalid API key\n"
+
+
+def test_json_output_of_a_replay_is_the_api_answer(capsys, live, key, api, dataset_id):
+    first = api.create_job("tiny-llama", dataset_id, idempotency_key="run-j")
+    code, out, _ = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--idempotency-key", "run-j", "--json")
+    assert code == 0 and json.loads(out) == {**first.raw, "progress": json.loads(out)["progress"]}
