@@ -369,6 +369,8 @@ def _adapter_differences(model: nn.Module, resume_path: Path) -> list[str]:
         active = getattr(model, "active_adapter", None)
         now = (peft_configs.get(active) or next(iter(peft_configs.values()))).to_dict()
         saved, fields = json.loads(path.read_text()), LORA_ADAPTER_MUST_MATCH
+        if saved.get("adapter_type") == "mola":
+            return ["adapter: MoLA in the checkpoint, LoRA now"]
         if "target_modules" in saved and isinstance(saved["target_modules"], list):
             saved = {**saved, "target_modules": set(saved["target_modules"])}
     return [

@@ -278,6 +278,12 @@ def test_lora_resume_refuses_another_alpha(data, tmp_path):
     assert train(lora(8), TOKENIZER, data, config=TrainConfig(**RESUMED), resume_from=tmp_path / "checkpoint-1").steps == 3
 
 
+def test_lora_resume_refuses_a_mola_checkpoint(data, stopped_run):
+    # It failed later, in the optimizer's state, with "a parameter group that doesn't match".
+    with pytest.raises(ValueError, match="adapter: MoLA in the checkpoint, LoRA now"):
+        train(get_lora_model(tiny_model("llama")), TOKENIZER, data, config=TrainConfig(**RESUMED), resume_from=stopped_run)
+
+
 def test_resume_refuses_other_data(data, stopped_run):
     with pytest.raises(ValueError, match="examples: 64 in the checkpoint, 40 now"):
         train(fresh_model(), TOKENIZER, data[:40], config=TrainConfig(**RESUMED), resume_from=stopped_run)
