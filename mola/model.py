@@ -82,8 +82,10 @@ class MolaModel(nn.Module):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, labels: Tensor | None = None, **kwargs: Any) -> MolaCausalLMOutput | tuple:
         return_dict = kwargs.pop("return_dict", None)  # the base model's output must be dict-like
         token_mask = None
-        if attention_mask is not None and input_ids is not None and attention_mask.shape == input_ids.shape:
-            token_mask = attention_mask.reshape(-1)
+        embeds = kwargs.get("inputs_embeds")
+        tokens = input_ids.shape if input_ids is not None else embeds.shape[:-1] if embeds is not None else None  # (B, T)
+        if attention_mask is not None and tokens is not None and attention_mask.shape == tokens:
+            token_mask = attention_mask.reshape(-1)  # (B*T,): padding left out of the balance loss
         self.recorder.start(token_mask)
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=True, **kwargs)

@@ -73,6 +73,21 @@ def test_model_aux_loss_pools_the_modules_of_each_layer():
     torch.testing.assert_close(out.loss, out.lm_loss + 0.01 * out.aux_loss)
 
 
+@pytest.mark.parametrize("by", ["input_ids", "inputs_embeds"])
+def test_aux_loss_leaves_padding_out(by):
+    # Right padding changes no real token's routing, so it must not change the balance loss,
+    # whether the tokens come as ids or as embeddings.
+    model = get_mola_model(tiny_model("llama"), MolaConfig(experts="2468", top_k=2, dropout=0.0)).eval()
+    x = torch.randint(0, 256, (1, 10))
+    padded = torch.cat([x, torch.full((1, 5), 259)], 1)
+    mask = torch.cat([torch.ones_like(x), torch.zeros(1, 5, dtype=torch.long)], 1)
+    embed = model.get_input_embeddings()
+    inputs = (lambda ids: {"input_ids": ids}) if by == "input_ids" else (lambda ids: {"inputs_embeds": embed(ids)})
+    with torch.no_grad():
+        alone = model(**inputs(x)).aux_loss
+        torch.testing.assert_close(model(**inputs(padded), attention_mask=mask).aux_loss, alone)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_save_and_load_give_identical_logits(tmp_path, arch):
     model = get_mola_model(tiny_model(arch), MolaConfig(experts="1234" if arch != "gpt2" else "12", top_k=[1, 2, 2, 3])).eval()
