@@ -532,24 +532,33 @@ class MolaClient:
                 raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
             time.sleep(poll)
 
-    def write_adapter(self, job_id: str, out: BinaryIO) -> int:
-        """Write the adapter archive (.tar.gz) to the binary stream ``out``; returns its size."""
+    @staticmethod
+    def _adapter_path(job_id: str, step: int | None) -> str:
+        """The final adapter, or with ``step`` the one saved with that checkpoint."""
+        return f"/jobs/{job_id}/adapter" if step is None else f"/jobs/{job_id}/checkpoints/{int(step)}/adapter"
+
+    def write_adapter(self, job_id: str, out: BinaryIO, step: int | None = None) -> int:
+        """Write the adapter archive (.tar.gz) to the binary stream ``out``; returns its size.
+        ``step``: the adapter of that checkpoint (`checkpoints`) instead of the final one."""
         size = 0
-        with self._stream("GET", f"/jobs/{job_id}/adapter", follow_redirects=True) as response:
+        with self._stream("GET", self._adapter_path(job_id, step), follow_redirects=True) as response:
             for chunk in response.iter_bytes():
                 out.write(chunk)
                 size += len(chunk)
         return size
 
-    def download_adapter(self, job_id: str, dest: str | os.PathLike, extract: bool = False) -> Path:
+    def download_adapter(self, job_id: str, dest: str | os.PathLike, extract: bool = False, step: int | None = None) -> Path:
         """Save the adapter archive to ``dest`` (a file, or a folder to put it in); with
         ``extract``, unpack it into the folder ``dest`` instead and return that folder, ready for
-        `mola.load_mola_model` (or `peft.PeftModel.from_pretrained` for a ``lora`` job)."""
+        `mola.load_mola_model` (or `peft.PeftModel.from_pretrained` for a ``lora`` job).
+        ``step``: the adapter saved with that checkpoint (see `checkpoints`: pick the step with
+        the best ``eval_loss``) instead of the final one."""
         dest = Path(dest)
-        with self._stream("GET", f"/jobs/{job_id}/adapter", follow_redirects=True) as response:
+        name = f"{job_id}-adapter.tar.gz" if step is None else f"{job_id}-step{int(step)}-adapter.tar.gz"
+        with self._stream("GET", self._adapter_path(job_id, step), follow_redirects=True) as response:
             if extract or dest.is_dir():
                 dest.mkdir(parents=True, exist_ok=True)
-                archive = dest / f"{job_id}-adapter.tar.gz"
+                archive = dest / name
             else:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 archive = dest

@@ -349,31 +349,35 @@ def cmd_jobs_checkpoints(args: argparse.Namespace) -> int:
         _print_json(checkpoints.raw)
         return 0
     for c in checkpoints:
-        print(f"step {c.step:>6}  {c.size_bytes / 1e6:8.2f} MB  {c.created_at:%Y-%m-%d %H:%M:%S}")
+        losses = "".join(f"  {k}={c.metrics[k]:.4f}" for k in ("loss", "eval_loss") if isinstance(c.metrics.get(k), float))
+        print(f"step {c.step:>6}  {c.size_bytes / 1e6:8.2f} MB  {c.created_at:%Y-%m-%d %H:%M:%S}{losses}")
+    if checkpoints:
+        print(f"(an adapter: mola jobs download {args.id} --step STEP --extract DIR)")
     return 0
 
 
 def cmd_jobs_download(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.output == "-":
-            return _download_to_stdout(client, args.id)
+            return _download_to_stdout(client, args.id, args.step)
         if args.extract:
             method = client.get_job(args.id).method  # the loader to suggest depends on it
-            path = client.download_adapter(args.id, args.extract, extract=True)
+            path = client.download_adapter(args.id, args.extract, extract=True, step=args.step)
             print(f"adapter extracted to {path}/ (load it with {_load_hint(method, path)})", file=_text_out(args))
         else:
-            path = client.download_adapter(args.id, args.output or f"{args.id}-adapter.tar.gz")
+            default = f"{args.id}-adapter.tar.gz" if args.step is None else f"{args.id}-step{args.step}-adapter.tar.gz"
+            path = client.download_adapter(args.id, args.output or default, step=args.step)
             print(f"saved {path}", file=_text_out(args))
     return 0
 
 
-def _download_to_stdout(client: MolaClient, job_id: str) -> int:
+def _download_to_stdout(client: MolaClient, job_id: str, step: int | None = None) -> int:
     """`-o -`: the archive's bytes on stdout, for a pipe (`| tar xz`) or a redirection."""
     if sys.stdout.isatty():
         print("error: -o - writes a binary archive: redirect stdout to a file or a pipe", file=sys.stderr)
         return 2
     sys.stdout.flush()
-    client.write_adapter(job_id, sys.stdout.buffer)
+    client.write_adapter(job_id, sys.stdout.buffer, step=step)
     sys.stdout.buffer.flush()
     return 0
 
@@ -548,5 +552,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("-o", "--output", help="archive path, or - for stdout (default: <job id>-adapter.tar.gz)")
     where.add_argument("--extract", metavar="DIR", help="unpack into DIR instead, ready for mola.load_mola_model (peft for a lora job)")
+    p.add_argument("--step", type=_int_in(0), help="the adapter saved with this checkpoint (`mola jobs checkpoints ID`) instead of the final one")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_download))

@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from mola.client import MolaAPIError
 from service import cli
 from service import datasets as dataset_service
 from service import jobs as job_service
@@ -99,3 +100,29 @@ def test_json_output_of_a_replay_is_the_api_answer(capsys, live, key, api, datas
     first = api.create_job("tiny-llama", dataset_id, idempotency_key="run-j")
     code, out, _ = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--idempotency-key", "run-j", "--json")
     assert code == 0 and json.loads(out) == {**first.raw, "progress": json.loads(out)["progress"]}
+
+
+def test_a_checkpoint_s_adapter_downloads_through_the_client_and_the_cli(capsys, live, key, api, dataset_id, sessions, storage, tmp_path):
+    from tests.service.test_client import adapter_archive
+
+    job_id = api.create_job("tiny-llama", dataset_id).id
+    start_job(sessions, job_id)
+    prefix = f"jobs/{job_id}/checkpoints/checkpoint-2"
+    archive = adapter_archive(tmp_path)
+    storage.put_file(job_service.checkpoint_adapter_key(prefix), archive)
+    with session_scope(sessions) as session:
+        job_service.record_checkpoint(session, job_id, 2, prefix, 10, {"epoch": 0.5, "loss": 1.25, "eval_loss": 1.5})
+
+    folder = api.download_adapter(job_id, tmp_path / "step2", extract=True, step=2)
+    assert (folder / "adapter_config.json").is_file()
+    assert api.download_adapter(job_id, tmp_path, step=2) == tmp_path / f"{job_id}-step2-adapter.tar.gz"
+    with pytest.raises(MolaAPIError) as missing:
+        api.download_adapter(job_id, tmp_path / "step3", extract=True, step=3)
+    assert missing.value.status_code == 404 and not (tmp_path / "step3").exists()
+
+    code, out, err = mola(capsys, live, key, "jobs", "checkpoints", job_id)
+    assert code == 0 and out.splitlines()[0].endswith("  loss=1.2500  eval_loss=1.5000"), out
+    code, out, err = mola(capsys, live, key, "jobs", "download", job_id, "--step", "2", "--extract", str(tmp_path / "cli"))
+    assert code == 0 and (tmp_path / "cli" / "adapter_config.json").is_file(), err
+    out = io.BytesIO()  # what `-o -` writes to stdout
+    assert api.write_adapter(job_id, out, step=2) == archive.stat().st_size and out.getvalue() == archive.read_bytes()
