@@ -33,9 +33,22 @@ def _clean_filename(name: str | None) -> str:
 
 
 async def one_file(request: Request) -> None:
-    """A form keeps the last of several parts with one name, so a second `file` would be
-    dropped without a word: refused instead. (The form is parsed already, for `file`.)"""
-    count = len((await request.form()).getlist("file"))
+    """Exactly one `file` part. A form keeps the last of several parts with one name, so a
+    second `file` would be dropped without a word: refused instead. A body that is not a
+    multipart form, or a form without a `file` part, is refused saying what an upload is,
+    rather than with a bare "Field required". (The form is parsed already, for `file`.)"""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise InvalidRequest(
+            ("body", "file"),
+            f"an upload is a multipart/form-data body with the JSONL file in a part named 'file' "
+            f"(curl -F file=@train.jsonl), not {content_type or 'a body without a Content-Type'}",
+        )
+    form = await request.form()
+    count = len(form.getlist("file"))
+    if count == 0:
+        others = ", ".join(sorted({repr(name) for name in form.keys()})[:5]) or "none"
+        raise InvalidRequest(("body", "file"), f"no part named 'file' in the form (its parts: {others}): send the JSONL file as -F file=@train.jsonl")
     if count > 1:
         raise InvalidRequest(("body", "file"), f"one file per upload, got {count}: send each dataset in its own request")
 

@@ -70,3 +70,25 @@ def test_a_replay_of_a_job_created_before_the_counts_still_answers_its_job(clien
     count(sessions, dataset_id, ALL_DROPPED)
     again = client.post("/jobs", headers=headers, json=job_body(dataset_id))
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+
+
+# ---- POST /datasets: what an upload is, said when the body is not one ------------------------
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"content": b'{"text": "x"}\n', "headers": {"Content-Type": "application/json"}},
+         "body.file: an upload is a multipart/form-data body with the JSONL file in a part named 'file' "
+         "(curl -F file=@train.jsonl), not application/json"),
+        ({"content": b'{"text": "x"}\n'},
+         "body.file: an upload is a multipart/form-data body with the JSONL file in a part named 'file' "
+         "(curl -F file=@train.jsonl), not a body without a Content-Type"),
+        ({"files": {"data": ("train.jsonl", b'{"text": "x"}\n')}},
+         "body.file: no part named 'file' in the form (its parts: 'data'): send the JSONL file as -F file=@train.jsonl"),
+    ],
+    ids=["json-body", "raw-body", "other-part-name"],
+)
+def test_an_upload_that_is_not_a_file_part_says_what_an_upload_is(client, key, kwargs, message):
+    headers = {**auth(key), **kwargs.pop("headers", {})}
+    response = client.post("/datasets", headers=headers, **kwargs)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == message and response.json()["errors"][0]["field"] == "body.file"
