@@ -69,6 +69,12 @@ class MolaAPIError(Exception):
         self.body = body
 
 
+def _with_scheme(url: str) -> str:
+    """``host:port`` as ``http://host:port``: the form people type (and the README's default
+    names), which httpx would take for a URL of the scheme ``host``."""
+    return url if "://" in url else f"http://{url}"
+
+
 def _parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
@@ -309,7 +315,8 @@ class MolaClient:
         timeout: float = 60.0,
         http: httpx.Client | None = None,
     ) -> None:
-        """``http``: an `httpx.Client` to send requests with (a test client, a proxy set-up);
+        """``base_url`` (or `MOLA_URL`): ``http://host:port``; a bare ``host:port`` means http.
+        ``http``: an `httpx.Client` to send requests with (a test client, a proxy set-up);
         its base URL is used and the API key header is added to it."""
         self.api_key = api_key or os.environ.get("MOLA_API_KEY")
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -318,7 +325,7 @@ class MolaClient:
             self._http = http
             self.base_url = str(http.base_url).rstrip("/")
         else:
-            self.base_url = (base_url or os.environ.get("MOLA_URL") or DEFAULT_URL).rstrip("/")
+            self.base_url = _with_scheme((base_url or os.environ.get("MOLA_URL") or DEFAULT_URL).strip().rstrip("/"))
             self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from mola.client import MolaAPIError
+from mola.client import MolaAPIError, MolaClient
 from service import cli
 from service import datasets as dataset_service
 from service import jobs as job_service
@@ -126,3 +126,12 @@ def test_a_checkpoint_s_adapter_downloads_through_the_client_and_the_cli(capsys,
     assert code == 0 and (tmp_path / "cli" / "adapter_config.json").is_file(), err
     out = io.BytesIO()  # what `-o -` writes to stdout
     assert api.write_adapter(job_id, out, step=2) == archive.stat().st_size and out.getvalue() == archive.read_bytes()
+
+
+def test_a_url_without_a_scheme_means_http(capsys, live, key, monkeypatch):
+    host_port = live.url.removeprefix("http://")
+    with MolaClient(host_port, key) as client:  # MOLA_URL=127.0.0.1:8000, as people write it
+        assert client.base_url == live.url and client.health()
+    monkeypatch.setenv("MOLA_URL", f" {host_port}/ ")
+    code = cli.main(["jobs", "list", "--api-key", key])
+    assert code == 0, capsys.readouterr().err
