@@ -160,7 +160,13 @@ def _load_hint(method: str, folder: Path) -> str:
 def _job_line(job: Job) -> str:
     p = job.progress
     steps = f"{p.step}/{p.total_steps}" if p.total_steps else f"{p.step}"
-    return f"{job.id}  {job.status:<9}  {job.method:<4}  {job.base_model:<24}  step {steps:<11}  {job.created_at:%Y-%m-%d %H:%M}"
+    label = f"  {job.suffix}" if job.suffix else ""
+    return f"{job.id}  {job.status:<9}  {job.method:<4}  {job.base_model:<24}  step {steps:<11}  {job.created_at:%Y-%m-%d %H:%M}{label}"
+
+
+def _when(moment: Any) -> str:
+    """A timestamp as `datasets show` and `keys list` write it: to the second, in UTC."""
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC" if moment is not None else "-"
 
 
 def _show_job(job: Job) -> None:
@@ -174,14 +180,21 @@ def _show_job(job: Job) -> None:
     if p.total_steps:
         eta = f", ETA {p.eta_seconds:.0f} s" if p.eta_seconds is not None else ""
         print(f"progress:    step {p.step}/{p.total_steps}, epoch {p.epoch or 0:.2f}{eta}")
-    print(f"created:     {job.created_at}")
+    if job.suffix:
+        print(f"label:       {job.suffix}")
+    print(f"created:     {_when(job.created_at)}")
+    if job.started_at:
+        print(f"started:     {_when(job.started_at)}")
     if job.finished_at:
-        print(f"finished:    {job.finished_at}")
+        print(f"finished:    {_when(job.finished_at)}")
     if job.error:
         print(f"error:       {job.error}")
     if job.result and job.result.get("train"):
         loss = job.result["train"].get("loss")
         print(f"final loss:  {loss:.4f}" if isinstance(loss, float) else f"final loss:  {loss}")
+    eval_loss = ((job.result or {}).get("eval") or {}).get("eval_loss")
+    if isinstance(eval_loss, float):
+        print(f"eval loss:   {eval_loss:.4f}")
     if job.adapter_available:
         adapter = f"available (`mola jobs download {job.id} --extract DIR`)"
     else:  # a job that ended without one will never have one
@@ -210,7 +223,7 @@ def _show_dataset(dataset: Dataset) -> None:
             f"{c.get('over_cutoff')} rows over cutoff_len {c.get('cutoff_len')}{lost}"
         )
     for model, stats in (dataset.token_stats or {}).items():  # measured by jobs that trained on it
-        print(f"  {model} (from a job): " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        print(f"  {model} (from a job): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
 
 
 # ---- datasets --------------------------------------------------------------------------------

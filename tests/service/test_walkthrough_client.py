@@ -135,3 +135,28 @@ def test_a_url_without_a_scheme_means_http(capsys, live, key, monkeypatch):
     monkeypatch.setenv("MOLA_URL", f" {host_port}/ ")
     code = cli.main(["jobs", "list", "--api-key", key])
     assert code == 0, capsys.readouterr().err
+
+
+def test_jobs_show_and_list_write_times_in_utc_and_the_label_and_losses(capsys, live, key, api, dataset_id, sessions):
+    job = api.create_job("tiny-llama", dataset_id, suffix="first-try")
+    start_job(sessions, job.id)
+    with session_scope(sessions) as session:
+        result = {"train": {"loss": 0.5}, "eval": {"eval_loss": 0.75}}
+        assert job_service.finish_job(session, job.id, OWNER, "succeeded", result=result)
+    done = api.get_job(job.id)
+    code, out, _ = mola(capsys, live, key, "jobs", "show", job.id)
+    assert code == 0
+    assert "label:       first-try\n" in out and "eval loss:   0.7500\n" in out
+    assert f"created:     {done.created_at:%Y-%m-%d %H:%M:%S} UTC\n" in out
+    assert f"finished:    {done.finished_at:%Y-%m-%d %H:%M:%S} UTC\n" in out and "+00:00" not in out
+    code, out, _ = mola(capsys, live, key, "jobs", "list")
+    assert code == 0 and out.rstrip("\n").endswith("  first-try")
+
+
+def test_token_stats_from_jobs_are_rounded(capsys, live, key, dataset_id, sessions):
+    from service.models import Dataset
+
+    with session_scope(sessions) as session:
+        session.get(Dataset, dataset_id).token_stats = {"tiny-llama": {"examples": 24, "mean_tokens": 424.5315789473684}}
+    code, out, _ = mola(capsys, live, key, "datasets", "show", dataset_id)
+    assert code == 0 and "  tiny-llama (from a job): examples 24, mean_tokens 424.5\n" in out
