@@ -109,11 +109,12 @@ def _refuse_data_without_examples(session: Session, job: Job) -> None:
             continue
         entry = session.get(BaseModelEntry, job.base_model)
         limit = f" ({job.base_model} takes up to {entry.max_positions})" if entry is not None and entry.max_positions else ""
+        mean, longest = counts.get("mean_tokens"), counts.get("max_tokens")
+        sizes = f" (the rows have up to {longest} tokens, {mean:g} on average)" if isinstance(mean, (int, float)) and longest else ""
         raise InvalidRequest(
             ("body", "hyperparameters", "cutoff_len"),
             f"{field} {dataset_id}: none of its {valid} rows keeps a trainable token within cutoff_len={hp['cutoff_len']} "
-            f"with {job.base_model}'s tokenizer (the rows have up to {counts.get('max_tokens')} tokens, "
-            f"{counts.get('mean_tokens'):g} on average): raise cutoff_len{limit}, shorten the prompts, or set train_on_inputs",
+            f"with {job.base_model}'s tokenizer{sizes}: raise cutoff_len{limit}, shorten the prompts, or set train_on_inputs",
         )
 
 

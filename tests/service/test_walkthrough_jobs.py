@@ -92,3 +92,13 @@ def test_an_upload_that_is_not_a_file_part_says_what_an_upload_is(client, key, k
     response = client.post("/datasets", headers=headers, **kwargs)
     assert response.status_code == 422, response.text
     assert response.json()["detail"] == message and response.json()["errors"][0]["field"] == "body.file"
+
+
+def test_counts_without_their_sizes_still_give_a_422_not_a_500(client, key, sessions):
+    dataset_id = make_dataset(client, key)
+    count(sessions, dataset_id, {"cutoff_len": 256, "dropped_at_cutoff": 20, "valid_rows": 20})
+    response = client.post("/jobs", headers=auth(key), json=job_body(dataset_id))
+    assert response.status_code == 422 and response.json()["errors"][0]["msg"] == (
+        f"dataset_id {dataset_id}: none of its 20 rows keeps a trainable token within cutoff_len=256 with tiny-llama's "
+        "tokenizer: raise cutoff_len (tiny-llama takes up to 512), shorten the prompts, or set train_on_inputs"
+    )
