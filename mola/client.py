@@ -555,15 +555,17 @@ class MolaClient:
         return size
 
     def download_adapter(self, job_id: str, dest: str | os.PathLike, extract: bool = False, step: int | None = None) -> Path:
-        """Save the adapter archive to ``dest`` (a file, or a folder to put it in); with
-        ``extract``, unpack it into the folder ``dest`` instead and return that folder, ready for
-        `mola.load_mola_model` (or `peft.PeftModel.from_pretrained` for a ``lora`` job).
-        ``step``: the adapter saved with that checkpoint (see `checkpoints`: pick the step with
-        the best ``eval_loss``) instead of the final one."""
+        """Save the adapter archive to ``dest`` (a file, or a folder to put it in: one that
+        exists, or a path ending in a slash); with ``extract``, unpack it into the folder
+        ``dest`` instead and return that folder, ready for `mola.load_mola_model` (or
+        `peft.PeftModel.from_pretrained` for a ``lora`` job). ``step``: the adapter saved with
+        that checkpoint (see `checkpoints`: pick the step with the best ``eval_loss``) instead
+        of the final one."""
+        folder = str(dest).endswith(("/", os.sep))  # Path() drops the slash that says so
         dest = Path(dest)
         name = f"{job_id}-adapter.tar.gz" if step is None else f"{job_id}-step{int(step)}-adapter.tar.gz"
         with self._stream("GET", self._adapter_path(job_id, step), follow_redirects=True) as response:
-            if extract or dest.is_dir():
+            if extract or folder or dest.is_dir():
                 dest.mkdir(parents=True, exist_ok=True)
                 archive = dest / name
             else:

@@ -160,3 +160,16 @@ def test_token_stats_from_jobs_are_rounded(capsys, live, key, dataset_id, sessio
         session.get(Dataset, dataset_id).token_stats = {"tiny-llama": {"examples": 24, "mean_tokens": 424.5315789473684}}
     code, out, _ = mola(capsys, live, key, "datasets", "show", dataset_id)
     assert code == 0 and "  tiny-llama (from a job): examples 24, mean_tokens 424.5\n" in out
+
+
+def test_a_destination_ending_in_a_slash_is_a_folder_to_create(capsys, live, key, api, dataset_id, sessions, storage, tmp_path):
+    from tests.service.test_client import adapter_archive, finish_job
+
+    job_id = api.create_job("tiny-llama", dataset_id).id
+    storage.put_file(f"jobs/{job_id}/adapter.tar.gz", adapter_archive(tmp_path))
+    start_job(sessions, job_id)
+    finish_job(sessions, job_id, adapter_key=f"jobs/{job_id}/adapter.tar.gz")
+    saved = api.download_adapter(job_id, f"{tmp_path}/adapters/")
+    assert saved == tmp_path / "adapters" / f"{job_id}-adapter.tar.gz" and saved.is_file()
+    code, out, err = mola(capsys, live, key, "jobs", "download", job_id, "-o", f"{tmp_path}/cli/")
+    assert code == 0 and out == f"saved {tmp_path / 'cli' / f'{job_id}-adapter.tar.gz'}\n", err
