@@ -51,7 +51,9 @@ EVENTS_KEEPALIVE_SECONDS = 15.0
     summary="Create a fine-tuning job",
     description=(
         "Checks the request against the base model (allocation length = its layers, target "
-        "modules it has, ...) and the tenant's datasets before anything is queued. With an "
+        "modules it has, ...) and the tenant's datasets before anything is queued; a dataset "
+        "whose token counts (`GET /datasets/{id}`) show that no row keeps a trainable token "
+        "within the job's `cutoff_len` is a 422 on `hyperparameters.cutoff_len`. With an "
         "`Idempotency-Key` header, repeating the same request returns the job it created "
         "(200, header `Idempotent-Replayed: true`); reusing a key for another request is a 409."
     ),
