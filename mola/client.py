@@ -165,6 +165,9 @@ class Job:
     result: dict[str, Any] | None
     adapter_available: bool
     attempts: int = 0
+    # What the run tokenized, once it has: {"train": {records, examples, over_cutoff,
+    # dropped_at_cutoff, total_tokens, ...}, "validation": {...}}; None before (or an older server).
+    data: dict[str, Any] | None = None
     raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
     # `create_job` only: True when the server answered with the job an earlier request with the
     # same Idempotency-Key created (200, `Idempotent-Replayed: true`) instead of a new one.

@@ -169,6 +169,14 @@ def _when(moment: Any) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC" if moment is not None else "-"
 
 
+def _data_line(stats: dict[str, Any]) -> str:
+    """What tokenizing a split kept: "200 records, 190 examples; 16 cut and 10 dropped at cutoff_len 512"."""
+    line = f"{stats.get('records')} records, {stats.get('examples')} examples"
+    if stats.get("over_cutoff") or stats.get("dropped_at_cutoff"):
+        line += f"; {stats.get('over_cutoff')} cut and {stats.get('dropped_at_cutoff')} dropped (no trainable token left)"
+    return line + f" at cutoff_len {stats.get('cutoff_len')}"
+
+
 def _show_job(job: Job) -> None:
     print(f"id:          {job.id}")
     print(f"status:      {job.status}{' (cancel requested)' if job.cancel_requested and not job.done else ''}")
@@ -180,6 +188,8 @@ def _show_job(job: Job) -> None:
     if p.total_steps:
         eta = f", ETA {p.eta_seconds:.0f} s" if p.eta_seconds is not None else ""
         print(f"progress:    step {p.step}/{p.total_steps}, epoch {p.epoch or 0:.2f}{eta}")
+    for i, (split, stats) in enumerate((job.data or {}).items()):  # what the run tokenized
+        print(f"{'data:' if i == 0 else '':<13}{split}: {_data_line(stats)}")
     if job.suffix:
         print(f"label:       {job.suffix}")
     print(f"created:     {_when(job.created_at)}")

@@ -173,3 +173,19 @@ def test_a_destination_ending_in_a_slash_is_a_folder_to_create(capsys, live, key
     assert saved == tmp_path / "adapters" / f"{job_id}-adapter.tar.gz" and saved.is_file()
     code, out, err = mola(capsys, live, key, "jobs", "download", job_id, "-o", f"{tmp_path}/cli/")
     assert code == 0 and out == f"saved {tmp_path / 'cli' / f'{job_id}-adapter.tar.gz'}\n", err
+
+
+def test_what_a_run_tokenized_is_on_the_job_and_in_jobs_show(capsys, live, key, api, dataset_id, sessions):
+    job_id = api.create_job("tiny-llama", dataset_id).id
+    start_job(sessions, job_id)
+    train = {"records": 24, "examples": 20, "over_cutoff": 6, "dropped_at_cutoff": 4, "cutoff_len": 64}
+    validation = {"records": 3, "examples": 3, "over_cutoff": 0, "dropped_at_cutoff": 0, "cutoff_len": 64}
+    with session_scope(sessions) as session:
+        from service.models import Job
+
+        session.get(Job, job_id).data_stats = {"train": train, "validation": validation}
+    assert api.get_job(job_id).data == {"train": train, "validation": validation}
+    code, out, _ = mola(capsys, live, key, "jobs", "show", job_id)
+    assert code == 0
+    assert ("data:        train: 24 records, 20 examples; 6 cut and 4 dropped (no trainable token left) at cutoff_len 64\n"
+            "             validation: 3 records, 3 examples at cutoff_len 64\n") in out
