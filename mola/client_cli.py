@@ -170,7 +170,8 @@ def _when(moment: Any) -> str:
 
 
 def _data_line(stats: dict[str, Any]) -> str:
-    """What tokenizing a split kept: "200 records, 190 examples; 16 cut and 10 dropped at cutoff_len 512"."""
+    """What tokenizing a split kept, e.g. "200 records, 190 examples; 16 cut and 10 dropped (no
+    trainable token left) at cutoff_len 512"."""
     line = f"{stats.get('records')} records, {stats.get('examples')} examples"
     if stats.get("over_cutoff") or stats.get("dropped_at_cutoff"):
         line += f"; {stats.get('over_cutoff')} cut and {stats.get('dropped_at_cutoff')} dropped (no trainable token left)"
