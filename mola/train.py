@@ -595,6 +595,12 @@ def train(
     _check_data(model, train_data, eval_data, config)
     total_steps = total_steps_for(config, len(train_data))
     per_epoch = steps_per_epoch(config, len(train_data))
+    if config.warmup_steps is not None and config.warmup_steps > total_steps:
+        # Known only now (epochs x examples / batch_size): the schedule would never reach its peak.
+        raise ValueError(
+            f"warmup_steps={config.warmup_steps} is more than the run's {total_steps} steps: the learning rate "
+            f"would never reach learning_rate={config.learning_rate:g}; lower warmup_steps or leave it unset (warmup_ratio)"
+        )
     resume_state, saved = None, {}
     if resume_from is not None:
         resume_state, saved = _read_resume_state(Path(resume_from), config, total_steps, len(train_data), model)

@@ -121,6 +121,15 @@ def test_gradient_checkpointing_gives_the_same_step(data, method):
         torch.testing.assert_close(results[1][name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_a_warmup_longer_than_the_run_is_refused(data):
+    # 64 examples, batch 16, 1 epoch: 4 steps. The schedule would end before reaching its peak.
+    config = TrainConfig(epochs=1, batch_size=16, warmup_steps=5)
+    with pytest.raises(ValueError, match=r"warmup_steps=5 is more than the run's 4 steps: the learning rate would never reach learning_rate=0.0003"):
+        train(fresh_model(), TOKENIZER, data, config=config)
+    result = train(fresh_model(), TOKENIZER, data, config=TrainConfig(epochs=1, batch_size=16, micro_batch_size=16, warmup_steps=4))
+    assert result.steps == 4
+
+
 def test_schedule_and_data_order():
     config = TrainConfig(epochs=2, batch_size=10, seed=3)
     assert total_steps_for(config, 25) == 6
