@@ -178,6 +178,13 @@ def test_failure_records_a_useful_error(client, key, settings):
     assert (job["data"]["train"]["records"], job["data"]["train"]["dropped_at_cutoff"]) == (24, 24)
 
 
+def test_a_warmup_longer_than_the_epochs_fails_the_job_before_any_step(client, key, settings, sessions):
+    job_id = _create(client, key, hyperparameters={"epochs": 1, "max_steps": None, "warmup_steps": 50})
+    assert runner.run_job(job_id, settings) == "failed"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert "warmup_steps=50 is more than the run's 12 steps" in job["error"] and _steps(sessions, job_id) == []
+
+
 def test_the_job_reports_the_examples_cut_and_dropped_at_cutoff(client, key, settings):
     rows = [*ROWS[:6], {"prompt": "x" * 300, "completion": "y"}, {"prompt": "Count: ", "completion": "1 2 3 " * 40}]
     dataset_id = make_dataset(client, key, rows)
