@@ -57,6 +57,26 @@ class MolaCausalLMOutput(CausalLMOutputWithPast):
     aux_loss: Tensor | None = None
 
 
+def _readable_like_a_new_file(path: Path) -> None:
+    """safetensors creates its files owner-only (0600); give the weights the permissions any
+    new file gets (0666 less the umask, usually 0644), like the config written beside them."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    # Linux reports it without changing it; os.umask can only read it by setting it, which for
+    # a moment changes it for every thread of the process.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 class MolaModel(nn.Module):
     """A causal LM whose targeted linear layers are `MolaLinear` modules.
 
@@ -196,6 +216,7 @@ class MolaModel(nn.Module):
             str(tmp_weights),
             metadata={"format": "pt", "adapter_type": "mola", EMBEDDED_CONFIG_KEY: json.dumps(description)},
         )
+        _readable_like_a_new_file(tmp_weights)
         tmp_config = directory / (CONFIG_NAME + ".tmp")
         tmp_config.write_text(json.dumps(description, indent=2) + "\n")
         os.replace(tmp_weights, directory / WEIGHTS_NAME)

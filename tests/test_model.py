@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -105,6 +106,17 @@ def test_save_and_load_give_identical_logits(tmp_path, arch):
     loaded = load_mola_model(tiny_model(arch), tmp_path)
     torch.testing.assert_close(loaded(input_ids=x).logits, logits, rtol=0, atol=0)
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_saved_weights_get_the_permissions_of_any_new_file(tmp_path):
+    model = get_mola_model(tiny_model("llama"), MolaConfig(experts="2222"))
+    previous = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "adapter")
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "adapter").iterdir()}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
 
 
 def test_a_save_interrupted_between_its_two_files_still_loads(tmp_path, monkeypatch):

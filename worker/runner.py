@@ -688,9 +688,16 @@ def pack_adapter(archive: Path, adapter_dir: Path, card: str) -> Path:
     weights, not a checkpoint's optimizer state) and ``card`` as its README.md."""
     files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name.startswith("adapter_"))
     readme = card.encode()
+
+    def readable(member: tarfile.TarInfo) -> tarfile.TarInfo:
+        # Whoever unpacks it may read it (safetensors writes weights owner-only), and the
+        # worker's user and group mean nothing on the user's machine.
+        member.mode, member.uid, member.gid, member.uname, member.gname = 0o644, 0, 0, "", ""
+        return member
+
     with tarfile.open(archive, "w:gz") as tar:
         for path in files:
-            tar.add(path, arcname=path.name)
+            tar.add(path, arcname=path.name, filter=readable)
         info = tarfile.TarInfo("README.md")
         info.size, info.mtime, info.mode = len(readme), int(time.time()), 0o644
         tar.addfile(info, io.BytesIO(readme))

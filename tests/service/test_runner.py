@@ -74,6 +74,7 @@ def test_job_succeeds_and_its_adapter_loads(client, key, settings, sessions, sto
     archive.write_bytes(client.get(f"/jobs/{job_id}/adapter", headers=auth(key)).content)
     with tarfile.open(archive) as tar:
         assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert {m.mode for m in tar.getmembers()} == {0o644}  # anyone who unpacks it may read it
         tar.extractall(tmp_path / "adapter", filter="data")
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "tiny-llama" in card and "trained on 24 of 24 records" in card
@@ -305,6 +306,7 @@ def test_lora_job(client, key, settings, tmp_path):
     archive.write_bytes(client.get(f"/jobs/{job_id}/adapter", headers=auth(key)).content)
     with tarfile.open(archive) as tar:
         assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(tar.getnames())
+        assert {m.mode for m in tar.getmembers()} == {0o644}  # peft's weights file is owner-only
         tar.extractall(tmp_path / "lora", filter="data")
     card = (tmp_path / "lora" / "README.md").read_text()
     assert card.startswith("# LoRA adapter for tiny-llama")
