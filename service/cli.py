@@ -80,6 +80,8 @@ def _admin_session(args: argparse.Namespace) -> Iterator[Any]:
     from service.db import session_scope
 
     settings = _settings(args)
+    # A one-line answer, not alembic's dozen lines of plugins and revisions on each call.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     _require_schema(settings)
     try:
         with session_scope(_sessions(settings)) as session:

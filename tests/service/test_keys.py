@@ -4,6 +4,9 @@ key gets 401 on its next request, and no listing shows a secret."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -82,3 +85,14 @@ def test_revoking_an_unknown_key_says_so(settings, sessions, capsys):
     new_key(sessions, "acme")
     code, out = _mola(capsys, settings, "revoke", "0123456789ab")
     assert code == 2 and "no API key with id or prefix '0123456789ab'" in out
+
+
+def test_key_commands_answer_without_the_migration_log(tmp_path):
+    # A fresh data folder: the command migrates it first, and says nothing about that.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOLA_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "service.cli", "keys", "create", "--tenant", "acme", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("mola_") and "alembic" not in run.stderr
