@@ -189,6 +189,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     app = create_celery_app(settings)
     argv = [
+        *(["--quiet"] if args.quiet else []),  # a global option of the celery command: before "worker"
         "worker",
         f"--pool={args.pool}",
         f"--concurrency={args.concurrency}",
@@ -301,7 +302,8 @@ class WorkerProcess:
         self.thread.start()
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-m", "service.cli", "worker", *self.args]
+        # Quiet: two Celery banners (some 70 lines) would scroll the first API key out of sight.
+        cmd = [sys.executable, "-m", "service.cli", "worker", "--quiet", *self.args]
         # Its own session: a Ctrl-C in the terminal reaches `mola serve`, which then stops the
         # worker with one SIGTERM (a second signal would make Celery stop without waiting).
         env = {**os.environ, "MOLA_SERVE_PID": str(os.getpid())}
@@ -447,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="solo", choices=("solo", "prefork", "threads"), help="Celery pool (solo: jobs run in this process)")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--queues", help="comma-separated queues to consume (default MOLA_QUEUE, the training queue; MOLA_QUICK_QUEUE for a quick worker)")
+    p.add_argument("--quiet", action="store_true", help="no Celery start-up banner (the embedded workers of mola serve)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("reconcile", help="re-queue jobs of dead workers, enqueue queued jobs the broker lost (workers do this on their own)")

@@ -124,6 +124,14 @@ def test_the_api_process_has_no_torch(server):
     assert "libtorch" not in maps.read_text()
 
 
+def test_the_first_key_stays_in_sight(server):
+    """No Celery banner (some 35 lines per embedded worker) after the key: it would scroll away."""
+    key_line = next(i for i, line in enumerate(server.lines) if server.key in line)
+    after = server.lines[key_line:]
+    assert any("ready." in line for line in after)  # the workers did start after it
+    assert not any("[queues]" in line or "[config]" in line for line in after), "".join(after[:60])
+
+
 def _token_counts_when_done(client, dataset_id: str, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
     while (counts := client.get_dataset(dataset_id).token_counts)["status"] == "pending":
