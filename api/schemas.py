@@ -3,6 +3,7 @@ the ORM rows (`service.models`) never leave the API as they are."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -238,11 +239,18 @@ class JobCreate(BaseModel):
         if isinstance(value, dict):
             if set(value) != {"preset", "average"} or not isinstance(value["preset"], str) or isinstance(value["average"], bool) or not isinstance(value["average"], (int, float)):
                 raise ValueError("an allocation preset is {'preset': NAME, 'average': NUMBER}")
+            if not math.isfinite(value["average"]):
+                raise ValueError(f"an allocation preset's average must be a finite number, got {value['average']}")
             return value
         raise ValueError(
             "allocation must be a list with one expert count per layer, a string such as '2468', "
             "or {'preset': NAME, 'average': NUMBER}"
         )
+
+    @field_validator("hyperparameters", mode="before")
+    @classmethod
+    def _no_hyperparameters(cls, value: Any) -> Any:
+        return {} if value is None else value  # null, like a missing field: every default
 
     @field_validator("top_k", mode="before")
     @classmethod

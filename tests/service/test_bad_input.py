@@ -133,12 +133,22 @@ MESSAGES = [
     (_post_hp(max_steps=2.5), "body.hyperparameters.max_steps: must be a whole number within [1, 10000000]"),
     (_post_job(suffix="x" * 65), "body.suffix: String should have at most 64 characters"),
     (_post_hp(max_steps=4, warmup_steps=5), "body.hyperparameters.warmup_steps: 5 is more than max_steps (4): the warmup must fit in the run"),
+    (
+        _post_raw('{"base_model": "tiny-llama", "dataset_id": "DS", "allocation": {"preset": "triangle", "average": 1e400}}'),
+        "body.allocation: an allocation preset's average must be a finite number, got inf",
+    ),
 ]
 
 
 @pytest.mark.parametrize("request_fn,detail", MESSAGES, ids=[m[1].split(":")[0] + f" {i}" for i, m in enumerate(MESSAGES)])
 def test_messages_say_what_is_wanted(client, key, ctx, request_fn, detail):
     assert request_fn(client, key, ctx).json()["detail"] == detail
+
+
+def test_null_hyperparameters_mean_every_default(client, key, ctx):
+    response = client.post("/jobs", headers=auth(key), json={**job_body(ctx["dataset"]), "hyperparameters": None})
+    assert response.status_code == 201, response.text
+    assert response.json()["hyperparameters"]["learning_rate"] == 3e-4
 
 
 def test_a_warmup_as_long_as_max_steps_is_fine(client, key, ctx):
