@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -234,13 +235,18 @@ def list_jobs(
     return jobs[:limit], len(jobs) > limit
 
 
+JOB_ID = re.compile(r"job_[0-9a-f]{24}")
+
+
 def check_job_cursor(session: Session, tenant_id: str, after: str) -> None:
-    """``after`` must be one of the tenant's job ids: any other string still sorts somewhere
-    among the ids, so a typo or a dataset id would quietly give a wrong page (the first, or
-    none) instead of an error. Another tenant's id is refused like an unknown one."""
-    if not after.startswith("job_"):
+    """``after`` must be a job id of the tenant's, or of a job deleted since (a client paging
+    through its jobs while deleting some, whose rows are gone): any other string still sorts
+    somewhere among the ids, so a typo or a dataset id would quietly give a wrong page (the
+    first, or none) instead of an error. Another tenant's id is refused."""
+    if not JOB_ID.fullmatch(after):
         raise InvalidRequest(("query", "after"), f"{after!r} is not a job id: pass the last_id of the previous page of jobs")
-    if session.scalar(select(Job.tenant_id).where(Job.id == after)) != tenant_id:
+    owner = session.scalar(select(Job.tenant_id).where(Job.id == after))
+    if owner is not None and owner != tenant_id:
         raise InvalidRequest(("query", "after"), f"no job {after!r} to continue after: pass the last_id of the previous page of jobs")
 
 

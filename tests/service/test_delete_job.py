@@ -55,6 +55,15 @@ def test_deleting_a_finished_job_removes_it_and_its_files(client, key, sessions,
     assert _rows(sessions, kept) == (1, 4, 2) and len(storage.list(f"jobs/{kept}")) == 3
 
 
+def test_paging_goes_on_after_the_cursor_job_is_deleted(client, key, sessions, storage, tmp_path):
+    older, newer = (_finished_job(client, key, sessions, storage, tmp_path) for _ in range(2))
+    first = client.get("/jobs?limit=1", headers=auth(key)).json()
+    assert [j["id"] for j in first["data"]] == [newer] and first["has_more"]
+    assert client.delete(f"/jobs/{newer}", headers=auth(key)).status_code == 204
+    page = client.get(f"/jobs?limit=1&after={first['last_id']}", headers=auth(key))
+    assert page.status_code == 200 and [j["id"] for j in page.json()["data"]] == [older]
+
+
 def test_a_queued_or_running_job_must_be_cancelled_first(client, key, sessions):
     job_id = client.post("/jobs", headers=auth(key), json=job_body(make_dataset(client, key))).json()["id"]
     response = client.delete(f"/jobs/{job_id}", headers=auth(key))
