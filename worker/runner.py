@@ -723,6 +723,7 @@ def model_card(
         "",
         f"Trained by the mola fine-tuning service, job `{job_id}` ({state}).",
         "",
+        *([f"- label: {spec['suffix']}"] if spec.get("suffix") else []),
         f"- base model: `{spec['base_model']}` ({spec['num_layers']} layers)",
         f"- method: {spec['method']}",
     ]

@@ -56,7 +56,7 @@ def _when_step(sessions, job_id: str, step: int, action, timeout: float = 120.0)
 
 
 def test_job_succeeds_and_its_adapter_loads(client, key, settings, sessions, storage, tmp_path):
-    job_id = _create(client, key, hyperparameters={"max_steps": 4, "checkpoint_every": 2}, validation_dataset_id=None)
+    job_id = _create(client, key, hyperparameters={"max_steps": 4, "checkpoint_every": 2}, validation_dataset_id=None, suffix="numbers v1")
     assert runner.run_job(job_id, settings) == "succeeded"
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert job["status"] == "succeeded" and job["progress"]["step"] == 4 and job["progress"]["total_steps"] == 4
@@ -77,7 +77,7 @@ def test_job_succeeds_and_its_adapter_loads(client, key, settings, sessions, sto
         assert {m.mode for m in tar.getmembers()} == {0o644}  # anyone who unpacks it may read it
         tar.extractall(tmp_path / "adapter", filter="data")
     card = (tmp_path / "adapter" / "README.md").read_text()
-    assert "tiny-llama" in card and "trained on 24 of 24 records" in card
+    assert "tiny-llama" in card and "trained on 24 of 24 records" in card and "- label: numbers v1" in card
 
     from mola import load_mola_model
     from mola.models import load_base_model
