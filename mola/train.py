@@ -178,6 +178,8 @@ class TrainResult:
     eval_metrics: dict[str, Any] = field(default_factory=dict)  # the last evaluation
     history: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: Path | None = None
+    warmup_steps: int = 0  # the warm-up the run used (warmup_steps, else warmup_ratio of the total)
+    bf16: bool = False  # whether it ran under bf16 autocast (bf16=None decides by the device)
 
 
 # ---- schedule and data order ----------------------------------------------------------------
@@ -638,7 +640,14 @@ def train(
             resumed_metrics = dict(saved.get("metrics") or {})
             logger.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
 
-        result = TrainResult(steps=start_step, total_steps=total_steps, stopped=False, metrics=resumed_metrics)
+        result = TrainResult(
+            steps=start_step,
+            total_steps=total_steps,
+            stopped=False,
+            metrics=resumed_metrics,
+            warmup_steps=warmup_steps_for(config.warmup_steps, config.warmup_ratio, total_steps),
+            bf16=use_bf16,
+        )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 

@@ -127,7 +127,9 @@ def test_a_warmup_longer_than_the_run_is_refused(data):
     with pytest.raises(ValueError, match=r"warmup_steps=5 is more than the run's 4 steps: the learning rate would never reach learning_rate=0.0003"):
         train(fresh_model(), TOKENIZER, data, config=config)
     result = train(fresh_model(), TOKENIZER, data, config=TrainConfig(epochs=1, batch_size=16, micro_batch_size=16, warmup_steps=4))
-    assert result.steps == 4
+    assert result.steps == 4 and result.warmup_steps == 4 and result.bf16 is False
+    ratio = train(fresh_model(), TOKENIZER, data, config=TrainConfig(max_steps=2, batch_size=16, micro_batch_size=16, warmup_ratio=0.5))
+    assert ratio.warmup_steps == 1  # the warm-up the ratio gave this run
 
 
 def test_schedule_and_data_order():

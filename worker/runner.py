@@ -561,6 +561,9 @@ def _summary(result: Any) -> dict[str, Any]:
             "steps": result.steps,
             "total_steps": result.total_steps,
             "stopped_early": result.stopped,
+            # What the request left to the run (null there): the values it chose.
+            "warmup_steps": result.warmup_steps,
+            "bf16": result.bf16,
             "train": {k: v for k, v in (result.metrics or {}).items() if k not in ("kind",)},
             "eval": {k: v for k, v in (result.eval_metrics or {}).items() if k not in ("kind",)},
         }

@@ -61,6 +61,8 @@ def test_job_succeeds_and_its_adapter_loads(client, key, settings, sessions, sto
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert job["status"] == "succeeded" and job["progress"]["step"] == 4 and job["progress"]["total_steps"] == 4
     assert job["result"]["steps"] == 4 and job["result"]["train"]["loss"] > 0 and job["attempts"] == 1
+    # Left to the run in the request (3% of 4 steps; no bf16 on this CPU run): what it used.
+    assert job["hyperparameters"]["warmup_steps"] is None and (job["result"]["warmup_steps"], job["result"]["bf16"]) == (0, False)
     assert _steps(sessions, job_id) == [1, 2, 3, 4]
     assert [c["step"] for c in client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]] == [2, 4]
     dataset = client.get(f"/datasets/{job['dataset_id']}", headers=auth(key)).json()
