@@ -34,6 +34,8 @@ __all__ = [
     "matched_alpha_pattern",
     "parameter_counts",
     "lora_target_names",
+    "mola_parameter_count",
+    "lora_parameter_count",
 ]
 
 
@@ -123,6 +125,19 @@ def _modules(model: nn.Module, mola_config: MolaConfig):
     for target in find_target_modules(model, mola_config.targets_for(model_type)):
         in_features, out_features = linear_features(target.module)
         yield target, experts[target.layer_index], in_features, out_features
+
+
+def mola_parameter_count(model: nn.Module, mola_config: MolaConfig) -> int:
+    """The trainable parameters `get_mola_model(model, mola_config)` would create, from the base
+    model's module shapes alone (nothing is allocated): routers, A and B of every expert."""
+    return sum(_mola_count(n, mola_config.rank, fan_in, fan_out) for _, n, fan_in, fan_out in _modules(model, mola_config))
+
+
+def lora_parameter_count(model: nn.Module, rank: int, target_modules: list[str] | None = None) -> int:
+    """The trainable parameters `get_lora_model(model, rank, target_modules=...)` would create
+    (``rank * (in + out)`` per adapted module), from the module shapes alone."""
+    targets = list(target_modules) if target_modules else _default_targets(model)
+    return sum(rank * sum(linear_features(t.module)) for t in find_target_modules(model, targets))
 
 
 def matched_rank_pattern(model: nn.Module, mola_config: MolaConfig) -> dict[str, int]:

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     metrics_flush_seconds: float = Field(2.0, gt=0, description="how often the worker writes buffered metrics")
     cancel_poll_seconds: float = Field(0.5, ge=0, description="least time between two cancellation checks in a run")
     lease_seconds: float = Field(300.0, gt=0, description="how long a worker's claim on a running job lasts without a heartbeat")
+    max_adapter_params: int = Field(
+        1_000_000_000,
+        ge=0,
+        description="most trainable parameters a job's adapter may have (about 16 bytes each while training: weights, gradients, AdamW); 0: no limit",
+    )
     keep_checkpoints: int = Field(
         2, ge=0, description="checkpoints kept in storage per job, the newest (0 keeps all); older ones are deleted as new ones arrive"
     )

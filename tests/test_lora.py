@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mola.config import MolaConfig
-from mola.lora import get_lora_model, matched_alpha_pattern, matched_rank_pattern, parameter_counts
+from mola.lora import get_lora_model, lora_parameter_count, matched_alpha_pattern, matched_rank_pattern, mola_parameter_count, parameter_counts
 from mola.model import get_mola_model
 from mola.tiny import tiny_model
 
@@ -68,6 +68,14 @@ def test_matched_rank_pattern_equal_parameters(architecture, experts):
     mola_trainable, _ = get_mola_model(tiny_model(architecture), config).trainable_parameters()
     lora_trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert (mola_trainable, lora_trainable) == (counts["mola"], counts["lora"])
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_parameter_counts_before_building_are_the_built_adapters(architecture):
+    config = MolaConfig(experts="2468", top_k=2, rank=4)
+    assert mola_parameter_count(tiny_model(architecture), config) == get_mola_model(tiny_model(architecture), config).trainable_parameters()[0]
+    lora = get_lora_model(tiny_model(architecture), rank=6, target_modules=None)
+    assert lora_parameter_count(tiny_model(architecture), rank=6) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
 
 
 def test_lora_targets_only_decoder_modules():

@@ -476,6 +476,7 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
     # The adapter's initial weights come from the job's seed, as in `mola train`: the same
     # request gives the same adapter on any worker (a resumed run loads them from its checkpoint).
     torch.manual_seed(hp.get("seed", 42))
+    _check_adapter_size(model, spec, res.settings.max_adapter_params)
     model = _adapter(model, spec)
 
     train_path = res.storage.get_file(datasets[spec["dataset_id"]], work / "train.jsonl")
@@ -520,22 +521,48 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
     return model, result
 
 
+def _mola_config(spec: dict) -> Any:
+    from mola import MolaConfig
+
+    hp = spec["hyperparameters"]
+    return MolaConfig(
+        experts=spec["experts_per_layer"],
+        top_k=spec["top_k_per_layer"],
+        rank=hp["rank"],
+        alpha=hp["alpha"],
+        dropout=hp["dropout"],
+        target_modules=hp["target_modules"],
+        aux_loss_coef=hp["aux_loss_coef"],
+        base_model_name_or_path=spec["base_model"],
+    )
+
+
+def _check_adapter_size(model: Any, spec: dict, limit: int) -> None:
+    """Refuse, before allocating anything, an adapter over ``MOLA_MAX_ADAPTER_PARAMS``: a
+    request for thousands of experts of a high rank would take the worker's memory (and, run
+    again after each crash, the worker) rather than fail."""
+    if not limit:
+        return
+    from mola.lora import lora_parameter_count, mola_parameter_count
+
+    hp = spec["hyperparameters"]
+    if spec["method"] == "mola":
+        count = mola_parameter_count(model, _mola_config(spec))
+    else:
+        count = lora_parameter_count(model, hp["rank"], hp["target_modules"])
+    if count > limit:
+        raise ValueError(
+            f"the adapter would have {count:,} trainable parameters, more than this server allows "
+            f"(MOLA_MAX_ADAPTER_PARAMS={limit:,}): lower rank or the experts per layer, or adapt fewer target_modules"
+        )
+
+
 def _adapter(model: Any, spec: dict) -> Any:
     hp = spec["hyperparameters"]
     if spec["method"] == "mola":
-        from mola import MolaConfig, get_mola_model
+        from mola import get_mola_model
 
-        config = MolaConfig(
-            experts=spec["experts_per_layer"],
-            top_k=spec["top_k_per_layer"],
-            rank=hp["rank"],
-            alpha=hp["alpha"],
-            dropout=hp["dropout"],
-            target_modules=hp["target_modules"],
-            aux_loss_coef=hp["aux_loss_coef"],
-            base_model_name_or_path=spec["base_model"],
-        )
-        return get_mola_model(model, config)
+        return get_mola_model(model, _mola_config(spec))
     from mola.lora import get_lora_model
 
     return get_lora_model(model, rank=hp["rank"], alpha=hp["alpha"], dropout=hp["dropout"], target_modules=hp["target_modules"])

@@ -3,6 +3,7 @@ shutdown and resume, failure, LoRA. The database and storage are the real SQLite
 
 from __future__ import annotations
 
+import re
 import tarfile
 import threading
 import time
@@ -186,6 +187,18 @@ def test_a_warmup_longer_than_the_epochs_fails_the_job_before_any_step(client, k
     assert runner.run_job(job_id, settings) == "failed"
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert "warmup_steps=50 is more than the run's 12 steps" in job["error"] and _steps(sessions, job_id) == []
+
+
+@pytest.mark.parametrize("method", ["mola", "lora"])
+def test_an_adapter_over_the_servers_limit_fails_before_it_is_built(client, key, settings, sessions, method, monkeypatch):
+    overrides = {"method": "lora", "allocation": None} if method == "lora" else {}
+    job_id = _create(client, key, hyperparameters={"max_steps": 2}, **overrides)
+    built = []
+    monkeypatch.setattr(runner, "_adapter", lambda model, spec: built.append(spec) or model)
+    assert runner.run_job(job_id, settings.model_copy(update={"max_adapter_params": 1000})) == "failed"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert re.search(r"the adapter would have [\d,]+ trainable parameters, more than this server allows \(MOLA_MAX_ADAPTER_PARAMS=1,000\)", job["error"])
+    assert built == [] and _steps(sessions, job_id) == []
 
 
 def test_the_job_reports_the_examples_cut_and_dropped_at_cutoff(client, key, settings):
