@@ -400,9 +400,9 @@ def get_checkpoint(session: Session, job_id: str, step: int) -> Checkpoint:
 CHECKPOINT_ADAPTER = "adapter.tar.gz"
 
 
-def checkpoint_adapter_key(checkpoint: Checkpoint | str) -> str:
-    prefix = checkpoint if isinstance(checkpoint, str) else checkpoint.storage_prefix
-    return f"{prefix}/{CHECKPOINT_ADAPTER}"
+def checkpoint_adapter_key(storage_prefix: str) -> str:
+    """Where the checkpoint stored under ``storage_prefix`` keeps its adapter archive."""
+    return f"{storage_prefix}/{CHECKPOINT_ADAPTER}"
 
 
 # ---- the worker's side ---------------------------------------------------------------------

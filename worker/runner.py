@@ -176,7 +176,7 @@ def _clean(value: Any) -> Any:
 class Reporter:
     """The trainer's callback: buffers metrics, uploads checkpoints, decides when to stop."""
 
-    def __init__(self, job_id: str, owner: str, res: Resources, heartbeat: "Heartbeat") -> None:
+    def __init__(self, job_id: str, owner: str, res: Resources, heartbeat: "Heartbeat", spec: dict[str, Any] | None = None) -> None:
         self.job_id = job_id
         self.owner = owner
         self.run = run_token(owner)
@@ -189,7 +189,7 @@ class Reporter:
         self.stop_reason: str | None = None
         self.progress: dict[str, Any] = {}
         self.data_stats: dict[str, Any] = {}
-        self.spec: dict[str, Any] = {}  # set by the run: the checkpoints' model cards need it
+        self.spec = spec or {}  # the job's: the checkpoints' model cards describe it
         self.latest: dict[str, tuple[int, float]] = {}  # "loss" / "eval_loss": (step, value)
 
     def __call__(self, event: dict[str, Any]) -> bool:
@@ -303,7 +303,7 @@ class Reporter:
         if not held:
             # Lost during the upload: these files are this run's own, and nothing names them.
             self.heartbeat.lost = True
-            _delete_quietly(self.res.storage, self.job_id, prefix)
+            _delete_quietly(self.job_id, prefix, self.res.storage.delete_prefix)
             return
         logger.info("job %s: checkpoint at step %d uploaded (%d bytes)", self.job_id, step, size)
         self._delete_unnamed_checkpoints(named, up_to_step=step)
@@ -352,14 +352,12 @@ class Reporter:
             logger.warning("job %s: could not delete old checkpoints (%s)", self.job_id, exc)
 
 
-def _delete_quietly(storage: Storage, job_id: str, prefix_or_key: str, is_file: bool = False) -> None:
+def _delete_quietly(job_id: str, name: str, delete: Callable[[str], None]) -> None:
+    """``delete(name)`` (a storage's `delete` or `delete_prefix`), logging a failure."""
     try:
-        if is_file:
-            storage.delete(prefix_or_key)
-        else:
-            storage.delete_prefix(prefix_or_key)
+        delete(name)
     except Exception as exc:  # an orphan costs space, not correctness
-        logger.warning("job %s: could not delete %s (%s)", job_id, prefix_or_key, exc)
+        logger.warning("job %s: could not delete %s (%s)", job_id, name, exc)
 
 
 def _delete_other_adapters(storage: Storage, job_id: str, kept: str) -> None:
@@ -431,8 +429,7 @@ def run_job(job_id: str, settings: Settings) -> str:
     work.mkdir(parents=True)
     heartbeat = Heartbeat(job_id, owner, res)
     heartbeat.start()
-    reporter = Reporter(job_id, owner, res, heartbeat)
-    reporter.spec = spec
+    reporter = Reporter(job_id, owner, res, heartbeat, spec)
     try:
         return _run(job_id, owner, spec, datasets, resume_prefix, work, res, reporter)
     except TRANSIENT_DB_ERRORS as exc:
@@ -625,7 +622,7 @@ def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res
 
     if not _retrying_write(res, job_id, "recording the result", finish) and not _committed_anyway(res, job_id, status, owner):
         logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
-        _delete_quietly(res.storage, job_id, key, is_file=True)  # this run's own name: nothing names it
+        _delete_quietly(job_id, key, res.storage.delete)  # this run's own name: nothing names it
         return "lost"
     _delete_other_adapters(res.storage, job_id, kept=key)
     logger.info("job %s %s after %d/%d steps", job_id, status, result.steps, result.total_steps)

@@ -383,7 +383,7 @@ def download_checkpoint_adapter(
     settings: SettingsDep,
 ) -> Response:
     job_service.get_job(session, tenant.id, job_id)
-    key = job_service.checkpoint_adapter_key(job_service.get_checkpoint(session, job_id, step))
+    key = job_service.checkpoint_adapter_key(job_service.get_checkpoint(session, job_id, step).storage_prefix)
     # Checkpoints written before they carried an archive, or pruned a moment ago.
     if not storage.exists(key):
         raise NotFound(f"the checkpoint at step {step} of job {job_id} has no adapter archive in storage")

@@ -67,6 +67,6 @@ def test_a_step_without_a_checkpoint_is_a_404_naming_the_steps_there_are(client,
 
 def test_a_checkpoint_whose_archive_is_gone_is_a_404_that_says_so(client, key, trained_job, sessions, storage):
     with sessions() as session:
-        storage.delete(job_service.checkpoint_adapter_key(job_service.get_checkpoint(session, trained_job, 2)))
+        storage.delete(job_service.checkpoint_adapter_key(job_service.get_checkpoint(session, trained_job, 2).storage_prefix))
     response = client.get(f"/jobs/{trained_job}/checkpoints/2/adapter", headers=auth(key))
     assert response.status_code == 404 and "has no adapter archive in storage" in response.json()["detail"]
