@@ -493,50 +493,64 @@ def _check_data(model: nn.Module, train_data: Sequence[dict], eval_data: Sequenc
             )
 
 
-def _checkpointing_on(model: nn.Module) -> bool:
-    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+# Where transformers keeps a model's activation-checkpointing and input-require-grads state: on
+# each module, the flag and checkpoint function (`_set_gradient_checkpointing`), and on the
+# model, the handles of `enable_input_require_grads`'s hooks. Enabling checkpointing replaces the
+# handles of hooks the user had enabled (they stay registered, but the user's own
+# `disable_input_require_grads()` could no longer remove them), so `train` saves and restores
+# these attributes rather than switching features back on and off.
+_CHECKPOINTING_STATE = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hooks", "_require_grads_hook")
 
 
-def _set_checkpointing(model: nn.Module, on: bool) -> None:
-    # transformers 5 renamed the switch and its argument; older releases have the old ones.
-    if not on:
-        if hasattr(model, "activation_checkpointing_disable"):
-            model.activation_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_disable()
-        return
+def _checkpointing_state(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    return [(module, {k: module.__dict__[k] for k in _CHECKPOINTING_STATE if k in module.__dict__}) for module in model.modules()]
+
+
+def _restore_checkpointing_state(state: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for module, saved in state:
+        for key in _CHECKPOINTING_STATE:
+            if key in saved:
+                setattr(module, key, saved[key])
+            elif key in module.__dict__:
+                delattr(module, key)
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing, without the input-require-grads hooks that
+    transformers adds with it (only reentrant checkpointing needs them, and torch.compile would
+    break its graph there); hooks the user had enabled stay."""
     options = {"use_reentrant": False}
+    # transformers 5 renamed the switch and its argument; older releases have the old ones.
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    # transformers also makes the embeddings' output require grad, which only reentrant
-    # checkpointing needs; torch.compile would break its graph there.
     if hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
+        model.disable_input_require_grads()  # removes the hooks enabling just added, not older ones
 
 
 @contextmanager
 def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
     """Train mode, and activation checkpointing without a KV cache when asked, inside the block;
     afterwards the model as it came: each module's own mode (a model left training keeps its
-    dropout on, so its logits differ from the saved adapter's), checkpointing off again if it
-    was off, and its ``config.use_cache``."""
+    dropout on, so its logits differ from the saved adapter's), its checkpointing state (off,
+    or on with the user's own options) and input-require-grads hooks, and its
+    ``config.use_cache``."""
     modes = [(module, module.training) for module in model.modules()]
     model_config = getattr(model, "config", None)
     use_cache = getattr(model_config, "use_cache", None)
-    was_checkpointing = _checkpointing_on(model)
-    if gradient_checkpointing:
-        _set_checkpointing(model, True)
-        model_config.use_cache = False
-    model.train()
+    checkpointing = _checkpointing_state(model)
     try:
+        if gradient_checkpointing:
+            _enable_checkpointing(model)
+            model_config.use_cache = False
+        model.train()
         yield
     finally:
         for module, training in modes:
             module.training = training
-        if gradient_checkpointing and not was_checkpointing:
-            _set_checkpointing(model, False)
+        if gradient_checkpointing:
+            _restore_checkpointing_state(checkpointing)
         if use_cache is not None:
             model_config.use_cache = use_cache
 

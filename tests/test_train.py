@@ -381,3 +381,32 @@ def test_the_model_leaves_train_as_it_came(data, tmp_path, method):
     model.activation_checkpointing_enable()
     train(model, TOKENIZER, data, config=TrainConfig(max_steps=1, batch_size=8, micro_batch_size=8, gradient_checkpointing=True))
     assert model.training and any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+@pytest.mark.parametrize("method", ["mola", "lora"])
+def test_train_restores_the_users_input_require_grads_and_checkpointing(data, method):
+    torch.manual_seed(123)
+    base = tiny_model("llama")
+    model = get_mola_model(base, MolaConfig(experts="2468")) if method == "mola" else get_lora_model(base, rank=8, alpha=16, dropout=0.0)
+    embeddings = base.get_input_embeddings()
+    ids = torch.tensor([data[0]["input_ids"]])
+    config = TrainConfig(max_steps=1, batch_size=8, micro_batch_size=8, gradient_checkpointing=True)
+
+    # Input-require-grads on, checkpointing off: the hooks stay, and the user can still remove them.
+    model.enable_input_require_grads()
+    train(model, TOKENIZER, data, config=config)
+    assert embeddings(ids).requires_grad
+    model.disable_input_require_grads()
+    assert not embeddings._forward_hooks and not embeddings(ids).requires_grad
+
+    # Reentrant checkpointing of the user's own: train() checkpoints without reentry, then gives it back.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    layers = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    functions = [m._gradient_checkpointing_func for m in layers]
+    assert layers and all(f.keywords == {"use_reentrant": True} for f in functions)
+    train(model, TOKENIZER, data, config=config)
+    assert [m._gradient_checkpointing_func for m in layers] == functions and all(m.gradient_checkpointing for m in layers)
+    assert embeddings(ids).requires_grad  # the hook reentrant checkpointing needs
+    model.activation_checkpointing_disable()
+    model.disable_input_require_grads()
+    assert not embeddings._forward_hooks
