@@ -98,9 +98,14 @@ def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict
     """Per-module and per-layer routing statistics over ``batches`` of
     ``{"input_ids", "attention_mask"}`` (padding excluded).
 
-    For each expert: ``selection_share`` (fraction of tokens whose top-k includes it),
-    ``mean_weight`` (average routing weight it received over all tokens) and ``mean_prob``
-    (average router probability before top-k).
+    Returns ``{"modules": {name: row}, "layers": [row, by layer]}``. For each expert, a row has
+    ``selection_share`` (fraction of tokens whose top-k includes it; sums to top_k),
+    ``mean_weight`` (average routing weight it received over all tokens; sums to 1) and
+    ``mean_prob`` (average router probability before top-k; sums to 1), with ``layer``,
+    ``num_experts``, ``top_k`` and ``tokens`` (tokens routed). A layer's row pools the routing
+    decisions of its modules, as the balance loss does: its values are the means of its modules'
+    rows (every module of a layer routes the same tokens), ``tokens`` is the tokens routed by
+    each of them and ``modules`` their number.
     """
     _require_mola_model(model, "routing_statistics")
     device = next(model.parameters()).device
@@ -120,6 +125,7 @@ def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict
     names = {module: name for name, module in model.mola_modules()}
     modules: dict[str, dict[str, Any]] = {}
     layers: dict[int, dict[str, Tensor]] = {}
+    layer_modules: dict[int, list[MolaLinear]] = {}
     for module, acc in totals.items():
         tokens = acc["tokens"].clamp_min(1)
         modules[names[module]] = {
@@ -131,17 +137,24 @@ def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict
             "mean_weight": (acc["weights"] / tokens).tolist(),
             "mean_prob": (acc["probs"] / tokens).tolist(),
         }
+        layer_modules.setdefault(module.layer_index, []).append(module)
         layer = layers.setdefault(module.layer_index, {k: torch.zeros_like(v) for k, v in acc.items()})
         for key, value in acc.items():
             layer[key] += value
     layer_rows = []
     for j, acc in sorted(layers.items()):
-        tokens = acc["tokens"].clamp_min(1)
+        tokens = acc["tokens"].clamp_min(1)  # summed over the layer's modules
+        first = layer_modules[j][0]
         layer_rows.append(
             {
                 "layer": j,
+                "num_experts": first.num_experts,
+                "top_k": first.top_k,
+                "modules": len(layer_modules[j]),
+                "tokens": int(totals[first]["tokens"]),
                 "selection_share": (acc["dispatch"] / tokens).tolist(),
                 "mean_weight": (acc["weights"] / tokens).tolist(),
+                "mean_prob": (acc["probs"] / tokens).tolist(),
             }
         )
     return {"modules": modules, "layers": layer_rows}

@@ -56,6 +56,24 @@ def test_routing_statistics_count_real_tokens():
     assert model.training is False
 
 
+def test_routing_statistics_layer_rows_pool_their_modules_rows():
+    model = model_with_random_experts()
+    tokenizer = byte_tokenizer()
+    data = load_training_data([{"text": "a short one"}, {"text": "and a somewhat longer text"}], tokenizer)
+    batch = collate(data, tokenizer.pad_token_id)
+    stats = routing_statistics(model, [batch])
+    real_tokens = int(batch["attention_mask"].sum())
+    for row in stats["layers"]:
+        rows = [r for r in stats["modules"].values() if r["layer"] == row["layer"]]
+        assert set(row) == set(rows[0]) | {"modules"}  # every key a module row has, and the count
+        assert row["modules"] == len(rows) == 7 and row["tokens"] == real_tokens
+        assert (row["num_experts"], row["top_k"]) == (rows[0]["num_experts"], rows[0]["top_k"])
+        for key in ("selection_share", "mean_weight", "mean_prob"):
+            mean = torch.tensor([r[key] for r in rows]).mean(0)
+            torch.testing.assert_close(torch.tensor(row[key]), mean)
+        assert abs(sum(row["mean_prob"]) - 1) < 1e-5 and abs(sum(row["selection_share"]) - row["top_k"]) < 1e-5
+
+
 def test_routing_statistics_leave_every_module_in_its_mode():
     # A training model with a part in eval mode on purpose: afterwards each module is in its
     # own mode again, not the wrapper's (model.train(True) would turn that part's dropout on).
