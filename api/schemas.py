@@ -281,6 +281,10 @@ class JobPublic(BaseModel):
     top_k: list[int] | None = Field(description="top-k per layer, expanded")
     allocation_spec: Any = Field(description="the allocation as it was requested")
     hyperparameters: dict[str, Any]
+    adapter_parameters: int | None = Field(
+        description="trainable parameters of the adapter (experts, routers), counted from the base model's shapes "
+        "when the job was created (null for jobs created before the catalogue recorded them)"
+    )
     suffix: str | None
     created_at: datetime
     updated_at: datetime
@@ -313,6 +317,7 @@ class JobPublic(BaseModel):
             top_k=spec.get("top_k_per_layer"),
             allocation_spec=spec.get("allocation_spec"),
             hyperparameters=spec.get("hyperparameters") or {},
+            adapter_parameters=spec.get("adapter_parameters"),
             suffix=spec.get("suffix"),
             created_at=job.created_at,
             updated_at=job.updated_at,

@@ -24,6 +24,7 @@ from torch import nn
 from mola.architectures import find_target_modules, num_decoder_layers
 from mola.config import DEFAULT_TARGETS, MolaConfig
 from mola.layer import Conv1D, linear_features
+from mola.sizing import lora_module_parameters, mola_module_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +114,6 @@ class ModuleCount:
     lora: int
 
 
-def _mola_count(num_experts: int, rank: int, in_features: int, out_features: int) -> int:
-    return num_experts * rank * (in_features + out_features) + num_experts * in_features
-
-
 def _modules(model: nn.Module, mola_config: MolaConfig):
     """(target, num_experts, in, out) for every module the MoLA config would adapt in ``model``
     (a base model, before MoLA or LoRA is injected into it)."""
@@ -130,14 +127,14 @@ def _modules(model: nn.Module, mola_config: MolaConfig):
 def mola_parameter_count(model: nn.Module, mola_config: MolaConfig) -> int:
     """The trainable parameters `get_mola_model(model, mola_config)` would create, from the base
     model's module shapes alone (nothing is allocated): routers, A and B of every expert."""
-    return sum(_mola_count(n, mola_config.rank, fan_in, fan_out) for _, n, fan_in, fan_out in _modules(model, mola_config))
+    return sum(mola_module_parameters(n, mola_config.rank, fan_in, fan_out) for _, n, fan_in, fan_out in _modules(model, mola_config))
 
 
 def lora_parameter_count(model: nn.Module, rank: int, target_modules: list[str] | None = None) -> int:
     """The trainable parameters `get_lora_model(model, rank, target_modules=...)` would create
     (``rank * (in + out)`` per adapted module), from the module shapes alone."""
     targets = list(target_modules) if target_modules else _default_targets(model)
-    return sum(rank * sum(linear_features(t.module)) for t in find_target_modules(model, targets))
+    return sum(lora_module_parameters(rank, *linear_features(t.module)) for t in find_target_modules(model, targets))
 
 
 def matched_rank_pattern(model: nn.Module, mola_config: MolaConfig) -> dict[str, int]:
@@ -153,7 +150,7 @@ def matched_rank_pattern(model: nn.Module, mola_config: MolaConfig) -> dict[str,
     """
     layers: dict[int, list[tuple[str, int, int]]] = {}
     for target, n, fan_in, fan_out in _modules(model, mola_config):
-        mola = _mola_count(n, mola_config.rank, fan_in, fan_out)
+        mola = mola_module_parameters(n, mola_config.rank, fan_in, fan_out)
         layers.setdefault(target.layer_index, []).append((target.name, mola, fan_in + fan_out))
     ranks: dict[str, int] = {}
     for modules in layers.values():
@@ -194,7 +191,7 @@ def parameter_counts(
         rank = rank_pattern.get(target.name, mola_config.rank)
         count = ModuleCount(
             target.name, target.layer_index, fan_in, fan_out, n,
-            _mola_count(n, mola_config.rank, fan_in, fan_out), rank, rank * (fan_in + fan_out),
+            mola_module_parameters(n, mola_config.rank, fan_in, fan_out), rank, lora_module_parameters(rank, fan_in, fan_out),
         )  # fmt: skip
         modules.append(count)
         layer = layers.setdefault(target.layer_index, {"mola": 0, "lora": 0})

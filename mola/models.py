@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mola.architectures import find_decoder_layers, find_target_modules, max_positions, num_decoder_layers
 from mola.config import DEFAULT_TARGETS
-from mola.layer import Conv1D
+from mola.layer import Conv1D, linear_features
 from mola.tiny import TINY_ARCHITECTURES, byte_tokenizer, tiny_config, tiny_model
 
 logger = logging.getLogger(__name__)
@@ -177,11 +177,17 @@ def describe_base_model(name_or_path: str, cache_dir: str | os.PathLike | None =
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     _, layers = find_decoder_layers(model)
-    module_paths = sorted(
-        relative
-        for relative, module in layers[0].named_modules()
-        if isinstance(module, torch.nn.Linear) or (Conv1D and isinstance(module, Conv1D))
-    )
+    # Per layer, {path: [in, out]} of every adaptable module: what `mola.sizing` counts an
+    # adapter from (layers may differ, so each is listed).
+    module_shapes = [
+        {
+            relative: list(linear_features(module))
+            for relative, module in sorted(layer.named_modules())
+            if isinstance(module, torch.nn.Linear) or (Conv1D and isinstance(module, Conv1D))
+        }
+        for layer in layers
+    ]
+    module_paths = sorted(module_shapes[0])
     linear = sorted({path.rsplit(".", 1)[-1] for path in module_paths})
     defaults = DEFAULT_TARGETS.get(config.model_type, linear)
     find_target_modules(model, defaults)  # the defaults must exist in this model
@@ -196,4 +202,5 @@ def describe_base_model(name_or_path: str, cache_dir: str | os.PathLike | None =
         "linear_modules": linear,
         "module_paths": module_paths,  # inside a decoder layer, e.g. "self_attn.q_proj"
         "max_positions": max_positions(model),
+        "module_shapes": module_shapes,
     }

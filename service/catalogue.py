@@ -19,7 +19,7 @@ from service.models import BaseModelEntry, utcnow
 logger = logging.getLogger(__name__)
 
 FIELDS = ("model_type", "num_layers", "hidden_size", "target_modules", "linear_modules")
-OPTIONAL_FIELDS = ("module_paths", "max_positions")  # unknown for some models: null
+OPTIONAL_FIELDS = ("module_paths", "max_positions", "module_shapes")  # unknown for some models: null
 
 
 def _describe(name: str) -> dict[str, Any]:

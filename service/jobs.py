@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from mola.allocation import expand_allocation, expand_top_k
 from mola.config import MolaConfig
+from mola.sizing import adapter_parameter_count, matches_target
 from service.datasets import get_dataset
 from service.db import mark_each
 from service.errors import Conflict, InvalidRequest, NotFound
@@ -66,14 +67,25 @@ def _match_module(name: str, model: BaseModelEntry) -> bool:
     """`name` matches as mola matches targets: equal to, or a dotted suffix of, a module path
     inside a decoder layer (`q_proj` and `self_attn.q_proj` match `self_attn.q_proj`)."""
     if model.module_paths is not None:
-        return any(path == name or path.endswith("." + name) for path in model.module_paths)
+        return any(matches_target(path, name) for path in model.module_paths)
     # A row synced before paths were recorded knows only the last part of each path.
     return name.rsplit(".", 1)[-1] in model.linear_modules
 
 
-def build_spec(session: Session, tenant_id: str, request: dict[str, Any]) -> dict[str, Any]:
+def _adapter_parameters(model: BaseModelEntry, hp: dict[str, Any], experts: list[int] | None) -> int | None:
+    """The adapter's trainable parameters, counted from the catalogue's module shapes (None
+    for a model synced before they were recorded)."""
+    if model.module_shapes is None or hp.get("rank") is None:
+        return None
+    return adapter_parameter_count(model.module_shapes, hp["target_modules"], hp["rank"], experts)
+
+
+def build_spec(
+    session: Session, tenant_id: str, request: dict[str, Any], max_adapter_params: int = 0
+) -> dict[str, Any]:
     """Check a job request against the server's models and the tenant's datasets, and return the
-    spec the worker runs: allocation and top-k expanded per layer, defaults filled in.
+    spec the worker runs: allocation and top-k expanded per layer, defaults filled in, and the
+    adapter's size (refused over ``max_adapter_params``; 0: no limit).
 
     Raises `InvalidRequest` with the field path of the first problem.
     """
@@ -150,11 +162,20 @@ def build_spec(session: Session, tenant_id: str, request: dict[str, Any]) -> dic
         field = "allocation" if request.get("allocation") is not None else "top_k"
         raise InvalidRequest(("body", field), f"{field} applies to method 'mola', not {method!r}")
 
+    adapter_parameters = _adapter_parameters(model, hp, experts)
+    if max_adapter_params and adapter_parameters is not None and adapter_parameters > max_adapter_params:
+        raise InvalidRequest(
+            ("body", "allocation") if method == "mola" else ("body", "hyperparameters", "rank"),
+            f"the adapter would have {adapter_parameters:,} trainable parameters on {model.name}, more than "
+            f"this server allows ({max_adapter_params:,}): lower rank or the experts per layer, or adapt fewer target_modules",
+        )
+
     return {
         "base_model": model.name,
         "model_type": model.model_type,
         "num_layers": model.num_layers,
         "method": method,
+        "adapter_parameters": adapter_parameters,
         "dataset_id": request["dataset_id"],
         "validation_dataset_id": request.get("validation_dataset_id"),
         "allocation_spec": request.get("allocation"),
@@ -167,7 +188,11 @@ def build_spec(session: Session, tenant_id: str, request: dict[str, Any]) -> dic
 
 # ---- the API's side ------------------------------------------------------------------------
 def create_job(
-    session: Session, tenant_id: str, request: dict[str, Any], idempotency_key: str | None = None
+    session: Session,
+    tenant_id: str,
+    request: dict[str, Any],
+    idempotency_key: str | None = None,
+    max_adapter_params: int = 0,
 ) -> tuple[Job, bool]:
     """Validate and insert a queued job; returns (job, created). With an idempotency key that
     was used before, returns the earlier job (created=False) if the request is the same, and
@@ -181,7 +206,7 @@ def create_job(
             if existing.request_hash != digest:
                 raise Conflict("Idempotency-Key was already used with a different request")
             return existing, False
-    spec = build_spec(session, tenant_id, request)
+    spec = build_spec(session, tenant_id, request, max_adapter_params)
     job = Job(
         tenant_id=tenant_id,
         base_model=spec["base_model"],

@@ -122,6 +122,9 @@ class BaseModelEntry(Base):
     # null for rows synced before they were recorded (then only the last part is checked).
     module_paths: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)
     max_positions: Mapped[int | None] = mapped_column(Integer, nullable=True)  # cutoff_len's limit
+    # Per decoder layer, {path: [in_features, out_features]}: what a job's adapter size is
+    # counted from at POST /jobs (`mola.sizing`); null for rows synced before they were recorded.
+    module_shapes: Mapped[list[dict[str, list[int]]] | None] = mapped_column(JSONType, nullable=True)
     synced_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 

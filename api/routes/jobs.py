@@ -53,7 +53,9 @@ EVENTS_KEEPALIVE_SECONDS = 15.0
         "Checks the request against the base model (allocation length = its layers, target "
         "modules it has, ...) and the tenant's datasets before anything is queued; a dataset "
         "whose token counts (`GET /datasets/{id}`) show that no row keeps a trainable token "
-        "within the job's `cutoff_len` is a 422 on `hyperparameters.cutoff_len`. With an "
+        "within the job's `cutoff_len` is a 422 on `hyperparameters.cutoff_len`, and an adapter "
+        "larger than the server's MOLA_MAX_ADAPTER_PARAMS a 422 on `allocation` (LoRA: "
+        "`hyperparameters.rank`); the job's `adapter_parameters` says its size. With an "
         "`Idempotency-Key` header, repeating the same request returns the job it created "
         "(200, header `Idempotent-Replayed: true`); reusing a key for another request is a 409."
     ),
@@ -65,11 +67,12 @@ def create_job(
     tenant: CurrentTenant,
     session: SessionDep,
     queue: QueueDep,
+    settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
 ) -> JobPublic:
     request = body.model_dump(mode="json")
     try:
-        job, created = job_service.create_job(session, tenant.id, request, idempotency_key)
+        job, created = job_service.create_job(session, tenant.id, request, idempotency_key, settings.max_adapter_params)
         if created:
             _refuse_data_without_examples(session, job)
         session.commit()

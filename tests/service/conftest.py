@@ -29,6 +29,13 @@ TINY_LLAMA = {
     "linear_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
     "module_paths": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"],
     "max_positions": 512,
+    "module_shapes": [
+        {
+            "mlp.down_proj": [128, 64], "mlp.gate_proj": [64, 128], "mlp.up_proj": [64, 128],
+            "self_attn.k_proj": [64, 32], "self_attn.o_proj": [64, 64], "self_attn.q_proj": [64, 64], "self_attn.v_proj": [64, 32],
+        }  # fmt: skip
+    ]
+    * 4,
 }
 TINY_GPT2 = {
     "name": "tiny-gpt2",
@@ -39,6 +46,7 @@ TINY_GPT2 = {
     "linear_modules": ["c_attn", "c_fc", "c_proj"],
     "module_paths": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
     "max_positions": 512,
+    "module_shapes": [{"attn.c_attn": [64, 192], "attn.c_proj": [64, 64], "mlp.c_fc": [64, 256], "mlp.c_proj": [256, 64]}] * 4,
 }
 
 ALPACA_ROWS = [{"instruction": f"Say the number {i}.", "output": f"The number is {i}."} for i in range(24)]
