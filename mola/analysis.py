@@ -96,7 +96,8 @@ def expert_redundancy(model: Any) -> dict[str, Any]:
 @torch.no_grad()
 def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict[str, Any]:
     """Per-module and per-layer routing statistics over ``batches`` of
-    ``{"input_ids", "attention_mask"}`` (padding excluded).
+    ``{"input_ids", "attention_mask"}`` tensors (padding excluded; a batch without an
+    attention mask counts every token).
 
     Returns ``{"modules": {name: row}, "layers": [row, by layer]}``. For each expert, a row has
     ``selection_share`` (fraction of tokens whose top-k includes it; sums to top_k),
@@ -112,8 +113,9 @@ def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict
     totals: dict[MolaLinear, dict[str, Tensor]] = {}
     with eval_mode(model):  # afterwards each module's own mode, not the wrapper's for all
         for batch in batches:
-            mask = batch["attention_mask"].to(device)
-            model.recorder.start(mask.reshape(-1))
+            mask = batch.get("attention_mask")  # without one, every token counts
+            mask = mask.to(device) if mask is not None else None
+            model.recorder.start(mask.reshape(-1) if mask is not None else None)
             try:
                 model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
             finally:

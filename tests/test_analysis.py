@@ -74,6 +74,20 @@ def test_routing_statistics_layer_rows_pool_their_modules_rows():
         assert abs(sum(row["mean_prob"]) - 1) < 1e-5 and abs(sum(row["selection_share"]) - row["top_k"]) < 1e-5
 
 
+def test_routing_statistics_without_an_attention_mask_count_every_token():
+    model = model_with_random_experts()
+    tokenizer = byte_tokenizer()
+    batch = collate(load_training_data([{"text": "a short one"}, {"text": "and a longer one"}], tokenizer), tokenizer.pad_token_id)
+    unpadded = {"input_ids": batch["input_ids"]}
+    stats = routing_statistics(model, [unpadded])
+    assert stats["layers"][0]["tokens"] == batch["input_ids"].numel()
+    masked = routing_statistics(model, [{**unpadded, "attention_mask": torch.ones_like(batch["input_ids"])}])
+    for row, same in zip(stats["layers"], masked["layers"]):
+        assert row["tokens"] == same["tokens"]
+        for key in ("selection_share", "mean_weight", "mean_prob"):
+            assert row[key] == pytest.approx(same[key], rel=1e-5)
+
+
 def test_routing_statistics_leave_every_module_in_its_mode():
     # A training model with a part in eval mode on purpose: afterwards each module is in its
     # own mode again, not the wrapper's (model.train(True) would turn that part's dropout on).
