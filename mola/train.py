@@ -464,6 +464,13 @@ def _longest_example(name: str, data: Sequence[dict]) -> int:
     for index, example in enumerate(data):
         if not isinstance(example, dict) or "input_ids" not in example:
             raise ValueError(f"{name}[{index}] is not an example with 'input_ids' (see mola.data.load_training_data)")
+        if len(example["input_ids"]) == 0:
+            raise ValueError(f"{name}[{index}] has no tokens (empty 'input_ids')")
+        if "labels" in example and len(example["labels"]) != len(example["input_ids"]):
+            raise ValueError(
+                f"{name}[{index}] has {len(example['labels'])} labels for {len(example['input_ids'])} input_ids: "
+                "one label per token (-100 where the loss is off)"
+            )
     return max((len(example["input_ids"]) for example in data), default=0)
 
 
@@ -491,6 +498,13 @@ def _check_data(model: nn.Module, train_data: Sequence[dict], eval_data: Sequenc
                 f"tokenize with the run's cutoff_len (load_training_data(..., cutoff_len={config.cutoff_len})) "
                 f"or set TrainConfig.cutoff_len to the one the data was tokenized with"
             )
+    # Stops at the first example with a target: cheap for real data. Without any, every step
+    # would train the balance loss alone and report an LM loss of 0.
+    if not any(_labelled_targets(example) for example in train_data):
+        raise ValueError(
+            "train_data has no labelled token to learn: every label after the first token of each example is -100 "
+            "(the first token predicts nothing)"
+        )
 
 
 # Where transformers keeps a model's activation-checkpointing and input-require-grads state: on
@@ -631,7 +645,10 @@ def train(
     micro = min(config.micro_batch_size, config.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise ValueError(
+            "the model has no trainable parameters (load_mola_model freezes the adapter unless "
+            "is_trainable=True; get_mola_model and get_lora_model train theirs)"
+        )
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     aux_loss_coef = getattr(getattr(model, "mola_config", None), "aux_loss_coef", 0.0)

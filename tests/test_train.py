@@ -357,6 +357,24 @@ def test_data_train_cannot_use_is_refused(data):
         train(fresh_model(), TOKENIZER, data, long, config=TrainConfig(max_steps=1, cutoff_len=64))
     with pytest.raises(ValueError, match=r"train_data\[1\] is not an example with 'input_ids'"):
         train(fresh_model(), TOKENIZER, [data[0], {"labels": [1, 2]}], config=TrainConfig(max_steps=1))
+    # Hand-made examples that would fail deep inside (a reshape of 0 tokens, a shape mismatch in
+    # collate) or train nothing but the balance loss while reporting an LM loss of 0.
+    with pytest.raises(ValueError, match=r"train_data\[1\] has no tokens \(empty 'input_ids'\)"):
+        train(fresh_model(), TOKENIZER, [data[0], {"input_ids": []}], config=TrainConfig(max_steps=1))
+    with pytest.raises(ValueError, match=r"eval_data\[0\] has 2 labels for 3 input_ids: one label per token"):
+        train(fresh_model(), TOKENIZER, data, [{"input_ids": [1, 2, 3], "labels": [1, 2]}], config=TrainConfig(max_steps=1))
+    nothing_to_learn = [{"input_ids": [5]}, {"input_ids": [5, 6, 7], "labels": [5, -100, -100]}]
+    with pytest.raises(ValueError, match="train_data has no labelled token to learn"):
+        train(fresh_model(), TOKENIZER, nothing_to_learn, config=TrainConfig(max_steps=1))
+    # One example with a target is enough.
+    assert train(fresh_model(), TOKENIZER, [*nothing_to_learn, data[0]], config=TrainConfig(max_steps=1, batch_size=3)).steps == 1
+
+
+def test_a_frozen_model_is_refused_with_how_to_train_it(data, tmp_path):
+    fresh_model().save_pretrained(tmp_path)
+    frozen = load_mola_model(tiny_model("llama"), tmp_path)
+    with pytest.raises(ValueError, match=r"no trainable parameters \(load_mola_model freezes the adapter unless is_trainable=True"):
+        train(frozen, TOKENIZER, data, config=TrainConfig(max_steps=1))
 
 
 @pytest.mark.parametrize("method", ["mola", "lora"])
