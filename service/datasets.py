@@ -22,14 +22,27 @@ logger = logging.getLogger(__name__)
 
 MAX_REPORTED_ERRORS = 20
 
+# Fields of the library's report that an upload's validation never fills in: the token
+# statistics need a tokenizer (the API has none; per model they are the dataset's
+# `token_counts`), and `truncated` needs a `max_bytes` (an upload is read whole). They would
+# only ever be null and false beside the real counts, so the report leaves them out.
+NOT_REPORTED = ("total_tokens", "mean_tokens", "max_tokens", "cutoff_len", "over_cutoff", "dropped_at_cutoff", "truncated")
+
 
 def inspect_file(path: Path, max_row_bytes: int | None = None, max_errors: int = MAX_REPORTED_ERRORS) -> dict[str, Any]:
-    """The library's report on a dataset file as a JSON-able dict (rows, format, errors with
-    line numbers, ...). Imported here so that importing the API does not import `mola.data`.
-    Rows longer than ``max_row_bytes`` are errors: a worker tokenizes whole rows."""
+    """The library's report on a dataset file as a JSON-able dict (rows, valid rows, format,
+    formats, errors with line numbers, error count, ok). Imported here so that importing the
+    API does not import `mola.data`. Rows longer than ``max_row_bytes`` are errors: a worker
+    tokenizes whole rows."""
     from mola.data import inspect_dataset
 
-    return _as_dict(inspect_dataset(path, tokenizer=None, max_errors=max_errors, max_row_bytes=max_row_bytes))
+    return upload_report(_as_dict(inspect_dataset(path, tokenizer=None, max_errors=max_errors, max_row_bytes=max_row_bytes)))
+
+
+def upload_report(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` without the fields validation leaves empty (`NOT_REPORTED`); also what the API
+    shows of a report stored before they were left out."""
+    return {k: v for k, v in report.items() if k not in NOT_REPORTED}
 
 
 def _as_dict(report: Any) -> dict[str, Any]:

@@ -26,6 +26,13 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], responses={401: {"mode
 CHUNK = 1 << 20
 
 
+def _public(dataset: Dataset) -> DatasetPublic:
+    """The dataset as the API shows it; a report stored with the empty token fields of older
+    uploads is shown as a new one is stored (`dataset_service.upload_report`)."""
+    public = DatasetPublic.of(dataset)
+    return public.model_copy(update={"report": dataset_service.upload_report(public.report)})
+
+
 def _clean_filename(name: str | None) -> str:
     base = os.path.basename((name or "").replace("\\", "/")).strip()
     base = re.sub(r"[^A-Za-z0-9._ -]", "_", base)[:200]
@@ -105,7 +112,7 @@ def upload_dataset(
         queue.enqueue_token_count(dataset.id)
     except Exception:  # the upload stands; its token counts stay pending
         logger.exception("could not enqueue the token count of dataset %s", dataset.id)
-    return DatasetPublic.of(dataset)
+    return _public(dataset)
 
 
 @router.get("", response_model=DatasetList, summary="The tenant's datasets, newest first")
@@ -118,7 +125,7 @@ def list_datasets(
     if after:  # empty: the first page (a script's `after=$LAST` before it has one)
         _check_cursor(session, tenant.id, after)
     rows, has_more = dataset_service.list_datasets(session, tenant.id, limit, after)
-    return DatasetList(data=[DatasetPublic.of(r) for r in rows], has_more=has_more, last_id=rows[-1].id if rows else None)
+    return DatasetList(data=[_public(r) for r in rows], has_more=has_more, last_id=rows[-1].id if rows else None)
 
 
 def _refuse_while_in_use(session: Session, dataset_id: str) -> None:
@@ -147,7 +154,7 @@ def _check_cursor(session: Session, tenant_id: str, after: str) -> None:
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses={404: {"model": ErrorResponse}})
 def get_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep) -> DatasetPublic:
-    return DatasetPublic.of(dataset_service.get_dataset(session, tenant.id, dataset_id))
+    return _public(dataset_service.get_dataset(session, tenant.id, dataset_id))
 
 
 @router.delete(

@@ -73,6 +73,32 @@ def test_the_quick_task_fills_counts_equal_to_inspect_dataset(client, key, run_t
         assert counts["models"]["tiny-llama"]["over_cutoff"] > 0
 
 
+REPORT_KEYS = {"rows", "valid_rows", "format", "formats", "errors", "error_count", "ok"}
+
+
+def test_the_report_says_what_validation_found_and_the_counts_say_the_tokens(client, key, run_task, sessions):
+    """The upload's report holds what validation found, nothing it never fills in (token
+    fields, null without a tokenizer, sat beside the real `token_counts`); a report stored
+    with them by an older server is shown the same way."""
+    dataset_id = upload(client, key, jsonl(ALPACA_ROWS)).json()["id"]
+    assert run_task(dataset_id) == "ready"
+    body = client.get(f"/datasets/{dataset_id}", headers=auth(key)).json()
+    assert set(body["report"]) == REPORT_KEYS
+    assert body["report"]["valid_rows"] == len(ALPACA_ROWS) and body["report"]["ok"] is True
+    assert body["token_counts"]["models"]["tiny-llama"]["total_tokens"] > 0
+
+    refused = upload(client, key, b'{"text": "ok"}\n{not json\n')
+    assert refused.status_code == 422 and set(refused.json()["report"]) == REPORT_KEYS
+
+    older = {**body["report"], "truncated": False, "total_tokens": None, "mean_tokens": None, "max_tokens": None,
+             "cutoff_len": None, "over_cutoff": None, "dropped_at_cutoff": None}  # fmt: skip
+    with sessions() as session:
+        session.get(Dataset, dataset_id).report = older
+        session.commit()
+    assert client.get(f"/datasets/{dataset_id}", headers=auth(key)).json()["report"] == body["report"]
+    assert client.get("/datasets", headers=auth(key)).json()["data"][0]["report"] == body["report"]
+
+
 def test_models_sharing_a_tokenizer_share_one_pass(client, key, run_task, monkeypatch):
     import mola.data
 
