@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mola.architectures import max_positions
 from mola.data import IGNORE_INDEX, collate
 from mola.logits import forward_logits_at, next_token_positions, to_device
 
@@ -55,6 +56,18 @@ def _pad_id(tokenizer: Any) -> int:
     return pad
 
 
+def _check_positions(model: nn.Module, named_lengths: Iterable[tuple[str, int]], fix: str) -> None:
+    """A ValueError naming the first ``(what, length)`` longer than the model's positions
+    (GPT-2's position embeddings fail with an index error deep inside; rotary models run past
+    what they were trained on), as `mola.train.train` refuses such examples."""
+    positions = max_positions(model)
+    if positions is None:
+        return
+    for what, length in named_lengths:
+        if length > positions:
+            raise ValueError(f"{what} is {length} tokens but the model has {positions} positions: {fix}")
+
+
 # ---- loss ------------------------------------------------------------------------------------
 
 
@@ -72,6 +85,8 @@ def evaluate_loss(
     depend on ``batch_size``. Returns ``{"eval_loss": float, "eval_tokens": int}``; the loss is
     NaN when no token is labelled.
     """
+    lengths = ((f"example {i}", len(e["input_ids"])) for i, e in enumerate(examples))
+    _check_positions(model, lengths, "tokenize with cutoff_len <= the model's positions")
     device = model_device(model)
     # Sorting by length keeps padding small; the token-weighted mean does not care about order.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
@@ -159,14 +174,16 @@ def multiple_choice_accuracy(
     for i, it in enumerate(items):
         if not prompts[i]:
             raise ValueError(f"item {i}: the prompt is empty after tokenization; nothing to condition on")
-        for _ in it["options"]:
+        for k in range(len(it["options"])):
             option = list(options[len(sequences)])
             sequences.append((list(prompts[i]) + option, len(prompts[i]), len(option)))
-            owners.append(i)
+            owners.append((i, k))
+    lengths = ((f"item {i}: its prompt with option {k}", len(seq[0])) for seq, (i, k) in zip(sequences, owners))
+    _check_positions(model, lengths, "shorten the prompt")
     with eval_mode(model), torch.no_grad():
         flat_scores = _option_scores(model, sequences, _pad_id(tokenizer), batch_size, normalize)
     per_item: list[list[float]] = [[] for _ in items]
-    for owner, score in zip(owners, flat_scores):
+    for (owner, _), score in zip(owners, flat_scores):
         per_item[owner].append(score)
     predictions = [max(range(len(s)), key=s.__getitem__) for s in per_item]  # ties: first option
     correct = sum(p == it["answer"] for p, it in zip(predictions, items))
@@ -217,6 +234,8 @@ def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max
     device = model_device(model)
     pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    lengths = ((f"prompt {i} with max_new_tokens={max_new_tokens}", len(ids) + max_new_tokens) for i, ids in enumerate(encoded))
+    _check_positions(model, lengths, "shorten the prompt or lower max_new_tokens")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     texts: list[str] = [""] * len(encoded)
     with eval_mode(model), torch.no_grad():

@@ -265,3 +265,24 @@ def test_extract_answer(text, expected):
 )
 def test_answers_match(predicted, expected, ok):
     assert answers_match(predicted, expected) is ok
+
+
+# ---- sequences longer than the model's positions -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "evaluate, message",
+    [
+        (lambda m, tok: evaluate_loss(m, [{"input_ids": [1, 2]}, {"input_ids": [1] * 520}], tok.pad_token_id),
+         r"example 1 is 520 tokens but the model has 512 positions: tokenize with cutoff_len <= the model's positions"),
+        (lambda m, tok: multiple_choice_accuracy(m, tok, [{"prompt": "x" * 510, "options": ["a", "b" * 5], "answer": 0}]),
+         r"item 0: its prompt with option 1 is 515 tokens but the model has 512 positions: shorten the prompt"),
+        (lambda m, tok: generate_texts(m, tok, ["short", "x" * 500], max_new_tokens=16),
+         r"prompt 1 with max_new_tokens=16 is 516 tokens but the model has 512 positions: shorten the prompt or lower max_new_tokens"),
+    ],
+)
+def test_sequences_longer_than_the_models_positions_are_refused(tokenizer, evaluate, message):
+    # GPT-2's position embeddings failed with an IndexError deep inside the model.
+    model = get_mola_model(tiny_model("gpt2"), MolaConfig(experts=[2, 2, 2, 2], top_k=1))
+    with pytest.raises(ValueError, match=message):
+        evaluate(model, tokenizer)
