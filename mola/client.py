@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import tarfile
 import time
 from collections.abc import Iterable, Iterator
@@ -355,14 +357,18 @@ class MolaClient:
     @contextmanager
     def _stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
         """A streamed answer, past its status check; a connection lost while reading it is a
-        `MolaAPIError` (0) too."""
+        `MolaAPIError` (0) too, one that says the answer broke off (the server was reached)."""
+        answered = False
         try:
             with self._http.stream(method, path, **kwargs) as response:
                 if not response.is_success:
                     response.read()
                     self._raise_for(response)
+                answered = True
                 yield response
         except (httpx.TransportError, httpx.InvalidURL) as exc:
+            if answered:
+                raise MolaAPIError(0, f"the answer of {self.base_url}{path} broke off: {exc or type(exc).__name__}") from exc
             raise self._unreachable(exc) from exc
 
     @staticmethod
@@ -567,24 +573,40 @@ class MolaClient:
         folder = str(dest).endswith(("/", os.sep))  # Path() drops the slash that says so
         dest = Path(dest)
         name = f"{job_id}-adapter.tar.gz" if step is None else f"{job_id}-step{int(step)}-adapter.tar.gz"
-        with self._stream("GET", self._adapter_path(job_id, step), follow_redirects=True) as response:
-            if extract or folder or dest.is_dir():
-                dest.mkdir(parents=True, exist_ok=True)
-                archive = dest / name
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                archive = dest
-            with archive.open("wb") as out:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
-        if not extract:
-            return archive
+        archive = dest / name if extract or folder or dest.is_dir() else dest
+        # The bytes go to a file of their own next to the archive, which takes its name only
+        # once the whole answer has come: a download that breaks off leaves no half archive,
+        # and an earlier archive at `dest` stays as it was.
+        part = archive.with_name(f".{archive.name}.{secrets.token_hex(4)}.part")
+        made: Path | None = None  # the outermost folder this download made, if any
         try:
-            _extract(archive, dest)
-        except tarfile.TarError as exc:
-            raise MolaAPIError(0, f"the adapter archive {archive} could not be unpacked: {exc}") from exc
-        archive.unlink()
-        return dest
+            with self._stream("GET", self._adapter_path(job_id, step), follow_redirects=True) as response:
+                made = _make_folder(archive.parent)
+                with part.open("xb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+            if not extract:
+                os.replace(part, archive)
+                return archive
+            try:
+                _extract(part, dest)
+            except tarfile.TarError as exc:
+                raise MolaAPIError(0, f"the adapter archive of job {job_id} could not be unpacked: {exc}") from exc
+            return dest
+        except BaseException:
+            if made is not None:  # a failed download leaves no folder behind that it made
+                shutil.rmtree(made, ignore_errors=True)
+            raise
+        finally:
+            part.unlink(missing_ok=True)
+
+
+def _make_folder(folder: Path) -> Path | None:
+    """Make ``folder`` and its missing parents; returns the outermost folder made (None: it was
+    there)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
 
 
 def _extract(archive: Path, dest: Path) -> None:

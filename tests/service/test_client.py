@@ -411,3 +411,24 @@ def test_events_give_up_with_an_api_error(capsys, monkeypatch):
     code = cli.main(["jobs", "follow", "job_1", "--url", server.url, "--api-key", "k"])
     err = capsys.readouterr().err
     assert code == 1 and "error: lost the event stream of job job_1" in err and "Traceback" not in err
+
+
+def test_a_download_that_breaks_off_leaves_no_half_archive(capsys, tmp_path):
+    """The adapter's answer cut off mid-way: no partial file at the destination (a new one, or
+    a folder to extract into, made for it), an earlier archive there kept as it was, and an
+    error that says the answer broke off (the server was reached)."""
+    earlier = tmp_path / "adapter.tar.gz"
+    earlier.write_bytes(b"the archive of an earlier download")
+    server = ScriptedServer([(200, "x" * 5000, False)] * 4)
+    with MolaClient(server.url, "k") as client:
+        for dest, extract in ((earlier, False), (tmp_path / "new" / "a.tar.gz", False), (tmp_path / "unpacked", True)):
+            with pytest.raises(MolaAPIError) as error:
+                client.download_adapter("job_1", dest, extract=extract)
+            assert error.value.status_code == 0 and "/jobs/job_1/adapter broke off" in error.value.detail
+    assert earlier.read_bytes() == b"the archive of an earlier download"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.tar.gz"]
+
+    code = cli.main(["jobs", "download", "job_1", "-o", str(tmp_path / "cli.tar.gz"), "--url", server.url, "--api-key", "k"])
+    err = capsys.readouterr().err
+    assert code == 1 and "broke off" in err and "cannot reach" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.tar.gz"]
