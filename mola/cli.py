@@ -22,6 +22,8 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--model", required=True, help="base model: tiny-llama, smollm2-135m-instruct, a local directory or a cached hub id")
     p.add_argument("--data", required=True, help="training data: JSONL (alpaca, chat, prompt/completion or text rows) or a save_to_disk folder")
     p.add_argument("--eval-data", help="evaluation data (same formats); eval loss is reported")
+    p.add_argument("--split", default="train", help="the split of a save_to_disk --data folder with several (default: train)")
+    p.add_argument("--eval-split", default="validation", help="the split of a save_to_disk --eval-data folder with several (default: validation)")
     p.add_argument("--output", required=True, help="folder for the adapter (and checkpoints/ inside it)")
     p.add_argument("--method", choices=["mola", "lora"], default="mola")
     p.add_argument("--experts", default="2468", help="allocation: '2468', '2,4,6,8', one entry per layer, or 'inverted_triangle:5'")
@@ -116,11 +118,23 @@ def _refuse_other_runs(output: Path, resume: str | None) -> None:
         )
 
 
-def _load_examples(flag: str, path: str, tokenizer: Any, config: Any) -> Any:
-    """Tokenized examples of ``path``; an error rather than a run without them."""
+def _check_split(flag: str, path: str, split_flag: str, split: str) -> None:
+    """A save_to_disk folder with several splits must have the one asked for; the error names
+    the flag that chooses it. (Files and single-split folders have no splits to choose.)"""
+    index = Path(path) / "dataset_dict.json"
+    if index.is_file():
+        splits = [str(name) for name in json.loads(index.read_text()).get("splits", [])]
+        if split not in splits:
+            raise ValueError(f"{flag} {path} has no split {split!r} (it has {', '.join(splits) or 'none'}): choose one with {split_flag}")
+
+
+def _load_examples(flag: str, path: str, tokenizer: Any, config: Any, split_flag: str, split: str) -> Any:
+    """Tokenized examples of ``path`` (its ``split``, for a folder with several); an error
+    rather than a run without them."""
     from mola.data import load_training_data
 
-    examples = load_training_data(path, tokenizer, cutoff_len=config.cutoff_len, train_on_inputs=config.train_on_inputs)
+    _check_split(flag, path, split_flag, split)
+    examples = load_training_data(path, tokenizer, cutoff_len=config.cutoff_len, train_on_inputs=config.train_on_inputs, split=split)
     if not examples:
         raise ValueError(f"{flag} {path}: no example to use (no rows, or none keeps a trainable token within --cutoff-len {config.cutoff_len})")
     stats = examples.stats
@@ -156,9 +170,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _refuse_other_runs(output, args.resume)
     device = _device(args.device)
     model, tokenizer = load_base_model(args.model, device=device, cache_dir=args.cache_dir)
-    train_data = _load_examples("--data", args.data, tokenizer, config)
+    train_data = _load_examples("--data", args.data, tokenizer, config, "--split", args.split)
     # The eval loss is on the tokens training learns (train_on_inputs included), as in the service.
-    eval_data = _load_examples("--eval-data", args.eval_data, tokenizer, config) if args.eval_data else None
+    # Its split defaults to validation: the same folder as --data would else be read at its train split.
+    eval_data = _load_examples("--eval-data", args.eval_data, tokenizer, config, "--eval-split", args.eval_split) if args.eval_data else None
     torch.manual_seed(config.seed)
     if args.method == "mola":
         model = get_mola_model(model, mola_config)

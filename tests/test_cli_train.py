@@ -97,3 +97,38 @@ def test_analyze_routes_rows_longer_than_the_cutoff(tmp_path, capsys):
     assert {row["tokens"] for row in routing["modules"].values()} == {3 * 32}
     assert main([*argv, "--limit", "0"]) == 2
     assert "--limit must be at least 1, got 0" in capsys.readouterr().err
+
+
+def write_dataset_dict(root, splits):
+    """A save_to_disk DatasetDict folder, written with pyarrow as `datasets` lays it out."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    for split, rows in splits.items():
+        folder = root / split
+        folder.mkdir(parents=True)
+        table = pa.Table.from_pylist(rows)
+        with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": split}))
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
+    return root
+
+
+def test_a_dataset_folder_evaluates_on_its_validation_split(tmp_path, capsys):
+    # --data and --eval-data naming one folder read its train split twice: the eval loss was the
+    # training loss. --eval-data now reads --eval-split (validation), --data reads --split (train).
+    held_out = [{"instruction": "Repeat the word.", "input": "a much longer held-out word", "output": "a much longer held-out word"}]
+    folder = write_dataset_dict(tmp_path / "ds.hf", {"train": ROWS, "validation": held_out, "test": ROWS[:1]})
+    out = tmp_path / "run"
+    assert mola_train("--data", folder, "--eval-data", folder, "--output", out, "--max-steps", 1) == 0
+    data = json.loads((out / "training_summary.json").read_text())["data"]
+    assert (data["train"]["records"], data["eval"]["records"]) == (4, 1)
+    out2 = tmp_path / "run2"
+    assert mola_train("--data", folder, "--eval-data", folder, "--eval-split", "test", "--split", "validation", "--output", out2, "--max-steps", 1) == 0
+    data = json.loads((out2 / "training_summary.json").read_text())["data"]
+    assert (data["train"]["records"], data["eval"]["records"]) == (1, 1)
+    capsys.readouterr()
+    no_validation = write_dataset_dict(tmp_path / "two.hf", {"train": ROWS, "test": ROWS})
+    assert mola_train("--data", no_validation, "--eval-data", no_validation, "--output", tmp_path / "run3", "--max-steps", 1) == 2
+    assert f"--eval-data {no_validation} has no split 'validation' (it has train, test): choose one with --eval-split" in capsys.readouterr().err
