@@ -169,6 +169,11 @@ def _when(moment: Any) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC" if moment is not None else "-"
 
 
+def _count(n: Any, noun: str) -> str:
+    """``1 row``, ``2 rows``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _data_line(stats: dict[str, Any]) -> str:
     """What tokenizing a split kept, e.g. "200 records, 190 examples; 16 cut and 10 dropped (no
     trainable token left) at cutoff_len 512"."""
@@ -219,7 +224,7 @@ def _show_dataset(dataset: Dataset) -> None:
     print(f"id:          {dataset.id}")
     print(f"file:        {dataset.filename} ({dataset.size_bytes} bytes, sha256 {dataset.sha256[:16]}...)")
     print(f"rows:        {report.get('valid_rows', dataset.rows)} valid of {dataset.rows}, format {dataset.format or '-'}" + (f" ({formats})" if formats else ""))
-    print(f"created:     {dataset.created_at:%Y-%m-%d %H:%M:%S}" if dataset.created_at else "created:     -")
+    print(f"created:     {_when(dataset.created_at)}")
     for error in report.get("errors") or []:
         print(f"  line {error.get('line')}: {error.get('message')}")
     counts = dataset.token_counts or {}
@@ -229,9 +234,11 @@ def _show_dataset(dataset: Dataset) -> None:
         # Rows cut before any trainable token are left out of training; when that is every row,
         # a job at that cutoff_len is refused.
         lost = f", {dropped} of them with no trainable token left (a job at that cutoff skips them)" if dropped else ""
+        mean = c.get("mean_tokens")
+        mean = f"{mean:.1f}" if isinstance(mean, float) else mean  # 2.6666666666666665 read as noise
         print(
-            f"  {model}: {c.get('total_tokens')} tokens, mean {c.get('mean_tokens')}, max {c.get('max_tokens')}; "
-            f"{c.get('over_cutoff')} rows over cutoff_len {c.get('cutoff_len')}{lost}"
+            f"  {model}: {c.get('total_tokens')} tokens, mean {mean}, max {c.get('max_tokens')}; "
+            f"{_count(c.get('over_cutoff'), 'row')} over cutoff_len {c.get('cutoff_len')}{lost}"
         )
     for model, stats in (dataset.token_stats or {}).items():  # measured by jobs that trained on it
         print(f"  {model} (from a job): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
@@ -253,7 +260,7 @@ def cmd_datasets_upload(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(dataset.raw)
     else:
-        print(f"{dataset.id}  {dataset.filename}: {dataset.rows} rows, format {dataset.format}")
+        print(f"{dataset.id}  {dataset.filename}: {_count(dataset.rows, 'row')}, format {dataset.format}")
     return 0
 
 
@@ -264,7 +271,7 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
         _print_json(page.raw)
         return 0
     for d in page:
-        print(f"{d.id}  {d.filename:<30}  {d.rows:>7} rows  {d.format or '-':<10}  {d.created_at:%Y-%m-%d %H:%M}")
+        print(f"{d.id}  {d.filename:<30}  {d.rows:>7} {'row ' if d.rows == 1 else 'rows'}  {d.format or '-':<10}  {d.created_at:%Y-%m-%d %H:%M}")
     if page.has_more:
         print(f"(more: --after {page.cursor})")
     return 0

@@ -5,6 +5,7 @@ that break off in exact places, a small socket server that speaks HTTP and SSE b
 from __future__ import annotations
 
 import json
+import re
 import socket
 import tarfile
 import threading
@@ -211,6 +212,35 @@ def test_datasets_show_is_text_without_json(capsys, live, key, dataset_id):
     code, out, _ = mola(capsys, live, key, "datasets", "show", dataset_id)
     assert code == 0 and out.startswith(f"id:          {dataset_id}\n")
     assert "rows:        24 valid of 24, format alpaca" in out and not out.lstrip().startswith("{")
+
+
+def test_datasets_show_writes_counts_a_person_reads(capsys, live, key, api, settings, monkeypatch, tmp_path):
+    """Token counts as the quick task writes them (here one whose mean is 8/3): the mean
+    rounded, a count of one in the singular, the creation time in UTC like `jobs show`."""
+    from worker import tasks
+
+    path = tmp_path / "thirds.jsonl"
+    path.write_bytes(jsonl([{"text": "a"}, {"text": "bb"}, {"text": "bb"}]))
+    code, out, _ = mola(capsys, live, key, "datasets", "upload", str(path))
+    dataset_id = out.split()[0]
+    assert code == 0 and out.endswith(": 3 rows, format text\n")
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    assert tasks.count_tokens.run(dataset_id) == "ready"
+    assert api.get_dataset(dataset_id).token_counts["models"]["tiny-llama"]["mean_tokens"] == 8 / 3
+
+    code, out, _ = mola(capsys, live, key, "datasets", "show", dataset_id)
+    assert code == 0 and "  tiny-llama: 8 tokens, mean 2.7, max 3; 0 rows over cutoff_len 256\n" in out
+    assert re.search(r"^created:     \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", out, re.M), out
+
+    path.write_bytes(jsonl([{"text": "x" * 300}]))
+    code, out, _ = mola(capsys, live, key, "datasets", "upload", str(path))
+    one = out.split()[0]
+    assert code == 0 and out.endswith(": 1 row, format text\n")
+    assert tasks.count_tokens.run(one) == "ready"
+    code, out, _ = mola(capsys, live, key, "datasets", "show", one)
+    assert "; 1 row over cutoff_len 256" in out
+    code, out, _ = mola(capsys, live, key, "datasets", "list")
+    assert re.search(rf"^{one}  thirds.jsonl +1 row  ", out, re.M) and re.search(rf"^{dataset_id}  thirds.jsonl +3 rows  ", out, re.M), out
 
 
 def _work_when_queued(queue, sessions, metrics: list[tuple[int, str]]) -> threading.Thread:
