@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -75,6 +76,16 @@ def _with_scheme(url: str) -> str:
     """``host:port`` as ``http://host:port``: the form people type (and the README's default
     names), which httpx would take for a URL of the scheme ``host``."""
     return url if "://" in url else f"http://{url}"
+
+
+def _segment(value: str) -> str:
+    """An id (or a model name) as one segment of a path, escaped: a '/', '?', '#' or '..' in it
+    cannot make a request reach another endpoint (`delete_job("job_1/../../datasets/ds_2")`
+    sent DELETE /datasets/ds_2)."""
+    text = str(value)
+    if text in ("", ".", ".."):
+        raise ValueError(f"not an id: {text!r}")
+    return quote(text, safe="")
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -393,7 +404,7 @@ class MolaClient:
         return Page.of(self._json("GET", "/models"), BaseModelInfo.from_json)
 
     def get_model(self, name: str) -> BaseModelInfo:
-        return BaseModelInfo.from_json(self._json("GET", f"/models/{name}"))
+        return BaseModelInfo.from_json(self._json("GET", f"/models/{_segment(name)}"))
 
     # ---- datasets ------------------------------------------------------------------------
     def upload_dataset(self, path: str | os.PathLike) -> Dataset:
@@ -409,11 +420,11 @@ class MolaClient:
         return Page.of(self._json("GET", "/datasets", params=params), Dataset.from_json, "last_id")
 
     def get_dataset(self, dataset_id: str) -> Dataset:
-        return Dataset.from_json(self._json("GET", f"/datasets/{dataset_id}"))
+        return Dataset.from_json(self._json("GET", f"/datasets/{_segment(dataset_id)}"))
 
     def delete_dataset(self, dataset_id: str) -> dict[str, Any]:
         """Delete a dataset; returns the server's answer (``{"id": ..., "deleted": true}``)."""
-        return self._json("DELETE", f"/datasets/{dataset_id}")
+        return self._json("DELETE", f"/datasets/{_segment(dataset_id)}")
 
     # ---- jobs ----------------------------------------------------------------------------
     def create_job(
@@ -454,21 +465,21 @@ class MolaClient:
         return Page.of(self._json("GET", "/jobs", params=params), Job.from_json, "last_id")
 
     def get_job(self, job_id: str) -> Job:
-        return Job.from_json(self._json("GET", f"/jobs/{job_id}"))
+        return Job.from_json(self._json("GET", f"/jobs/{_segment(job_id)}"))
 
     def cancel_job(self, job_id: str) -> Job:
-        return Job.from_json(self._json("POST", f"/jobs/{job_id}/cancel"))
+        return Job.from_json(self._json("POST", f"/jobs/{_segment(job_id)}/cancel"))
 
     def delete_job(self, job_id: str) -> None:
         """Delete a finished job with its metrics, checkpoints and adapter (the server answers
         409 for a queued or running job: cancel it first)."""
-        self._request("DELETE", f"/jobs/{job_id}")
+        self._request("DELETE", f"/jobs/{_segment(job_id)}")
 
     def metrics(self, job_id: str, after_step: int = 0, limit: int = 100, kind: str | None = None) -> Page:
         params: dict[str, Any] = {"after_step": after_step, "limit": limit}
         if kind:
             params["kind"] = kind
-        return Page.of(self._json("GET", f"/jobs/{job_id}/metrics", params=params), Metric.from_json, "last_step")
+        return Page.of(self._json("GET", f"/jobs/{_segment(job_id)}/metrics", params=params), Metric.from_json, "last_step")
 
     def all_metrics(self, job_id: str, kind: str | None = None) -> list[Metric]:
         out: list[Metric] = []
@@ -481,7 +492,7 @@ class MolaClient:
             after = page.cursor
 
     def checkpoints(self, job_id: str) -> Page:
-        return Page.of(self._json("GET", f"/jobs/{job_id}/checkpoints"), Checkpoint.from_json)
+        return Page.of(self._json("GET", f"/jobs/{_segment(job_id)}/checkpoints"), Checkpoint.from_json)
 
     def events(
         self, job_id: str, after_step: int = 0, timeout: float | None = None, reconnect_seconds: float | None = None
@@ -523,7 +534,7 @@ class MolaClient:
         limits = httpx.Timeout(timeout or 60.0, read=EVENTS_READ_TIMEOUT_SECONDS)
         try:
             with self._http.stream(
-                "GET", f"/jobs/{stream.job_id}/events", params={"after_step": after_step}, headers=headers, timeout=limits
+                "GET", f"/jobs/{_segment(stream.job_id)}/events", params={"after_step": after_step}, headers=headers, timeout=limits
             ) as response:
                 if not response.is_success:
                     response.read()
@@ -551,7 +562,7 @@ class MolaClient:
     @staticmethod
     def _adapter_path(job_id: str, step: int | None) -> str:
         """The final adapter, or with ``step`` the one saved with that checkpoint."""
-        return f"/jobs/{job_id}/adapter" if step is None else f"/jobs/{job_id}/checkpoints/{int(step)}/adapter"
+        return f"/jobs/{_segment(job_id)}/adapter" if step is None else f"/jobs/{_segment(job_id)}/checkpoints/{int(step)}/adapter"
 
     def write_adapter(self, job_id: str, out: BinaryIO, step: int | None = None) -> int:
         """Write the adapter archive (.tar.gz) to the binary stream ``out``; returns its size.

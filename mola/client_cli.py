@@ -127,6 +127,14 @@ def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     return hp
 
 
+def _id_arg(text: str) -> str:
+    """A dataset or job id: refused here when it cannot be one (empty: `mola jobs show "$ID"`
+    with ID unset), rather than as a traceback from the client."""
+    if text.strip() in ("", ".", ".."):
+        raise argparse.ArgumentTypeError(f"not an id: {text!r}")
+    return text.strip()
+
+
 def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: a whole number within [low, high], the range the API accepts."""
 
@@ -533,7 +541,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_wrap(cmd_datasets_list))
     for name, fn, text in (("show", cmd_datasets_show, "show a dataset and its report"), ("delete", cmd_datasets_delete, "delete a dataset")):
         p = datasets.add_parser(name, help=text)
-        p.add_argument("id")
+        p.add_argument("id", type=_id_arg)
         _common(p)
         p.set_defaults(func=_wrap(fn))
 
@@ -568,18 +576,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         ("delete", cmd_jobs_delete, "delete a finished job with its metrics, checkpoints and adapter"),
     ):
         p = jobs.add_parser(name, help=text)
-        p.add_argument("id")
+        p.add_argument("id", type=_id_arg)
         _common(p)
         p.set_defaults(func=_wrap(fn))
     p = jobs.add_parser("metrics", help="print a job's metrics")
-    p.add_argument("id")
+    p.add_argument("id", type=_id_arg)
     p.add_argument("--after-step", type=_int_in(0), default=0)
     p.add_argument("--limit", type=_int_in(1, 1000), default=100, help="steps per page (1-1000)")
     p.add_argument("--kind", choices=("train", "eval"))
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_metrics))
     p = jobs.add_parser("download", help="download a job's adapter")
-    p.add_argument("id")
+    p.add_argument("id", type=_id_arg)
     where = p.add_mutually_exclusive_group()
     where.add_argument("-o", "--output", help="archive path, or - for stdout (default: <job id>-adapter.tar.gz)")
     where.add_argument("--extract", metavar="DIR", help="unpack into DIR instead, ready for mola.load_mola_model (peft for a lora job)")

@@ -155,6 +155,15 @@ def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(capsys, flags, flag):
     assert f"error: argument {flag}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["jobs", "show"], ["jobs", "delete"], ["jobs", "download"], ["datasets", "delete"]])
+def test_an_empty_id_is_a_usage_error(capsys, command):
+    """`mola jobs show "$ID"` with ID unset: a usage error, not the client's traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "", "--url", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "error: argument id: not an id: ''" in err and "Traceback" not in err
+
+
 def test_hp_values_are_json_or_plain_words():
     args = cli.build_parser().parse_args(
         ["jobs", "create", "--model", "m", "--dataset", "d", "--hp", "warmup_steps=0", "--hp", "bf16=false",
@@ -462,3 +471,21 @@ def test_a_download_that_breaks_off_leaves_no_half_archive(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 1 and "broke off" in err and "cannot reach" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.tar.gz"]
+
+
+def test_ids_are_one_path_segment(api, dataset_id):
+    """An id with '/', '..' or '?' in it (pasted with something else, or taken from elsewhere)
+    names no object: it never reaches another endpoint, such as a DELETE of a dataset."""
+    job = api.create_job("tiny-llama", dataset_id, hyperparameters={"max_steps": 2})
+    for call in (api.delete_job, api.get_job, api.cancel_job, api.checkpoints, lambda i: list(api.events(i))):
+        with pytest.raises(MolaAPIError) as error:
+            call(f"{job.id}/../../datasets/{dataset_id}")
+        assert error.value.status_code == 404, error.value
+    with pytest.raises(MolaAPIError) as error:
+        api.delete_dataset(f"{dataset_id}?x=1")
+    assert error.value.status_code == 404
+    assert api.get_dataset(dataset_id).id == dataset_id and api.get_job(job.id).status == "queued"
+    assert api.get_model("tiny-llama").name == "tiny-llama"
+    for bad in ("", ".."):
+        with pytest.raises(ValueError, match="not an id"):
+            api.get_job(bad)
