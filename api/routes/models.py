@@ -20,5 +20,6 @@ def list_models(session: SessionDep, _tenant: CurrentTenant) -> BaseModelList:
 def get_model(name: Text, session: SessionDep, _tenant: CurrentTenant) -> BaseModelPublic:
     entry = session.get(BaseModelEntry, name)
     if entry is None:
-        raise NotFound(f"base model {name!r} not found")
+        names = ", ".join(m.name for m in catalogue.list_models(session)) or "none"
+        raise NotFound(f"base model {name!r} not found; available: {names}")
     return BaseModelPublic.of(entry)

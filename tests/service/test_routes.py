@@ -26,7 +26,9 @@ def test_models_lists_layers_and_targets(client, key):
     assert llama["num_layers"] == 4 and "q_proj" in llama["target_modules"]
     assert llama["max_positions"] == 512
     assert client.get("/models/tiny-gpt2", headers=auth(key)).json()["model_type"] == "gpt2"
-    assert client.get("/models/nope", headers=auth(key)).status_code == 404
+    missing = client.get("/models/nope", headers=auth(key))
+    assert missing.status_code == 404  # names what there is, like POST /jobs's 422 for a model
+    assert missing.json()["detail"] == "base model 'nope' not found; available: tiny-gpt2, tiny-llama"
 
 
 def test_upload_reports_and_stores(client, key, storage):
