@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,9 +42,18 @@ def _public(error: dict[str, Any]) -> dict[str, Any]:
         where = f" at character {loc[1]}" if len(loc) > 1 else ""
         return {"loc": ["body"], "field": "body", "msg": f"the request body is not valid JSON ({reason}{where})"}
     message = _message(error)
+    choices = _choices((error.get("ctx") or {}).get("pattern")) if error.get("type") == "string_pattern_mismatch" else None
+    if choices:  # `^(train|eval)$` is a list of words to a person
+        message = f"must be {' or '.join(repr(c) for c in choices)}, got {error.get('input')!r}"
     if "Expected UploadFile" in message:  # a multipart part without a filename arrives as text
         message = "must be a file: a multipart part with a filename"
     return {"loc": loc, "field": _field(loc), "msg": message}
+
+
+def _choices(pattern: Any) -> list[str] | None:
+    """The words of a pattern that only lists words (``^(train|eval)$``), else None."""
+    match = re.fullmatch(r"\^\(([\w|]+)\)\$", str(pattern or ""))
+    return match.group(1).split("|") if match else None
 
 
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -321,6 +321,6 @@ def test_a_deleted_dataset_is_still_a_cursor(client, key, ctx):
 def test_bad_metrics_query(client, key, ctx):
     job_id = client.post("/jobs", headers=auth(key), json=job_body(ctx["dataset"])).json()["id"]
     _check(client.get(f"/jobs/{job_id}/metrics?after_step=-3", headers=auth(key)), 422, "query.after_step")
-    _check(client.get(f"/jobs/{job_id}/metrics?kind=loss", headers=auth(key)), 422, "query.kind")
+    _check(client.get(f"/jobs/{job_id}/metrics?kind=loss", headers=auth(key)), 422, "query.kind: must be 'train' or 'eval', got 'loss'")
     # Past the 32-bit step column: a 422, not an overflow in the query.
     _check(client.get(f"/jobs/{job_id}/metrics?after_step={'9' * 20}", headers=auth(key)), 422, "query.after_step")
