@@ -165,6 +165,13 @@ class Hyperparameters(BaseModel):
     torch_compile: StrictBool = Field(False, description="torch.compile the training forward: faster steps after minutes of compiling")
     eval_every: int | None = Field(None, ge=1, le=10_000_000, description="evaluate on the validation set every N steps")
     checkpoint_every: int | None = Field(None, ge=1, le=10_000_000, description="save a checkpoint every N steps")
+    eval_generate_rows: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="at each evaluation, also generate (greedy) the completions of the first N validation rows: "
+        "eval_exact_match, and eval_answer_accuracy where the references say 'the answer is X'",
+    )
     rank: int = Field(8, ge=1, le=4096, description="LoRA rank of every expert")
     alpha: float = Field(16.0, gt=0, le=1e6)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -174,7 +181,7 @@ class Hyperparameters(BaseModel):
     @field_validator(
         "epochs", "max_steps", "learning_rate", "batch_size", "micro_batch_size", "cutoff_len",
         "warmup_steps", "weight_decay", "max_grad_norm", "seed", "eval_every", "checkpoint_every",
-        "rank", "alpha", "dropout", "aux_loss_coef",
+        "eval_generate_rows", "rank", "alpha", "dropout", "aux_loss_coef",
         mode="before",
     )
     @classmethod
@@ -186,7 +193,7 @@ class Hyperparameters(BaseModel):
 
     @field_validator(
         "max_steps", "batch_size", "micro_batch_size", "cutoff_len", "warmup_steps", "seed",
-        "eval_every", "checkpoint_every", "rank",
+        "eval_every", "checkpoint_every", "eval_generate_rows", "rank",
         mode="before",
     )
     @classmethod

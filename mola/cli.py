@@ -47,6 +47,10 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--train-on-inputs", action="store_true")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eval-every", type=int)
+    p.add_argument(
+        "--eval-generate", type=int, metavar="N",
+        help="at each evaluation, also generate the completions of the first N --eval-data rows: exact match, and answer accuracy where they say 'the answer is X'",
+    )
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in OUTPUT/checkpoints (0: all)")
     p.add_argument("--resume", help="checkpoint folder to resume from ('latest' picks the newest in --output)")
@@ -147,6 +151,20 @@ def _load_examples(flag: str, path: str, tokenizer: Any, config: Any, split_flag
     return examples
 
 
+def _generation_scorer(args: argparse.Namespace, tokenizer: Any, config: Any) -> Any:
+    """--eval-generate N: ``train``'s extra_eval scoring the generated completions of the first
+    N --eval-data rows that fit in --cutoff-len."""
+    from mola.data import generation_rows
+    from mola.evaluate import CompletionScorer
+
+    if not args.eval_data or args.eval_generate < 1:
+        raise ValueError("--eval-generate needs --eval-data and a count of at least 1")
+    rows = generation_rows(args.eval_data, tokenizer, config.cutoff_len, limit=args.eval_generate, split=args.eval_split)
+    if not rows:
+        raise ValueError(f"--eval-generate: none of the first {args.eval_generate} --eval-data rows has a prompt whose prompt and completion fit in --cutoff-len {config.cutoff_len}")
+    return CompletionScorer(rows, tokenizer, batch_size=config.micro_batch_size)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -174,6 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # The eval loss is on the tokens training learns (train_on_inputs included), as in the service.
     # Its split defaults to validation: the same folder as --data would else be read at its train split.
     eval_data = _load_examples("--eval-data", args.eval_data, tokenizer, config, "--eval-split", args.eval_split) if args.eval_data else None
+    extra_eval = _generation_scorer(args, tokenizer, config) if args.eval_generate is not None else None
     torch.manual_seed(config.seed)
     if args.method == "mola":
         model = get_mola_model(model, mola_config)
@@ -203,15 +222,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{event['loss']:.4f}", aux=f"{event['aux_loss']:.3f}", lr=f"{event['lr']:.2e}", refresh=False)
             bar.refresh()
         elif event["kind"] == "eval":
-            bar.write(f"step {event['step']}: eval_loss {event['eval_loss']:.4f}")
+            generated = f", exact match {event['eval_exact_match']:.1%}" if "eval_exact_match" in event else ""
+            answers = f", answers right {event['eval_answer_accuracy']:.1%}" if "eval_answer_accuracy" in event else ""
+            bar.write(f"step {event['step']}: eval_loss {event['eval_loss']:.4f}{generated}{answers}")
 
     try:
-        result = train(model, tokenizer, train_data, eval_data, config, callback=on_event, checkpoint_dir=checkpoints, resume_from=resume)
+        result = train(
+            model, tokenizer, train_data, eval_data, config, callback=on_event, checkpoint_dir=checkpoints, resume_from=resume, extra_eval=extra_eval
+        )
     finally:
         bar.close()
     model.save_pretrained(str(output))
     data = {"train": train_data.stats.to_dict(), **({"eval": eval_data.stats.to_dict()} if eval_data else {})}
     summary = {"output": str(output), "steps": result.steps, "metrics": result.metrics, "eval": result.eval_metrics, "data": data}
+    if extra_eval is not None:  # the last evaluation's first generations beside their references
+        summary["samples"] = extra_eval.samples
     (output / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -181,6 +181,9 @@ class Job:
     # What the run tokenized, once it has: {"train": {records, examples, over_cutoff,
     # dropped_at_cutoff, total_tokens, ...}, "validation": {...}}; None before (or an older server).
     data: dict[str, Any] | None = None
+    # Trainable parameters of the adapter, counted when the job was created; None from an
+    # older server or for a model the catalogue has no module shapes of.
+    adapter_parameters: int | None = None
     raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
     # `create_job` only: True when the server answered with the job an earlier request with the
     # same Idempotency-Key created (200, `Idempotent-Replayed: true`) instead of a new one.

@@ -198,6 +198,8 @@ def _show_job(job: Job) -> None:
     print(f"dataset:     {job.dataset_id}" + (f", validation {job.validation_dataset_id}" if job.validation_dataset_id else ""))
     if job.allocation:
         print(f"allocation:  {job.allocation} (top-k {job.top_k})")
+    if job.adapter_parameters is not None:
+        print(f"trainable:   {job.adapter_parameters:,} adapter parameters")
     p = job.progress
     if p.total_steps:
         eta = f", ETA {p.eta_seconds:.0f} s" if p.eta_seconds is not None else ""
@@ -216,9 +218,13 @@ def _show_job(job: Job) -> None:
     if job.result and job.result.get("train"):
         loss = job.result["train"].get("loss")
         print(f"final loss:  {loss:.4f}" if isinstance(loss, float) else f"final loss:  {loss}")
-    eval_loss = ((job.result or {}).get("eval") or {}).get("eval_loss")
-    if isinstance(eval_loss, float):
-        print(f"eval loss:   {eval_loss:.4f}")
+    evaluation = (job.result or {}).get("eval") or {}
+    if isinstance(evaluation.get("eval_loss"), float):
+        print(f"eval loss:   {evaluation['eval_loss']:.4f}")
+    if isinstance(evaluation.get("eval_exact_match"), float):  # eval_generate_rows
+        answers = evaluation.get("eval_answer_accuracy")
+        answers = f", answers right {answers:.1%}" if isinstance(answers, float) else ""
+        print(f"generated:   {evaluation['eval_exact_match']:.1%} exact on {evaluation.get('eval_generated')} validation rows{answers}")
     if job.adapter_available:
         adapter = f"available (`mola jobs download {job.id} --extract DIR`)"
     else:  # a job that ended without one will never have one
@@ -373,7 +379,7 @@ def cmd_jobs_metrics(args: argparse.Namespace) -> int:
         values = "  ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in m.metrics.items()
-            if k in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "epoch")
+            if k in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_exact_match", "eval_answer_accuracy", "epoch")
         )
         print(f"step {m.step:>6}  {m.kind:<5}  {values}")
     if page.has_more:
@@ -388,7 +394,8 @@ def cmd_jobs_checkpoints(args: argparse.Namespace) -> int:
         _print_json(checkpoints.raw)
         return 0
     for c in checkpoints:
-        losses = "".join(f"  {k}={c.metrics[k]:.4f}" for k in ("loss", "eval_loss") if isinstance(c.metrics.get(k), float))
+        scores = ("loss", "eval_loss", "eval_exact_match", "eval_answer_accuracy")
+        losses = "".join(f"  {k}={c.metrics[k]:.4f}" for k in scores if isinstance(c.metrics.get(k), float))
         print(f"step {c.step:>6}  {c.size_bytes / 1e6:8.2f} MB  {c.created_at:%Y-%m-%d %H:%M:%S}{losses}")
     if checkpoints:
         print(f"(an adapter: mola jobs download {args.id} --step STEP --extract DIR)")

@@ -362,6 +362,30 @@ def build_example(prompt_ids: list[int], completion_ids: list[int], cutoff_len: 
     return {"input_ids": input_ids, "labels": labels}
 
 
+@dataclass(frozen=True)
+class GenerationRow:
+    """A row to generate the completion of and score (`mola.evaluate.completion_match`)."""
+
+    prompt: str
+    prompt_ids: list[int]
+    completion_ids: list[int]  # ends with EOS, as in training
+
+
+def generation_rows(
+    path_or_records: str | os.PathLike | Sequence[dict], tokenizer: Any, cutoff_len: int, limit: int | None = None, split: str = "train"
+) -> list[GenerationRow]:
+    """Of the first ``limit`` rows (all when None), those with a prompt whose prompt and
+    completion fit in ``cutoff_len``: the rows a model trained at that cutoff saw whole (a
+    ``text`` row has no prompt to generate from)."""
+    checked = _checked_rows(path_or_records, split)[:limit]
+    rendered = [render(c.record, tokenizer, c.format) for c in checked]
+    return [
+        GenerationRow(text[0], prompt_ids, completion_ids)
+        for text, (prompt_ids, completion_ids) in zip(rendered, iter_encoded_pairs(rendered, tokenizer))
+        if text[0] and len(prompt_ids) + len(completion_ids) <= cutoff_len
+    ]
+
+
 @dataclass
 class TrainingDataStats:
     """What tokenizing a dataset for training kept and cut, as `load_training_data` did it.

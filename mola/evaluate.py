@@ -1,6 +1,7 @@
-"""Evaluation: held-out loss, multiple-choice accuracy by likelihood, generation accuracy.
+"""Evaluation: held-out loss, multiple-choice accuracy by likelihood, generation accuracy, and
+generated completions compared with their references.
 
-All three take any causal LM whose ``model(input_ids=..., attention_mask=...)`` returns an object
+All take any causal LM whose ``model(input_ids=..., attention_mask=...)`` returns an object
 with ``.logits`` (a `MolaModel`, a peft model, a plain Hugging Face model), run it in eval mode
 without gradients, and put every module back in the train/eval mode it was in.
 """
@@ -223,29 +224,50 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
-    """Greedy continuations (KV cache on) of ``prompts``, decoded without special tokens.
+def _generation_batches(prompt_lengths: list[int], budgets: list[int], batch_size: int, positions: int | None) -> Iterator[list[int]]:
+    """Row indices in batches of at most ``batch_size``, shortest prompts first. A batch generates
+    its largest budget for every row, so a row joins a batch only while the batch's longest
+    prompt plus that budget stays within the model's positions (a row alone always fits: its
+    own prompt plus budget was checked)."""
+    batch: list[int] = []
+    for i in sorted(range(len(prompt_lengths)), key=lambda i: prompt_lengths[i]):
+        widest = max([prompt_lengths[i]] + [prompt_lengths[j] for j in batch])
+        new = max([budgets[i]] + [budgets[j] for j in batch])
+        if batch and (len(batch) == batch_size or (positions is not None and widest + new > positions)):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
-    Pads on the left by hand rather than through ``tokenizer.padding_side``, so the tokenizer
-    (perhaps shared with a training loop) is never modified.
+
+def generate_ids(
+    model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], pad_id: int, eos_id: int | None, batch_size: int = 8
+) -> list[list[int]]:
+    """Greedy continuations (KV cache on) of token-id ``prompts``, row i at most
+    ``max_new_tokens[i]`` tokens, ending before its EOS.
+
+    Prompts are padded on the left by hand (not through ``tokenizer.padding_side``, so a
+    tokenizer shared with a training loop is never modified). Raises ``ValueError`` for a row
+    whose prompt plus budget is longer than the model's positions.
     """
     if not prompts:
         return []
+    lengths = [len(p) for p in prompts]
+    _check_positions(
+        model,
+        ((f"prompt {i} with max_new_tokens={budget}", length + budget) for i, (length, budget) in enumerate(zip(lengths, max_new_tokens))),
+        "shorten the prompt or lower max_new_tokens",
+    )
     device = model_device(model)
-    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    lengths = ((f"prompt {i} with max_new_tokens={max_new_tokens}", len(ids) + max_new_tokens) for i, ids in enumerate(encoded))
-    _check_positions(model, lengths, "shorten the prompt or lower max_new_tokens")
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    texts: list[str] = [""] * len(encoded)
+    continuations: list[list[int]] = [[] for _ in prompts]
     with eval_mode(model), torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            ids, mask = _left_pad([list(encoded[i]) for i in index], pad_id)
+        for index in _generation_batches(lengths, list(max_new_tokens), batch_size, max_positions(model)):
+            ids, mask = _left_pad([list(prompts[i]) for i in index], pad_id)
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max(max_new_tokens[i] for i in index),
                 do_sample=False,
                 num_beams=1,
                 use_cache=True,
@@ -253,10 +275,59 @@ def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max
                 eos_token_id=eos_id,
             )
             sequences = getattr(out, "sequences", out)  # (B, T + new)
-            new_tokens = sequences[:, ids.shape[1] :].cpu()
-            for i, text in zip(index, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                texts[i] = text
-    return texts
+            for i, row in zip(index, sequences[:, ids.shape[1] :].tolist()):
+                row = row[: max_new_tokens[i]]
+                continuations[i] = row[: row.index(eos_id)] if eos_id in row else row
+    return continuations
+
+
+def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
+    """Greedy continuations of text ``prompts`` (see `generate_ids`), decoded without special tokens."""
+    if not prompts:
+        return []
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    new = generate_ids(model, encoded, [max_new_tokens] * len(encoded), _pad_id(tokenizer), tokenizer.eos_token_id, batch_size)
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def completion_match(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Generate greedily from each ``(prompt_ids, completion_ids)`` pair's prompt (as
+    `mola.data.encode_pairs` gives them), as many tokens as its reference completion has, and
+    compare the texts.
+
+    Returns ``{"n", "exact_match" (the share of generations equal to their reference, whitespace
+    runs counted as one space), "answers_expected" (references that say "the answer is X"),
+    "answer_accuracy" (the share of those whose generation gives the same answer, see
+    `answers_match`; None when no reference says one), "generations", "references"}``.
+    """
+    eos_id = tokenizer.eos_token_id
+    # A reference ends with the EOS that training appends: the generation stops there too.
+    references = [list(c[:-1]) if c and c[-1] == eos_id else list(c) for _, c in pairs]
+    budgets = [max(1, len(r)) for r in references]
+    new = generate_ids(model, [p for p, _ in pairs], budgets, _pad_id(tokenizer), eos_id, batch_size)
+    generations = tokenizer.batch_decode(new, skip_special_tokens=True) if new else []
+    reference_texts = tokenizer.batch_decode(references, skip_special_tokens=True) if references else []
+    exact = sum(_normalized(g) == _normalized(r) for g, r in zip(generations, reference_texts))
+    expected = [(extract_answer(r), g) for r, g in zip(reference_texts, generations)]
+    expected = [(answer, g) for answer, g in expected if answer is not None]
+    correct = sum(answers_match(extract_answer(g), answer) for answer, g in expected)
+    return {
+        "n": len(pairs),
+        "exact_match": exact / len(pairs) if pairs else float("nan"),
+        "answers_expected": len(expected),
+        "answer_accuracy": correct / len(expected) if expected else None,
+        "generations": generations,
+        "references": reference_texts,
+    }
 
 
 def generation_accuracy(
@@ -283,3 +354,28 @@ def generation_accuracy(
         logger.info("generation_accuracy: no answer found in %d of %d generations", failed, len(items))
     accuracy = correct / len(items) if items else float("nan")
     return {"accuracy": accuracy, "n": len(items), "correct": correct, "failed": failed, "predictions": predictions, "generations": generations}
+
+
+class CompletionScorer:
+    """``train(..., extra_eval=CompletionScorer(rows, tokenizer))``: at each evaluation, generate
+    the completions of ``rows`` (`mola.data.generation_rows`) and score them with
+    `completion_match`: ``eval_exact_match`` and ``eval_generated`` (the rows scored), with
+    ``eval_answer_accuracy`` and ``eval_answers_expected`` where references say "the answer is
+    X". ``samples`` keeps the latest evaluation's first generations beside their references."""
+
+    def __init__(self, rows: Sequence[Any], tokenizer: Any, batch_size: int = 8, keep_samples: int = 3) -> None:
+        self.rows, self.tokenizer, self.batch_size, self.keep_samples = list(rows), tokenizer, batch_size, keep_samples
+        self.samples: list[dict[str, str]] = []
+
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
+        pairs = [(row.prompt_ids, row.completion_ids) for row in self.rows]
+        scored = completion_match(model, self.tokenizer, pairs, batch_size=self.batch_size)
+        self.samples = [
+            {"prompt": row.prompt, "reference": reference, "generated": generated}
+            for row, reference, generated in zip(self.rows, scored["references"], scored["generations"])
+        ][: self.keep_samples]
+        metrics = {"eval_exact_match": scored["exact_match"], "eval_generated": scored["n"]}
+        if scored["answer_accuracy"] is not None:
+            metrics["eval_answer_accuracy"] = scored["answer_accuracy"]
+            metrics["eval_answers_expected"] = scored["answers_expected"]
+        return metrics

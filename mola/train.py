@@ -607,6 +607,7 @@ def train(
     callback: Callback | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
+    extra_eval: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train the adapter of ``model`` (a `MolaModel` or a peft LoRA model) on tokenized data.
 
@@ -618,6 +619,9 @@ def train(
     complete and ends as usual, with its final evaluation and checkpoint). ``checkpoint_dir``
     must not hold another run's checkpoints. ``resume_from``: a checkpoint folder written by an
     earlier run with the same data and config (what must match: `RESUME_MUST_MATCH`).
+    ``extra_eval(model)``, with ``eval_data``: more metrics for each evaluation event (e.g.
+    generated answers scored by `mola.evaluate.completion_match`), called under the run's
+    autocast; the model is in its training mode and must be left so (the evaluate functions do).
     The model leaves in the train/eval mode it came in, with its activation checkpointing and
     KV-cache settings.
     """
@@ -687,6 +691,13 @@ def train(
 
         def run_eval(step: int) -> bool:
             metrics = evaluate_loss(model, eval_data, pad_id, batch_size=micro, autocast_dtype=autocast_dtype)
+            if extra_eval is not None:
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    extra = extra_eval(model)
+                clashes = sorted(set(extra) & {*metrics, "kind", "step", "total_steps", "epoch"})
+                if clashes:
+                    raise ValueError(f"extra_eval returned {clashes}, names the evaluation event already has")
+                metrics.update(extra)
             event = {"kind": "eval", "step": step, "total_steps": total_steps, "epoch": step / per_epoch, **metrics}
             result.eval_metrics = event
             return emit(event)

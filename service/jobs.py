@@ -120,10 +120,9 @@ def build_spec(
             ("body", "hyperparameters", "cutoff_len"),
             f"{cutoff_len} is more than the {model.max_positions} positions {model.name} takes",
         )
-    if hp.get("eval_every") is not None and not request.get("validation_dataset_id"):
-        raise InvalidRequest(
-            ("body", "hyperparameters", "eval_every"), "needs a validation_dataset_id to evaluate on"
-        )
+    for field in ("eval_every", "eval_generate_rows"):
+        if hp.get(field) is not None and not request.get("validation_dataset_id"):
+            raise InvalidRequest(("body", "hyperparameters", field), "needs a validation_dataset_id to evaluate on")
 
     warmup_steps, max_steps = hp.get("warmup_steps"), hp.get("max_steps")
     if warmup_steps is not None and max_steps is not None and warmup_steps > max_steps:

@@ -2,6 +2,7 @@
 and options the library commands add on top of `mola.train` and `mola.analysis`."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -132,3 +133,14 @@ def test_a_dataset_folder_evaluates_on_its_validation_split(tmp_path, capsys):
     no_validation = write_dataset_dict(tmp_path / "two.hf", {"train": ROWS, "test": ROWS})
     assert mola_train("--data", no_validation, "--eval-data", no_validation, "--output", tmp_path / "run3", "--max-steps", 1) == 2
     assert f"--eval-data {no_validation} has no split 'validation' (it has train, test): choose one with --eval-split" in capsys.readouterr().err
+
+
+def test_eval_generate_scores_generated_completions(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert mola_train("--data", data, "--eval-data", data, "--eval-generate", 3, "--eval-every", 1, "--output", out, "--max-steps", 2) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["eval"]["eval_generated"] == 3 and 0.0 <= summary["eval"]["eval_exact_match"] <= 1.0
+    assert [s["reference"] for s in summary["samples"]] == ["cat", "dog", "sun"]
+    assert re.search(r"step 1: eval_loss [\d.]+, exact match [\d.]+%\n", capsys.readouterr().out)
+    assert mola_train("--data", data, "--eval-generate", 3, "--output", tmp_path / "run2", "--max-steps", 1) == 2
+    assert "--eval-generate needs --eval-data and a count of at least 1" in capsys.readouterr().err

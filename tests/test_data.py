@@ -384,3 +384,22 @@ def test_tokenizing_in_batches_equals_one_row_at_a_time(monkeypatch):
     assert load_training_data(records, tokenizer, cutoff_len=128) == alone
     batches = list(mola.data._batches([render(r, tokenizer) for r in records]))
     assert len(batches) > len(records) / 4 and sum(map(len, batches)) == len(records)
+
+
+def test_generation_rows_are_the_first_rows_with_a_prompt_that_fit_whole():
+    from mola.data import generation_rows
+
+    tokenizer = byte_tokenizer()
+    records = [
+        {"prompt": "Q: one? ", "completion": "A"},
+        {"text": "no prompt to generate from"},
+        {"prompt": "Q: long? ", "completion": "x" * 300},  # prompt and completion pass cutoff_len
+        {"instruction": "Name a colour.", "output": "Blue."},
+        {"prompt": "Q: after the limit? ", "completion": "B"},
+    ]
+    rows = generation_rows(records, tokenizer, cutoff_len=256, limit=4)
+    assert [row.prompt for row in rows] == ["Q: one? ", alpaca_prompt("Name a colour.")]
+    first = rows[0]
+    assert first.prompt_ids == tokenizer("Q: one? ")["input_ids"]
+    assert first.completion_ids == tokenizer("A", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(generation_rows(records, tokenizer, cutoff_len=256)) == 3

@@ -11,11 +11,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from mola.config import MolaConfig
-from mola.data import IGNORE_INDEX, collate, load_training_data
+from mola.data import IGNORE_INDEX, collate, encode_pairs, load_training_data
 from mola.evaluate import (
+    _generation_batches,
     answers_match,
+    completion_match,
     evaluate_loss,
     extract_answer,
+    generate_ids,
     generate_texts,
     generation_accuracy,
     multiple_choice_accuracy,
@@ -234,6 +237,45 @@ def test_batched_generation_equals_one_at_a_time(tokenizer):
     assert generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=3) == generate_texts(
         model, tokenizer, prompts, max_new_tokens=6, batch_size=1
     )
+
+
+def test_completion_match_scores_generations_against_their_references(trained, tokenizer):
+    references = [(p, f"The answer is {a}.") for p, a in QA] + [(QA[0][0], "The answer is C."), (QA[1][0], "Blue.")]
+    pairs = encode_pairs([(p, c, False) for p, c in references], tokenizer)
+    result = completion_match(trained, tokenizer, pairs, batch_size=4)
+    assert result["generations"][:5] == [f"The answer is {a}." for _, a in QA] + ["The answer is B."]
+    assert result["references"] == [c for _, c in references]
+    assert (result["n"], result["answers_expected"]) == (6, 5)
+    assert result["exact_match"] == pytest.approx(4 / 6)
+    assert result["answer_accuracy"] == pytest.approx(4 / 5)  # "Blue." says no answer: not counted
+    # Each generation is as long as its reference at most: "Blue." allows 5 tokens.
+    assert len(tokenizer(result["generations"][5], add_special_tokens=False)["input_ids"]) <= 5
+
+
+def test_completion_match_without_answers_in_the_references(trained, tokenizer):
+    pairs = encode_pairs([(QA[0][0], "The answer is B.", False), (QA[1][0], "something else", False)], tokenizer)
+    result = completion_match(trained, tokenizer, pairs)
+    assert result["answers_expected"] == 1 and result["answer_accuracy"] == 1.0
+    pairs = encode_pairs([(QA[1][0], "something else", False)], tokenizer)
+    result = completion_match(trained, tokenizer, pairs)
+    assert (result["answers_expected"], result["answer_accuracy"], result["exact_match"]) == (0, None, 0.0)
+    assert completion_match(trained, tokenizer, [])["n"] == 0
+
+
+def test_generate_ids_keeps_each_rows_budget_and_batches_like_one_at_a_time(tokenizer):
+    model = make_model("hf").eval()
+    prompts = [tokenizer(t)["input_ids"] for t in ("short", "a somewhat longer prompt", "mid length")]
+    budgets = [1, 7, 3]
+    batched = generate_ids(model, prompts, budgets, tokenizer.pad_token_id, eos_id=None, batch_size=3)
+    assert [len(row) for row in batched] == budgets  # no EOS to stop at: each runs to its budget
+    assert batched == [generate_ids(model, [p], [b], tokenizer.pad_token_id, None)[0] for p, b in zip(prompts, budgets)]
+
+
+def test_a_generation_batch_stays_within_the_models_positions():
+    # Together the longest prompt and the largest budget would pass 512 positions: two batches.
+    assert list(_generation_batches([10, 500], [400, 5], batch_size=8, positions=512)) == [[0], [1]]
+    assert list(_generation_batches([10, 500], [400, 5], batch_size=8, positions=None)) == [[0, 1]]
+    assert list(_generation_batches([30, 20, 10], [1, 1, 1], batch_size=2, positions=512)) == [[2, 1], [0]]
 
 
 @pytest.mark.parametrize(

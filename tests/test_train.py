@@ -428,3 +428,40 @@ def test_train_restores_the_users_input_require_grads_and_checkpointing(data, me
     model.activation_checkpointing_disable()
     model.disable_input_require_grads()
     assert not embeddings._forward_hooks
+
+
+# ---- extra_eval ------------------------------------------------------------------------------
+
+
+def test_extra_eval_adds_generated_answers_to_each_evaluation():
+    from mola.data import build_example, encode_pairs
+    from mola.evaluate import completion_match
+
+    tokenizer = byte_tokenizer()
+    rows = [("Q: 2+2? ", "The answer is B"), ("Q: sky? ", "The answer is A"), ("Q: cat? ", "meow"), ("Q: 3*3? ", "The answer is C")]
+    pairs = encode_pairs([(p, c, False) for p, c in rows], tokenizer)
+    examples = [build_example(p, c, 64) for p, c in pairs]
+    torch.manual_seed(0)
+    model = get_mola_model(tiny_model("llama"), MolaConfig(experts=[2, 2, 2, 2], top_k=1, dropout=0.0))
+    for p in model.parameters():  # the whole model learns: four answers memorised in a few dozen steps
+        p.requires_grad_(True)
+    evals = []
+
+    def answers(m):
+        assert m.training  # as train() has it; completion_match evaluates in eval mode and gives it back
+        scored = completion_match(m, tokenizer, pairs)
+        return {"eval_exact_match": scored["exact_match"], "eval_answer_accuracy": scored["answer_accuracy"]}
+
+    config = TrainConfig(max_steps=60, batch_size=4, micro_batch_size=4, learning_rate=3e-3, warmup_steps=0, eval_every=20, lr_schedule="constant")
+    result = train(model, tokenizer, examples, examples, config, callback=lambda e: evals.append(e) if e["kind"] == "eval" else None, extra_eval=answers)
+    assert [e["step"] for e in evals] == [20, 40, 60]
+    assert all({"eval_loss", "eval_exact_match", "eval_answer_accuracy"} <= set(e) for e in evals)
+    assert result.eval_metrics["eval_exact_match"] == 1.0 and result.eval_metrics["eval_answer_accuracy"] == 1.0
+    assert model.training
+
+
+def test_extra_eval_may_not_replace_the_events_own_fields(data):
+    model = fresh_model()
+    config = TrainConfig(max_steps=1, batch_size=2, micro_batch_size=2)
+    with pytest.raises(ValueError, match=r"extra_eval returned \['eval_loss', 'step'\], names the evaluation event already has"):
+        train(model, byte_tokenizer(), data, data, config, extra_eval=lambda m: {"eval_loss": 0.0, "step": 3, "fine": 1})

@@ -87,6 +87,8 @@ TRAIN_FIELDS = (
     "checkpoint_every",
 )
 ERROR_LIMIT = 2000
+# Evaluation metrics checkpoints and model cards carry (with the training loss).
+EVAL_NOTED = ("eval_loss", "eval_exact_match", "eval_answer_accuracy")
 # What a database that is restarting, failing over or unreachable raises: worth retrying later.
 # (Constraint violations and programming errors are not: they would fail again.)
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, DisconnectionError)
@@ -190,7 +192,7 @@ class Reporter:
         self.progress: dict[str, Any] = {}
         self.data_stats: dict[str, Any] = {}
         self.spec = spec or {}  # the job's: the checkpoints' model cards describe it
-        self.latest: dict[str, tuple[int, float]] = {}  # "loss" / "eval_loss": (step, value)
+        self.latest: dict[str, tuple[int, float]] = {}  # "loss", EVAL_NOTED: (step, value)
 
     def __call__(self, event: dict[str, Any]) -> bool:
         kind = event.get("kind")
@@ -204,7 +206,8 @@ class Reporter:
             self._note("loss", event)
         elif kind == "eval":
             self.buffer.append(self._row(event))
-            self._note("eval_loss", event)
+            for name in EVAL_NOTED:
+                self._note(name, event)
         elif kind == "checkpoint":
             # The flush renews the lease: a worker that stalled for longer than its lease learns
             # here that the job is gone, before it spends an upload on it.
@@ -309,19 +312,16 @@ class Reporter:
         self._delete_unnamed_checkpoints(named, up_to_step=step)
 
     def _checkpoint_metrics(self, event: dict[str, Any]) -> dict[str, Any]:
-        """The epoch, and the losses of the checkpoint's step (to pick one by validation loss)."""
-        step = int(event["step"])
-        values = {"epoch": event.get("epoch"), "loss": self._loss_at("loss", step), "eval_loss": self._loss_at("eval_loss", step)}
-        return _clean({k: v for k, v in values.items() if v is not None})
+        """The epoch, and the losses (and generated-answer scores) of the checkpoint's step, to
+        pick one by validation loss or accuracy."""
+        return _clean({k: v for k, v in self._scores_at(int(event["step"]), epoch=event.get("epoch")).items() if v is not None})
+
+    def _scores_at(self, step: int, **more: Any) -> dict[str, Any]:
+        return {**more, "loss": self._loss_at("loss", step), **{name: self._loss_at(name, step) for name in EVAL_NOTED}}
 
     def _checkpoint_archive(self, path: Path, step: int, total_steps: int | None) -> Path:
         card = model_card(
-            self.job_id,
-            self.spec,
-            f"checkpoint at step {step} of {total_steps}",
-            loss=self._loss_at("loss", step),
-            eval_loss=self._loss_at("eval_loss", step),
-            data_stats=self.data_stats,
+            self.job_id, self.spec, f"checkpoint at step {step} of {total_steps}", self._scores_at(step), data_stats=self.data_stats
         )
         return pack_adapter(path.parent / f".{path.name}-adapter.tar.gz", path, card)
 
@@ -493,6 +493,8 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
     if eval_data is not None and not eval_data:  # asked for, so not silently skipped: the losses would never come
         raise ValueError(f"no validation example keeps a trainable token within cutoff_len={hp['cutoff_len']} ({_dropped(eval_data.stats)})")
 
+    generated = _generation_eval(eval_path, tokenizer, hp) if eval_data is not None and hp.get("eval_generate_rows") else None
+
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     options = {k: hp[k] for k in TRAIN_FIELDS if k in hp and k in known}
     if "log_every" in known:
@@ -511,11 +513,26 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
         callback=reporter,
         checkpoint_dir=work / "checkpoints",
         resume_from=resume_from,
+        extra_eval=generated,
     )
     reporter.flush_all()
     if result.stopped and reporter.stop_reason in ("shutdown", "lease_lost"):
         raise Stop(reporter.stop_reason)
-    return model, result
+    return model, result, generated.samples if generated else None
+
+
+def _generation_eval(eval_path: Path, tokenizer: Any, hp: dict) -> Any:
+    """``eval_generate_rows``: the scorer of the first N validation rows that fit in cutoff_len."""
+    from mola.data import generation_rows
+    from mola.evaluate import CompletionScorer
+
+    rows = generation_rows(eval_path, tokenizer, hp["cutoff_len"], limit=hp["eval_generate_rows"])
+    if not rows:
+        raise ValueError(
+            f"eval_generate_rows: none of the first {hp['eval_generate_rows']} validation rows has a prompt whose "
+            f"prompt and completion fit in cutoff_len={hp['cutoff_len']}"
+        )
+    return CompletionScorer(rows, tokenizer, batch_size=hp["micro_batch_size"])
 
 
 def _mola_config(spec: dict) -> Any:
@@ -579,9 +596,11 @@ def _record_token_stats(dataset_id: str, model_name: str, stats: Any, res: Resou
         logger.warning("dataset %s: recording token statistics failed (%s)", dataset_id, _first_line(exc))
 
 
-def _summary(result: Any) -> dict[str, Any]:
+def _summary(result: Any, samples: list[dict[str, str]] | None = None) -> dict[str, Any]:
     return _clean(
         {
+            # With eval_generate_rows: the last evaluation's first generations beside their references.
+            **({"samples": samples} if samples else {}),
             "steps": result.steps,
             "total_steps": result.total_steps,
             "stopped_early": result.stopped,
@@ -595,21 +614,15 @@ def _summary(result: Any) -> dict[str, Any]:
 
 
 def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res: Resources, reporter: Reporter) -> str:
-    model, result = trained
+    model, result, samples = trained
     status = "cancelled" if result.stopped else "succeeded"
     adapter_dir = work / "adapter"
     if spec["method"] == "mola":
         model.save_pretrained(adapter_dir, metadata={"job_id": job_id, "dataset_id": spec["dataset_id"], "steps": result.steps})
     else:
         model.save_pretrained(str(adapter_dir))
-    card = model_card(
-        job_id,
-        spec,
-        f"{status} after {result.steps} of {result.total_steps} steps",
-        loss=(result.metrics or {}).get("loss"),
-        eval_loss=(result.eval_metrics or {}).get("eval_loss"),
-        data_stats=reporter.data_stats,
-    )
+    scores = {"loss": (result.metrics or {}).get("loss"), **{name: (result.eval_metrics or {}).get(name) for name in EVAL_NOTED}}
+    card = model_card(job_id, spec, f"{status} after {result.steps} of {result.total_steps} steps", scores, data_stats=reporter.data_stats)
     archive = pack_adapter(work / "adapter.tar.gz", adapter_dir, card)
     if reporter.heartbeat.lost:
         logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
@@ -618,7 +631,7 @@ def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res
     res.storage.put_file(key, archive)
 
     def finish(session: Session) -> bool:
-        return job_service.finish_job(session, job_id, owner, status, result=_summary(result), adapter_key=key)
+        return job_service.finish_job(session, job_id, owner, status, result=_summary(result, samples), adapter_key=key)
 
     if not _retrying_write(res, job_id, "recording the result", finish) and not _committed_anyway(res, job_id, status, owner):
         logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
@@ -738,12 +751,12 @@ def model_card(
     job_id: str,
     spec: dict,
     state: str,
-    loss: float | None = None,
-    eval_loss: float | None = None,
+    scores: dict[str, Any] | None = None,
     data_stats: dict[str, Any] | None = None,
 ) -> str:
     """The adapter's README.md; ``state`` says where the run was ("succeeded after 8 of 8
-    steps", "checkpoint at step 4 of 8"), the losses are the latest at that point."""
+    steps", "checkpoint at step 4 of 8"); ``scores`` ("loss", EVAL_NOTED) are the latest at
+    that point."""
     hp = spec["hyperparameters"]
     lines = [
         f"# {METHOD_TITLES[spec['method']]} adapter for {spec['base_model']}",
@@ -771,10 +784,17 @@ def model_card(
             f"- trained on {train['examples']} of {train['records']} records ({train['trainable_tokens']} trainable tokens): "
             f"{train['over_cutoff']} cut at {train['cutoff_len']} tokens, {train['dropped_at_cutoff']} of them dropped (no completion token left)"
         )
-    if loss is not None:
-        lines.append(f"- training loss: {loss:.4f}")
-    if eval_loss is not None:
-        lines.append(f"- validation loss: {eval_loss:.4f}")
+    scores = scores or {}
+    if scores.get("loss") is not None:
+        lines.append(f"- training loss: {scores['loss']:.4f}")
+    if scores.get("eval_loss") is not None:
+        lines.append(f"- validation loss: {scores['eval_loss']:.4f}")
+    if scores.get("eval_exact_match") is not None:
+        answers = scores.get("eval_answer_accuracy")
+        lines.append(
+            f"- generated completions of validation rows: {scores['eval_exact_match']:.1%} exact"
+            + (f", {answers:.1%} of the answers right (\"the answer is X\")" if answers is not None else "")
+        )
     load = (
         ["from mola import load_mola_model", "", f'base, tokenizer = load_base_model("{spec["base_model"]}")', 'model = load_mola_model(base, "path/to/this/folder")']
         if spec["method"] == "mola"

@@ -121,6 +121,44 @@ def test_every_checkpoint_stores_its_adapter_for_download(client, key, settings,
     assert load_mola_model(base, tmp_path / "step2").experts_per_layer == [2, 4, 6, 8]
 
 
+def test_eval_generate_rows_scores_generated_completions_at_each_evaluation(client, key, settings, tmp_path):
+    # The first validation row's prompt and completion do not fit in cutoff_len=64: not generated.
+    long_row = {"prompt": "Count on: ", "completion": " ".join(str(i) for i in range(40))}
+    validation_id = make_dataset(client, key, [long_row, *ROWS[:4]])
+    hp = {"max_steps": 4, "checkpoint_every": 2, "eval_every": 2, "eval_generate_rows": 4}
+    job_id = _create(client, key, hyperparameters=hp, validation_dataset_id=validation_id)
+    assert runner.run_job(job_id, settings) == "succeeded"
+    evals = {m["step"]: m["metrics"] for m in client.get(f"/jobs/{job_id}/metrics?kind=eval", headers=auth(key)).json()["data"]}
+    assert sorted(evals) == [2, 4]
+    for metrics in evals.values():
+        assert metrics["eval_generated"] == 3 and 0.0 <= metrics["eval_exact_match"] <= 1.0
+        assert "eval_answer_accuracy" not in metrics  # no reference says "the answer is X"
+    checkpoints = client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]
+    assert [c["metrics"]["eval_exact_match"] for c in checkpoints] == [evals[2]["eval_exact_match"], evals[4]["eval_exact_match"]]
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["result"]["eval"]["eval_exact_match"] == evals[4]["eval_exact_match"]
+    samples = job["result"]["samples"]
+    assert [(s["prompt"], s["reference"]) for s in samples] == [(r["prompt"], r["completion"]) for r in ROWS[:3]]
+    assert all(isinstance(s["generated"], str) for s in samples)
+    archive = tmp_path / "adapter.tar.gz"
+    archive.write_bytes(client.get(f"/jobs/{job_id}/adapter", headers=auth(key)).content)
+    with tarfile.open(archive) as tar:
+        card = tar.extractfile("README.md").read().decode()
+    assert f"- generated completions of validation rows: {evals[4]['eval_exact_match']:.1%} exact\n" in card
+
+
+def test_eval_generate_rows_without_a_row_that_fits_fails_the_job_at_its_start(client, key, settings):
+    rows = [{"prompt": f"Count from {i}: ", "completion": " ".join(str(j) for j in range(i, i + 40))} for i in range(3)]
+    validation_id = make_dataset(client, key, rows)
+    job_id = _create(client, key, hyperparameters={"max_steps": 2, "eval_generate_rows": 2}, validation_dataset_id=validation_id)
+    assert runner.run_job(job_id, settings) == "failed"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["error"].endswith(
+        "eval_generate_rows: none of the first 2 validation rows has a prompt whose prompt and completion fit in cutoff_len=64"
+    )
+    assert job["progress"]["step"] == 0
+
+
 def test_cancel_stops_at_the_next_step_and_keeps_the_adapter(client, key, settings, sessions):
     job_id = _create(client, key, hyperparameters={"max_steps": 500})
 
@@ -464,5 +502,6 @@ def test_every_training_hyperparameter_reaches_the_train_config():
     from mola.train import TrainConfig
 
     adapter_fields = {"rank", "alpha", "dropout", "target_modules", "aux_loss_coef"}
-    assert set(Hyperparameters.model_fields) - adapter_fields == set(runner.TRAIN_FIELDS)
+    scorer_fields = {"eval_generate_rows"}  # the runner's extra evaluation (tested above), not TrainConfig's
+    assert set(Hyperparameters.model_fields) - adapter_fields - scorer_fields == set(runner.TRAIN_FIELDS)
     assert set(runner.TRAIN_FIELDS) <= {f.name for f in dataclasses.fields(TrainConfig)}

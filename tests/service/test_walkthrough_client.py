@@ -141,12 +141,15 @@ def test_jobs_show_and_list_write_times_in_utc_and_the_label_and_losses(capsys, 
     job = api.create_job("tiny-llama", dataset_id, suffix="first-try")
     start_job(sessions, job.id)
     with session_scope(sessions) as session:
-        result = {"train": {"loss": 0.5}, "eval": {"eval_loss": 0.75}}
+        evaluation = {"eval_loss": 0.75, "eval_exact_match": 0.5, "eval_generated": 4, "eval_answer_accuracy": 0.25}
+        result = {"train": {"loss": 0.5}, "eval": evaluation}
         assert job_service.finish_job(session, job.id, OWNER, "succeeded", result=result)
     done = api.get_job(job.id)
     code, out, _ = mola(capsys, live, key, "jobs", "show", job.id)
     assert code == 0
     assert "label:       first-try\n" in out and "eval loss:   0.7500\n" in out
+    assert "generated:   50.0% exact on 4 validation rows, answers right 25.0%\n" in out
+    assert done.adapter_parameters and f"trainable:   {done.adapter_parameters:,} adapter parameters\n" in out
     assert f"created:     {done.created_at:%Y-%m-%d %H:%M:%S} UTC\n" in out
     assert f"finished:    {done.finished_at:%Y-%m-%d %H:%M:%S} UTC\n" in out and "+00:00" not in out
     code, out, _ = mola(capsys, live, key, "jobs", "list")
