@@ -77,6 +77,9 @@ def alembic_config(settings: Settings):
 
 def migrate(settings: Settings, revision: str = "head") -> None:
     """`alembic upgrade <revision>` on the configured database."""
+    # Alembic announces each of its plugins at INFO when it is imported: a screenful before the
+    # migrations that matter (and, at `mola serve`, before the first API key).
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from alembic import command
 
     if settings.is_sqlite:

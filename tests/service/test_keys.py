@@ -96,3 +96,12 @@ def test_key_commands_answer_without_the_migration_log(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("mola_") and "alembic" not in run.stderr
+
+
+def test_migrate_logs_the_migrations_and_not_alembics_plugins(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOLA_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "service.cli", "migrate", "--data-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Running upgrade 0007 -> 0008" in run.stderr and "setup plugin" not in run.stderr
