@@ -159,7 +159,11 @@ def _iter_jsonl(path: Path, max_bytes: int | None, max_row_bytes: int | None = N
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield _Row(line_number, error=f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                # Windows tools save "Unicode" text as UTF-16: a byte-order mark, then NULs
+                # between ASCII letters. Saying so saves a puzzled user a search.
+                utf16 = line_number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+                hint = ": the file looks like UTF-16, save it as UTF-8" if utf16 else ""
+                yield _Row(line_number, error=f"not valid UTF-8 ({e.reason} at byte {e.start}){hint}")
                 continue
             if not text.strip():
                 continue

@@ -403,3 +403,10 @@ def test_generation_rows_are_the_first_rows_with_a_prompt_that_fit_whole():
     assert first.prompt_ids == tokenizer("Q: one? ")["input_ids"]
     assert first.completion_ids == tokenizer("A", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert len(generation_rows(records, tokenizer, cutoff_len=256)) == 3
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "notepad.jsonl"
+    path.write_bytes(json.dumps({"prompt": "p", "completion": "c"}).encode("utf-16"))  # with its byte-order mark
+    with pytest.raises(ValueError, match=r"notepad.jsonl:1: not valid UTF-8 \(.*\): the file looks like UTF-16, save it as UTF-8$"):
+        read_records(path)
