@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from mola.layer import Conv1D
+from mola.sizing import matches_target
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,6 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return min(candidates, key=lambda item: item[0].count("."))
 
 
-def _matches(relative_name: str, target: str) -> bool:
-    return relative_name == target or relative_name.endswith("." + target)
-
-
 def find_target_modules(model: nn.Module, targets: list[str]) -> list[TargetModule]:
     """All modules inside decoder layers whose path ends with one of ``targets``.
 
@@ -78,7 +75,7 @@ def find_target_modules(model: nn.Module, targets: list[str]) -> list[TargetModu
                 continue
             if isinstance(module, (nn.Linear, Conv1D)) if Conv1D else isinstance(module, nn.Linear):
                 available.add(relative.rsplit(".", 1)[-1])
-            hits = [t for t in targets if _matches(relative, t)]
+            hits = [t for t in targets if matches_target(relative, t)]
             if not hits:
                 continue
             if not (isinstance(module, nn.Linear) or (Conv1D and isinstance(module, Conv1D))):
