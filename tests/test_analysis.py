@@ -41,11 +41,15 @@ def test_redundancy_per_layer_and_identical_experts():
     assert len(pairs) == 6
 
 
-def test_routing_statistics_count_real_tokens():
-    model = model_with_random_experts()
+def two_texts() -> dict:
+    """A padded batch of two texts of different lengths."""
     tokenizer = byte_tokenizer()
     data = load_training_data([{"text": "a short one"}, {"text": "and a somewhat longer text"}], tokenizer)
-    batch = collate(data, tokenizer.pad_token_id)
+    return collate(data, tokenizer.pad_token_id)
+
+
+def test_routing_statistics_count_real_tokens():
+    model, batch = model_with_random_experts(), two_texts()
     stats = routing_statistics(model, [batch])
     real_tokens = int(batch["attention_mask"].sum())
     for name, row in stats["modules"].items():
@@ -57,10 +61,7 @@ def test_routing_statistics_count_real_tokens():
 
 
 def test_routing_statistics_layer_rows_pool_their_modules_rows():
-    model = model_with_random_experts()
-    tokenizer = byte_tokenizer()
-    data = load_training_data([{"text": "a short one"}, {"text": "and a somewhat longer text"}], tokenizer)
-    batch = collate(data, tokenizer.pad_token_id)
+    model, batch = model_with_random_experts(), two_texts()
     stats = routing_statistics(model, [batch])
     real_tokens = int(batch["attention_mask"].sum())
     for row in stats["layers"]:
