@@ -160,8 +160,8 @@ def cmd_models_sync(args: argparse.Namespace) -> int:
     names = list(settings.models)
     with session_scope(_sessions(settings)) as session:
         if args.missing_only:
-            # A row synced before module_paths existed is described again.
-            have = {m.name for m in catalogue.list_models(session) if m.module_paths is not None}
+            # A row synced before module_paths or module_shapes existed is described again.
+            have = {m.name for m in catalogue.list_models(session) if m.module_paths is not None and m.module_shapes is not None}
             if set(names) == have:
                 print(f"model catalogue up to date ({len(names)} models)")
                 return 0

@@ -79,3 +79,23 @@ def test_client_command_arguments():
 def test_client_commands_report_unreachable_servers(capsys):
     code = cli.main(["jobs", "list", "--url", "http://127.0.0.1:9", "--api-key", "k"])
     assert code == 1 and "cannot reach" in capsys.readouterr().err
+
+
+def test_missing_only_describes_rows_synced_before_module_shapes_again(tmp_path, capsys, monkeypatch):
+    # After an upgrade, `mola serve`'s start-up sync fills module_shapes in, so POST /jobs can
+    # count adapters (and refuse ones over MOLA_MAX_ADAPTER_PARAMS) without a manual sync.
+    pytest.importorskip("torch")
+    from service import catalogue
+    from service.db import session_scope
+
+    monkeypatch.setenv("MOLA_MODELS", "tiny-llama")
+    assert cli.main(["models", "sync", "--data-dir", str(tmp_path)]) == 0
+    assert cli.main(["models", "sync", "--missing-only", "--data-dir", str(tmp_path)]) == 0
+    assert "model catalogue up to date (1 models)" in capsys.readouterr().out
+    sessions = make_sessionmaker(make_engine(get_settings()))
+    with session_scope(sessions) as session:
+        catalogue.upsert(session, "tiny-llama", {k: v for k, v in TINY_LLAMA.items() if k != "module_shapes"})
+    assert cli.main(["models", "sync", "--missing-only", "--data-dir", str(tmp_path)]) == 0
+    assert "synced tiny-llama" in capsys.readouterr().out
+    with sessions() as session:
+        assert catalogue.list_models(session)[0].module_shapes == TINY_LLAMA["module_shapes"]
