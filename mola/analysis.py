@@ -7,6 +7,8 @@
   a layer whose experts simply moved less looks "more redundant"; the ratio separates the two.
 * Routing: per module and expert, the share of tokens that selected it and its mean routing
   weight, gathered over a dataset.
+* `expert_report` puts the two side by side per layer and module, with how unevenly the
+  experts are used (what the service stores for a finished job).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mola.evaluate import eval_mode
+from mola.evaluate import eval_mode, maybe_autocast
 from mola.layer import MolaLinear
 from mola.model import MolaModel
 
@@ -94,7 +96,9 @@ def expert_redundancy(model: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict[str, Any]:
+def routing_statistics(
+    model: Any, batches: Iterable[dict[str, Tensor]], autocast_dtype: torch.dtype | None = None
+) -> dict[str, Any]:
     """Per-module and per-layer routing statistics over ``batches`` of
     ``{"input_ids", "attention_mask"}`` tensors (padding excluded; a batch without an
     attention mask counts every token).
@@ -106,7 +110,8 @@ def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict
     ``num_experts``, ``top_k`` and ``tokens`` (tokens routed). A layer's row pools the routing
     decisions of its modules, as the balance loss does: its values are the means of its modules'
     rows (every module of a layer routes the same tokens), ``tokens`` is the tokens routed by
-    each of them and ``modules`` their number.
+    each of them and ``modules`` their number. ``autocast_dtype`` (e.g. ``torch.bfloat16``)
+    routes under autocast, as a run trained with bf16 did.
     """
     _require_mola_model(model, "routing_statistics")
     device = next(model.parameters()).device
@@ -117,7 +122,8 @@ def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict
             mask = mask.to(device) if mask is not None else None
             model.recorder.start(mask.reshape(-1) if mask is not None else None)
             try:
-                model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+                with maybe_autocast(device, autocast_dtype):
+                    model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
             finally:
                 records = model.recorder.stop()
             for module, stats in records:
@@ -160,3 +166,53 @@ def routing_statistics(model: Any, batches: Iterable[dict[str, Tensor]]) -> dict
             }
         )
     return {"modules": modules, "layers": layer_rows}
+
+
+REDUNDANCY_FIELDS = ("mean_distance", "mean_norm", "relative_distance")
+
+
+def load_summary(row: dict[str, Any]) -> dict[str, float]:
+    """How evenly a routing row (of `routing_statistics`) uses its experts.
+
+    ``max_load`` / ``min_load``: the busiest and the idlest expert's selection share over the
+    fair share top_k / num_experts (both 1 when perfectly balanced; a ``min_load`` near 0 is an
+    expert the router has stopped using). ``balance_loss``: the Switch Transformer loss of
+    these decisions, ``N * sum_e (share_e / K) * prob_e`` (1 when uniform), the quantity the
+    training's ``aux_loss`` sums over layers.
+    """
+    n, k = row["num_experts"], row["top_k"]
+    share, prob = row["selection_share"], row["mean_prob"]
+    fair = k / n
+    return {
+        "max_load": max(share) / fair,
+        "min_load": min(share) / fair,
+        "balance_loss": n * sum(s / k * p for s, p in zip(share, prob)),
+    }
+
+
+def expert_report(
+    model: Any, batches: Iterable[dict[str, Tensor]], autocast_dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Routing over ``batches`` (as `routing_statistics`) and the experts' redundancy (as
+    `expert_redundancy`), merged per layer and per module, each row with its `load_summary`.
+
+    Returns ``{"tokens": tokens routed per module, "layers": [row, by layer],
+    "modules": {name: row}}``; a row has ``layer``, ``num_experts``, ``top_k``,
+    ``selection_share``, ``mean_weight``, ``mean_prob`` (lists over the experts),
+    ``max_load``, ``min_load``, ``balance_loss``, ``mean_distance``, ``mean_norm`` and
+    ``relative_distance``. ``ValueError`` when ``batches`` holds no token.
+    """
+    routing = routing_statistics(model, batches, autocast_dtype)
+    if not routing["layers"] or max(row["tokens"] for row in routing["layers"]) == 0:
+        raise ValueError("expert_report: the batches hold no token to route")
+    redundancy = expert_redundancy(model)
+
+    def merged(route: dict[str, Any], redundant: dict[str, Any]) -> dict[str, Any]:
+        return {**route, **load_summary(route), **{key: redundant[key] for key in REDUNDANCY_FIELDS}}
+
+    layers = {row["layer"]: row for row in redundancy["layers"]}
+    return {
+        "tokens": routing["layers"][0]["tokens"],
+        "layers": [merged(row, layers[row["layer"]]) for row in routing["layers"]],
+        "modules": {name: merged(row, redundancy["modules"][name]) for name, row in routing["modules"].items()},
+    }

@@ -46,11 +46,13 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def maybe_autocast(device: torch.device, dtype: torch.dtype | None):
+    """`torch.autocast` to ``dtype`` on ``device``; nothing when ``dtype`` is None."""
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token")
@@ -98,7 +100,7 @@ def evaluate_loss(
         for start in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
             positions, targets = next_token_positions(batch["labels"], IGNORE_INDEX)  # (B, T), (n,) on the host
-            with _autocast(device, autocast_dtype):
+            with maybe_autocast(device, autocast_dtype):
                 _, logits = forward_logits_at(model, positions, input_ids=to_device(batch["input_ids"], device), attention_mask=to_device(batch["attention_mask"], device), use_cache=False)  # (n, V)
             loss_sum += F.cross_entropy(logits.float(), to_device(targets, device), reduction="sum").to(accumulate)
             tokens += targets.numel()
@@ -182,7 +184,7 @@ def multiple_choice_accuracy(
     lengths = ((f"item {i}: its prompt with option {k}", len(seq[0])) for seq, (i, k) in zip(sequences, owners))
     _check_positions(model, lengths, "shorten the prompt")
     with eval_mode(model), torch.no_grad():
-        flat_scores = _option_scores(model, sequences, _pad_id(tokenizer), batch_size, normalize)
+        flat_scores = _option_scores(model, sequences, pad_token_id(tokenizer), batch_size, normalize)
     per_item: list[list[float]] = [[] for _ in items]
     for (owner, _), score in zip(owners, flat_scores):
         per_item[owner].append(score)
@@ -286,7 +288,7 @@ def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max
     if not prompts:
         return []
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    new = generate_ids(model, encoded, [max_new_tokens] * len(encoded), _pad_id(tokenizer), tokenizer.eos_token_id, batch_size)
+    new = generate_ids(model, encoded, [max_new_tokens] * len(encoded), pad_token_id(tokenizer), tokenizer.eos_token_id, batch_size)
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
@@ -313,7 +315,7 @@ def completion_match(
     # A reference ends with the EOS that training appends: the generation stops there too.
     references = [list(c[:-1]) if c and c[-1] == eos_id else list(c) for _, c in pairs]
     budgets = [max(1, len(r)) for r in references]
-    new = generate_ids(model, [p for p, _ in pairs], budgets, _pad_id(tokenizer), eos_id, batch_size)
+    new = generate_ids(model, [p for p, _ in pairs], budgets, pad_token_id(tokenizer), eos_id, batch_size)
     generations = tokenizer.batch_decode(new, skip_special_tokens=True) if new else []
     reference_texts = tokenizer.batch_decode(references, skip_special_tokens=True) if references else []
     exact = sum(_normalized(g) == _normalized(r) for g, r in zip(generations, reference_texts))

@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 from mola import MolaConfig, byte_tokenizer, get_mola_model, tiny_model
-from mola.analysis import expert_norms, expert_redundancy, pairwise_expert_distances, routing_statistics
+from mola.analysis import (
+    expert_norms,
+    expert_redundancy,
+    expert_report,
+    load_summary,
+    pairwise_expert_distances,
+    routing_statistics,
+)
 from mola.data import collate, load_training_data
 
 
@@ -132,3 +139,49 @@ def test_a_model_without_mola_layers_is_a_clear_error():
             expert_redundancy(model)
         with pytest.raises(TypeError, match=f"routing_statistics: {name} is not a MoLA model"):
             routing_statistics(model, [batch])
+
+
+def test_expert_report_merges_routing_and_redundancy_per_layer_and_module():
+    model, batch = model_with_random_experts(), two_texts()
+    report = expert_report(model, [batch])
+    routing, redundancy = routing_statistics(model, [batch]), expert_redundancy(model)
+    assert report["tokens"] == int(batch["attention_mask"].sum())
+    assert [row["layer"] for row in report["layers"]] == [0, 1, 2, 3]
+    for row, route, redundant in zip(report["layers"], routing["layers"], redundancy["layers"]):
+        assert row == {**route, **load_summary(route), **{k: redundant[k] for k in ("mean_distance", "mean_norm", "relative_distance")}}
+    assert set(report["modules"]) == set(routing["modules"]) == set(redundancy["modules"])
+    for name, row in report["modules"].items():
+        assert row["selection_share"] == routing["modules"][name]["selection_share"]
+        assert row["relative_distance"] == redundancy["modules"][name]["relative_distance"]
+
+
+def test_expert_report_balance_loss_is_the_models_aux_loss():
+    # The per-layer balance losses of one batch add up to the aux loss the model reports for it.
+    model, batch = model_with_random_experts(), two_texts()
+    report = expert_report(model, [batch])
+    with torch.no_grad():
+        aux = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).aux_loss
+    assert sum(row["balance_loss"] for row in report["layers"]) == pytest.approx(float(aux), rel=1e-5)
+    assert report["layers"][0]["balance_loss"] == pytest.approx(1.0)  # one expert: nothing to balance
+
+
+def test_load_summary_of_balanced_and_collapsed_routing():
+    balanced = {"num_experts": 4, "top_k": 2, "selection_share": [0.5] * 4, "mean_prob": [0.25] * 4}
+    assert load_summary(balanced) == pytest.approx({"max_load": 1.0, "min_load": 1.0, "balance_loss": 1.0})
+    # Two of four experts take every token: each gets twice its fair share, the others none.
+    collapsed = {"num_experts": 4, "top_k": 2, "selection_share": [1.0, 1.0, 0.0, 0.0], "mean_prob": [0.5, 0.5, 0.0, 0.0]}
+    assert load_summary(collapsed) == pytest.approx({"max_load": 2.0, "min_load": 0.0, "balance_loss": 2.0})
+
+
+def test_expert_report_under_bf16_autocast_and_without_tokens():
+    model, batch = model_with_random_experts(), two_texts()
+    exact = expert_report(model, [batch])
+    cast = expert_report(model, [batch], autocast_dtype=torch.bfloat16)
+    assert cast["tokens"] == exact["tokens"]
+    for row, same in zip(cast["layers"], exact["layers"]):
+        assert row["mean_prob"] == pytest.approx(same["mean_prob"], abs=0.05)
+    with pytest.raises(ValueError, match="no token to route"):
+        expert_report(model, [])
+    empty = {"input_ids": batch["input_ids"], "attention_mask": torch.zeros_like(batch["attention_mask"])}
+    with pytest.raises(ValueError, match="no token to route"):
+        expert_report(model, [empty])
