@@ -384,6 +384,40 @@ class CheckpointList(BaseModel):
     data: list[CheckpointPublic]
 
 
+class ExpertRow(BaseModel):
+    """One layer's (or one module's) experts: lists run over the experts, in order."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    tokens: int = Field(description="tokens routed (by each module of the layer)")
+    modules: int | None = Field(None, description="a layer's row: its MoLA modules, whose routing it pools")
+    selection_share: list[float | None] = Field(description="share of the tokens whose top-k includes the expert; sums to top_k")
+    mean_weight: list[float | None] = Field(description="mean routing weight the expert received; sums to 1")
+    mean_prob: list[float | None] = Field(description="mean router probability before top-k; sums to 1")
+    max_load: float | None = Field(description="the busiest expert's selection share over the fair share top_k / num_experts (1: balanced); a layer's: the largest of its modules'")
+    min_load: float | None = Field(description="the idlest expert's, likewise (near 0: an expert its router no longer uses); a layer's: the smallest of its modules'")
+    balance_loss: float | None = Field(description="the Switch Transformer balance loss of these decisions (1 when uniform); a layer's pools its modules, as training does")
+    mean_distance: float | None = Field(description="mean Frobenius distance between the experts' updates s*B_e*A_e (null: one expert)")
+    mean_norm: float | None = Field(description="mean Frobenius norm of the experts' updates")
+    relative_distance: float | None = Field(description="mean_distance / mean_norm: low means redundant experts (null: one expert, or untrained)")
+
+
+class JobAnalysis(BaseModel):
+    job_id: str
+    status: Literal["ready", "failed"] = Field(description="failed: `error` says why; the job's adapter is unaffected")
+    error: str | None = None
+    split: Literal["validation", "train"] | None = Field(None, description="the examples routed: the validation set when the job has one")
+    examples: int | None = Field(None, description="examples routed (the first 256 of the split)")
+    tokens: int | None = Field(None, description="tokens routed, padding excluded")
+    layers: list[ExpertRow] = Field(default_factory=list, description="per decoder layer, pooling its modules")
+    modules: dict[str, ExpertRow] = Field(default_factory=dict, description="per adapted module, by its path in the model")
+
+    @classmethod
+    def of(cls, job_id: str, stored: dict[str, Any]) -> "JobAnalysis":
+        return cls(job_id=job_id, **stored)
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 

@@ -420,6 +420,26 @@ def get_checkpoint(session: Session, job_id: str, step: int) -> Checkpoint:
     raise NotFound(f"job {job_id} has no checkpoint at step {step} (checkpoints: {have})")
 
 
+def get_analysis(session: Session, tenant_id: str, job_id: str) -> dict[str, Any]:
+    """The stored expert analysis of a finished MoLA job. `Conflict` while the job has not
+    finished (it is written with the final state); `NotFound`, saying why, for a job that has
+    none: a LoRA job (no experts), a failed one (no adapter), one finished before analyses
+    were recorded."""
+    job = get_job(session, tenant_id, job_id)
+    if job.method != "mola":
+        raise NotFound(f"job {job_id} trained a plain LoRA adapter: only MoLA adapters have experts to analyse")
+    if job.status not in TERMINAL_STATUSES:
+        raise Conflict(f"job {job_id} is {job.status}: its expert analysis is computed when it finishes")
+    if job.analysis is None:
+        if job.status == "failed" or job.adapter_key is None:
+            raise NotFound(f"job {job_id} is {job.status} without an adapter: there are no trained experts to analyse")
+        raise NotFound(
+            f"job {job_id} finished before expert analyses were recorded: download its adapter and run "
+            "`mola analyze ADAPTER --data FILE`"
+        )
+    return job.analysis
+
+
 # A checkpoint's adapter (config, weights, model card), stored in its folder for downloading.
 CHECKPOINT_ADAPTER = "adapter.tar.gz"
 
@@ -522,6 +542,7 @@ def finish_job(
     error: str | None = None,
     result: dict[str, Any] | None = None,
     adapter_key: str | None = None,
+    analysis: dict[str, Any] | None = None,
 ) -> bool:
     """Record the end of a run; False if ``owner`` no longer holds the job."""
     if status not in TERMINAL_STATUSES:
@@ -538,6 +559,8 @@ def finish_job(
         values["result"] = result
     if adapter_key is not None:
         values["adapter_key"] = adapter_key
+    if analysis is not None:
+        values["analysis"] = analysis
     return bool(
         session.execute(
             update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running").values(**values)

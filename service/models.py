@@ -187,6 +187,10 @@ class Job(Base):
     # {"train": mola.data.TrainingDataStats as a dict, "validation": ... or absent}, written
     # once the run has tokenized its data.
     data_stats: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # How a finished MoLA job's adapter uses its experts ({"status": "ready", "split", "examples",
+    # and mola.analysis.expert_report's "tokens", "layers", "modules"}, or {"status": "failed",
+    # "error"}). Tens of kilobytes for a large model: deferred, so listing jobs never loads it.
+    analysis: Mapped[dict[str, Any] | None] = mapped_column(JSONType, deferred=True)
     adapter_key: Mapped[str | None] = mapped_column(String(500))
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -59,6 +59,7 @@ from service.models import Checkpoint, Dataset, Job
 from service.queue import CeleryQueue
 from service.settings import Settings
 from service.storage import Storage, make_storage
+from worker.expert_analysis import analyse_experts, card_section
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -447,8 +448,8 @@ def run_job(job_id: str, settings: Settings) -> str:
 def _run(job_id: str, owner: str, spec: dict, datasets: dict[str, str], resume_prefix: str | None, work: Path, res: Resources, reporter: Reporter) -> str:
     """Train, then record how the run ended: succeeded, stopped early or failed."""
     try:
-        result = _train(job_id, spec, datasets, resume_prefix, work, res, reporter)
-        return _finish(job_id, owner, spec, result, work, res, reporter)
+        trained = _train(job_id, spec, datasets, resume_prefix, work, res, reporter)
+        return _finish(job_id, owner, spec, trained, work, res, reporter)
     except Stop as stop:
         return _stopped_early(job_id, owner, stop.reason, res, reporter)
     except TRANSIENT_DB_ERRORS:
@@ -458,7 +459,7 @@ def _run(job_id: str, owner: str, spec: dict, datasets: dict[str, str], resume_p
         return _fail(job_id, owner, exc, res, reporter)
 
 
-def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str | None, work: Path, res: Resources, reporter: Reporter):
+def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str | None, work: Path, res: Resources, reporter: Reporter) -> "Trained":
     import torch
 
     from mola.data import load_training_data
@@ -518,7 +519,21 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
     reporter.flush_all()
     if result.stopped and reporter.stop_reason in ("shutdown", "lease_lost"):
         raise Stop(reporter.stop_reason)
-    return model, result, generated.samples if generated else None
+    routed = ("validation", eval_data) if eval_data else ("train", train_data)
+    return Trained(model, tokenizer, result, generated.samples if generated else None, *routed)
+
+
+@dataclasses.dataclass
+class Trained:
+    """What a finished run leaves for `_finish`: the adapted model and the run's result, the
+    generated samples (with eval_generate_rows) and the examples the expert analysis routes."""
+
+    model: Any
+    tokenizer: Any
+    result: Any
+    samples: list[dict[str, str]] | None
+    routed_split: str
+    routed_examples: list[dict]
 
 
 def _generation_eval(eval_path: Path, tokenizer: Any, hp: dict) -> Any:
@@ -613,16 +628,19 @@ def _summary(result: Any, samples: list[dict[str, str]] | None = None) -> dict[s
     )
 
 
-def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res: Resources, reporter: Reporter) -> str:
-    model, result, samples = trained
+def _finish(job_id: str, owner: str, spec: dict, trained: Trained, work: Path, res: Resources, reporter: Reporter) -> str:
+    model, result = trained.model, trained.result
     status = "cancelled" if result.stopped else "succeeded"
     adapter_dir = work / "adapter"
+    analysis = None
     if spec["method"] == "mola":
         model.save_pretrained(adapter_dir, metadata={"job_id": job_id, "dataset_id": spec["dataset_id"], "steps": result.steps})
+        hp = spec["hyperparameters"]
+        analysis = analyse_experts(model, trained.tokenizer, trained.routed_split, trained.routed_examples, hp["micro_batch_size"], result.bf16)
     else:
         model.save_pretrained(str(adapter_dir))
     scores = {"loss": (result.metrics or {}).get("loss"), **{name: (result.eval_metrics or {}).get(name) for name in EVAL_NOTED}}
-    card = model_card(job_id, spec, f"{status} after {result.steps} of {result.total_steps} steps", scores, data_stats=reporter.data_stats)
+    card = model_card(job_id, spec, f"{status} after {result.steps} of {result.total_steps} steps", scores, data_stats=reporter.data_stats, analysis=analysis)
     archive = pack_adapter(work / "adapter.tar.gz", adapter_dir, card)
     if reporter.heartbeat.lost:
         logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
@@ -631,7 +649,9 @@ def _finish(job_id: str, owner: str, spec: dict, trained: tuple, work: Path, res
     res.storage.put_file(key, archive)
 
     def finish(session: Session) -> bool:
-        return job_service.finish_job(session, job_id, owner, status, result=_summary(result, samples), adapter_key=key)
+        return job_service.finish_job(
+            session, job_id, owner, status, result=_summary(result, trained.samples), adapter_key=key, analysis=_clean(analysis)
+        )
 
     if not _retrying_write(res, job_id, "recording the result", finish) and not _committed_anyway(res, job_id, status, owner):
         logger.warning("job %s: lease lost before finishing; another worker owns it", job_id)
@@ -753,10 +773,11 @@ def model_card(
     state: str,
     scores: dict[str, Any] | None = None,
     data_stats: dict[str, Any] | None = None,
+    analysis: dict[str, Any] | None = None,
 ) -> str:
     """The adapter's README.md; ``state`` says where the run was ("succeeded after 8 of 8
     steps", "checkpoint at step 4 of 8"); ``scores`` ("loss", EVAL_NOTED) are the latest at
-    that point."""
+    that point; ``analysis`` (a finished MoLA job's) adds the per-layer expert table."""
     hp = spec["hyperparameters"]
     lines = [
         f"# {METHOD_TITLES[spec['method']]} adapter for {spec['base_model']}",
@@ -801,5 +822,6 @@ def model_card(
         # A plain peft LoRA adapter: peft loads it (mola's loader reads MoLA adapters only).
         else ["from peft import PeftModel", "", f'base, tokenizer = load_base_model("{spec["base_model"]}")', 'model = PeftModel.from_pretrained(base, "path/to/this/folder")']
     )
+    lines += card_section(analysis)
     lines += ["", "## Use", "", "```python", "from mola.models import load_base_model", *load, "```"]
     return "\n".join(lines) + "\n"

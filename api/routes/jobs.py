@@ -20,6 +20,7 @@ from api.schemas import (
     CheckpointList,
     CheckpointPublic,
     ErrorResponse,
+    JobAnalysis,
     JobCreate,
     JobList,
     JobPublic,
@@ -363,6 +364,25 @@ def _send_archive(storage, settings, key: str, filename: str) -> Response:
 def list_checkpoints(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> CheckpointList:
     job_service.get_job(session, tenant.id, job_id)
     return CheckpointList(data=[CheckpointPublic.of(c) for c in job_service.list_checkpoints(session, job_id)])
+
+
+@router.get(
+    "/{job_id}/analysis",
+    response_model=JobAnalysis,
+    summary="How a finished MoLA job's adapter uses its experts",
+    description=(
+        "Computed when a MoLA job finishes (succeeded, or cancelled after some training) by routing "
+        "the first 256 validation examples (training examples without a validation set) through "
+        "the adapter: per layer and per module, each expert's share of the tokens and mean routing "
+        "weight, how uneven the load is (`max_load`, `min_load`, `balance_loss`) and how different "
+        "the experts' updates are (`relative_distance`, the paper's redundancy). 409 until the job "
+        "finishes; 404 for a LoRA job, a job without an adapter, or one finished before analyses "
+        "were recorded."
+    ),
+    responses={409: {"model": ErrorResponse}},
+)
+def get_analysis(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> JobAnalysis:
+    return JobAnalysis.of(job_id, job_service.get_analysis(session, tenant.id, job_id))
 
 
 @router.get(

@@ -97,6 +97,10 @@ def test_a_job_on_postgres_redis_and_s3(api, settings: Settings, broker, tmp_pat
     assert job["status"] == "succeeded" and job["progress"]["step"] == 4
     stored = storage.list(f"jobs/{job_id}")
     assert any(k.startswith(f"jobs/{job_id}/checkpoints/") and "/checkpoint-4/" in k for k in stored), stored
+    # The expert analysis, through PostgreSQL's JSONB.
+    analysis = client.get(f"/jobs/{job_id}/analysis", headers=auth(token)).json()
+    assert (analysis["status"], analysis["split"], analysis["examples"]) == ("ready", "train", 24)
+    assert [row["num_experts"] for row in analysis["layers"]] == [2, 2, 2, 2] and len(analysis["modules"]) == 28
 
     response = client.get(f"/jobs/{job_id}/adapter", headers=auth(token), follow_redirects=False)
     assert response.status_code == 307
