@@ -40,6 +40,7 @@ __all__ = [
     "JobProgress",
     "Metric",
     "Checkpoint",
+    "JobAnalysis",
     "Page",
     "TERMINAL_STATUSES",
 ]
@@ -223,6 +224,29 @@ class Checkpoint:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Checkpoint":
         return _from_json(cls, data, created_at=_parse_time(data.get("created_at")))
+
+
+@dataclass
+class JobAnalysis:
+    """How a finished MoLA job's adapter uses its experts (GET /jobs/{id}/analysis). ``layers``
+    (one dict per decoder layer) and ``modules`` (by module path) hold ``num_experts``,
+    ``top_k``, ``selection_share``, ``mean_weight``, ``mean_prob`` (lists over the experts),
+    ``max_load``, ``min_load``, ``balance_loss`` and ``relative_distance``; ``status`` is
+    ``failed`` (with ``error``) when the analysis could not be computed."""
+
+    job_id: str
+    status: str
+    error: str | None = None
+    split: str | None = None
+    examples: int | None = None
+    tokens: int | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "JobAnalysis":
+        return _from_json(cls, data)
 
 
 class Page(list):  # type: ignore[type-arg]
@@ -496,6 +520,11 @@ class MolaClient:
 
     def checkpoints(self, job_id: str) -> Page:
         return Page.of(self._json("GET", f"/jobs/{_segment(job_id)}/checkpoints"), Checkpoint.from_json)
+
+    def analysis(self, job_id: str) -> JobAnalysis:
+        """A finished MoLA job's expert analysis: `MolaAPIError` 409 while it runs, 404 (the
+        detail says why) for a LoRA job or one without an adapter."""
+        return JobAnalysis.from_json(self._json("GET", f"/jobs/{_segment(job_id)}/analysis"))
 
     def events(
         self, job_id: str, after_step: int = 0, timeout: float | None = None, reconnect_seconds: float | None = None

@@ -230,6 +230,8 @@ def _show_job(job: Job) -> None:
     else:  # a job that ended without one will never have one
         adapter = "none" if job.done else "not yet"
     print(f"adapter:     {adapter}")
+    if job.method == "mola" and job.adapter_available and job.done:
+        print(f"experts:     routing and redundancy per layer: `mola jobs analysis {job.id}`")
 
 
 def _show_dataset(dataset: Dataset) -> None:
@@ -399,6 +401,41 @@ def cmd_jobs_checkpoints(args: argparse.Namespace) -> int:
         print(f"step {c.step:>6}  {c.size_bytes / 1e6:8.2f} MB  {c.created_at:%Y-%m-%d %H:%M:%S}{losses}")
     if checkpoints:
         print(f"(an adapter: mola jobs download {args.id} --step STEP --extract DIR)")
+    return 0
+
+
+def _shares(values: list[float | None]) -> str:
+    return " ".join("-" if v is None else f"{v:.2f}" for v in values)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def cmd_jobs_analysis(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        analysis = client.analysis(args.id)
+    if args.json:
+        _print_json(analysis.raw)
+        return 0
+    if analysis.status != "ready":
+        print(f"the expert analysis of {args.id} failed: {analysis.error}")
+        return 0
+    print(f"routing of the first {analysis.examples} {analysis.split} examples ({analysis.tokens:,} tokens)")
+    print(
+        "busiest/idlest: an expert's share of the tokens over the fair share top-k/experts (1 = balanced; a layer: "
+        "the extremes over its modules); distance/norm: how different the experts are"
+    )
+    rows = [(f"layer {row['layer']}", row) for row in analysis.layers]
+    if args.modules:
+        rows = list(analysis.modules.items())
+    width = max(len(name) for name, _ in rows) if rows else 5
+    print(f"{'':<{width}}  experts  top-k  busiest  idlest  distance/norm  share of tokens per expert")
+    for name, row in rows:
+        print(
+            f"{name:<{width}}  {row['num_experts']:>7}  {row['top_k']:>5}  {_ratio(row['max_load']):>7}  {_ratio(row['min_load']):>6}  "
+            f"{_ratio(row['relative_distance']):>13}  {_shares(row['selection_share'])}"
+        )
     return 0
 
 
@@ -593,6 +630,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=("train", "eval"))
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_metrics))
+    p = jobs.add_parser("analysis", help="how a finished MoLA job's adapter uses its experts, per layer")
+    p.add_argument("id", type=_id_arg)
+    p.add_argument("--modules", action="store_true", help="one row per adapted module instead of per layer")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_jobs_analysis))
     p = jobs.add_parser("download", help="download a job's adapter")
     p.add_argument("id", type=_id_arg)
     where = p.add_mutually_exclusive_group()

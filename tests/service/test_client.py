@@ -489,3 +489,54 @@ def test_ids_are_one_path_segment(api, dataset_id):
     for bad in ("", ".."):
         with pytest.raises(ValueError, match="not an id"):
             api.get_job(bad)
+
+
+# ---- expert analysis -------------------------------------------------------------------------
+def _real_analysis() -> dict:
+    """What a worker stores: `expert_report` of a tiny MoLA model routing one batch."""
+    torch = pytest.importorskip("torch")
+    from mola import MolaConfig, byte_tokenizer, get_mola_model, tiny_model
+    from mola.analysis import expert_report
+    from mola.data import collate, load_training_data
+
+    torch.manual_seed(0)
+    model = get_mola_model(tiny_model("llama"), MolaConfig(experts="2468", top_k=2))
+    for _, module in model.mola_modules():
+        torch.nn.init.normal_(module.lora_B, std=0.1)
+    tokenizer = byte_tokenizer()
+    batch = collate(load_training_data([{"text": "route these tokens"}], tokenizer), tokenizer.pad_token_id)
+    return {"status": "ready", "split": "train", "examples": 1, **expert_report(model, [batch])}
+
+
+def test_jobs_analysis_in_the_client_and_the_cli(capsys, live, key, api, dataset_id, sessions):
+    running = api.create_job("tiny-llama", dataset_id).id
+    start_job(sessions, running)
+    with pytest.raises(MolaAPIError) as refused:
+        api.analysis(running)
+    assert refused.value.status_code == 409 and "computed when it finishes" in refused.value.detail
+    code, _, err = mola(capsys, live, key, "jobs", "analysis", running)
+    assert code == 1 and err.startswith("error (409): ")
+
+    stored = _real_analysis()
+    with session_scope(sessions) as session:
+        assert job_service.finish_job(session, running, OWNER, "succeeded", adapter_key="jobs/x/adapter.tar.gz", analysis=stored)
+    analysis = api.analysis(running)
+    assert (analysis.job_id, analysis.status, analysis.split, analysis.tokens) == (running, "ready", "train", stored["tokens"])
+    assert [row["num_experts"] for row in analysis.layers] == [2, 4, 6, 8] and len(analysis.modules) == 28
+    assert analysis.layers[3]["selection_share"] == stored["layers"][3]["selection_share"]
+
+    code, out, _ = mola(capsys, live, key, "jobs", "analysis", running)
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == f"routing of the first 1 train examples ({stored['tokens']} tokens)"
+    layer3 = stored["layers"][3]
+    assert lines[-1].split() == [
+        "layer", "3", "8", "2", f"{layer3['max_load']:.2f}", f"{layer3['min_load']:.2f}", f"{layer3['relative_distance']:.2f}",
+        *(f"{share:.2f}" for share in layer3["selection_share"]),
+    ]
+    code, out, _ = mola(capsys, live, key, "jobs", "analysis", running, "--modules")
+    rows = out.splitlines()[3:]
+    assert code == 0 and len(rows) == 28 and rows[-1].split()[:3] == ["model.layers.3.mlp.down_proj", "8", "2"]
+    code, out, _ = mola(capsys, live, key, "jobs", "analysis", running, "--json")
+    assert code == 0 and json.loads(out) == analysis.raw
+    code, out, _ = mola(capsys, live, key, "jobs", "show", running)
+    assert code == 0 and out.endswith(f"experts:     routing and redundancy per layer: `mola jobs analysis {running}`\n")
