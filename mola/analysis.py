@@ -200,7 +200,11 @@ def expert_report(
     "modules": {name: row}}``; a row has ``layer``, ``num_experts``, ``top_k``,
     ``selection_share``, ``mean_weight``, ``mean_prob`` (lists over the experts),
     ``max_load``, ``min_load``, ``balance_loss``, ``mean_distance``, ``mean_norm`` and
-    ``relative_distance``. ``ValueError`` when ``batches`` holds no token.
+    ``relative_distance``. A layer's ``max_load`` and ``min_load`` are the extremes over its
+    modules: each module has a router of its own, so expert e of one module has nothing to do
+    with expert e of another, and pooled shares would hide a module whose router left an
+    expert unused. Its ``balance_loss`` pools them, as training does. ``ValueError`` when
+    ``batches`` holds no token.
     """
     routing = routing_statistics(model, batches, autocast_dtype)
     if not routing["layers"] or max(row["tokens"] for row in routing["layers"]) == 0:
@@ -210,9 +214,13 @@ def expert_report(
     def merged(route: dict[str, Any], redundant: dict[str, Any]) -> dict[str, Any]:
         return {**route, **load_summary(route), **{key: redundant[key] for key in REDUNDANCY_FIELDS}}
 
-    layers = {row["layer"]: row for row in redundancy["layers"]}
-    return {
-        "tokens": routing["layers"][0]["tokens"],
-        "layers": [merged(row, layers[row["layer"]]) for row in routing["layers"]],
-        "modules": {name: merged(row, redundancy["modules"][name]) for name, row in routing["modules"].items()},
-    }
+    modules = {name: merged(row, redundancy["modules"][name]) for name, row in routing["modules"].items()}
+    layers = []
+    redundant_layers = {row["layer"]: row for row in redundancy["layers"]}
+    for route in routing["layers"]:
+        row = merged(route, redundant_layers[route["layer"]])
+        own = [m for m in modules.values() if m["layer"] == row["layer"]]
+        row["max_load"] = max(m["max_load"] for m in own)
+        row["min_load"] = min(m["min_load"] for m in own)
+        layers.append(row)
+    return {"tokens": routing["layers"][0]["tokens"], "layers": layers, "modules": modules}

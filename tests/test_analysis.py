@@ -147,12 +147,16 @@ def test_expert_report_merges_routing_and_redundancy_per_layer_and_module():
     routing, redundancy = routing_statistics(model, [batch]), expert_redundancy(model)
     assert report["tokens"] == int(batch["attention_mask"].sum())
     assert [row["layer"] for row in report["layers"]] == [0, 1, 2, 3]
-    for row, route, redundant in zip(report["layers"], routing["layers"], redundancy["layers"]):
-        assert row == {**route, **load_summary(route), **{k: redundant[k] for k in ("mean_distance", "mean_norm", "relative_distance")}}
     assert set(report["modules"]) == set(routing["modules"]) == set(redundancy["modules"])
     for name, row in report["modules"].items():
-        assert row["selection_share"] == routing["modules"][name]["selection_share"]
-        assert row["relative_distance"] == redundancy["modules"][name]["relative_distance"]
+        route, redundant = routing["modules"][name], redundancy["modules"][name]
+        assert row == {**route, **load_summary(route), **{k: redundant[k] for k in ("mean_distance", "mean_norm", "relative_distance")}}
+    for row, route, redundant in zip(report["layers"], routing["layers"], redundancy["layers"]):
+        own = [m for m in report["modules"].values() if m["layer"] == row["layer"]]
+        # Loads: the extremes over the layer's modules (each has its own router); the rest pooled.
+        pooled = {**route, **load_summary(route), **{k: redundant[k] for k in ("mean_distance", "mean_norm", "relative_distance")}}
+        assert row == {**pooled, "max_load": max(m["max_load"] for m in own), "min_load": min(m["min_load"] for m in own)}
+    assert report["layers"][3]["min_load"] < load_summary(routing["layers"][3])["min_load"]  # pooling would hide it
 
 
 def test_expert_report_balance_loss_is_the_models_aux_loss():
