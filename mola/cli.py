@@ -245,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    from mola.analysis import expert_redundancy, routing_statistics
+    from mola.analysis import expert_redundancy, expert_report
     from mola.data import collate, load_training_data
     from mola.model import load_mola_model, read_adapter_config
     from mola.models import load_base_model
@@ -270,10 +270,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if not data:
             raise ValueError(f"--data {args.data}: no row to route")
         batches = [collate(data[i : i + 8], tokenizer.pad_token_id) for i in range(0, len(data), 8)]
-        report["routing"] = routing_statistics(model, batches)
-        print("\nlayer  selection share per expert")
+        # routing_statistics' rows with their loads (and the redundancy again): what the service stores.
+        report["routing"] = expert_report(model, batches)
+        print("\nbusiest / idlest: an expert's share of the tokens over the fair share top_k / experts (1 = balanced)")
+        print("layer  busiest  idlest  selection share per expert")
         for row in report["routing"]["layers"]:
-            print(f"{row['layer']:>5}  " + " ".join(f"{s:.2f}" for s in row["selection_share"]))
+            print(f"{row['layer']:>5}  {row['max_load']:>7.2f}  {row['min_load']:>6.2f}  " + " ".join(f"{s:.2f}" for s in row["selection_share"]))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
     return 0

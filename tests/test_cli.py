@@ -39,6 +39,9 @@ def test_train_then_analyze(tmp_path):
     assert "mean ||dW_i - dW_j||_F" in analyzed.stdout and "distance / norm" in analyzed.stdout
     analysis = json.loads(report.read_text())
     assert len(analysis["redundancy"]["layers"]) == 4 and len(analysis["routing"]["layers"]) == 4
+    assert "layer  busiest  idlest  selection share per expert" in analyzed.stdout
+    top = analysis["routing"]["layers"][3]
+    assert top["num_experts"] == 2 and top["top_k"] == 1 and top["max_load"] >= 1 >= top["min_load"]
 
 
 def test_bad_allocation_is_a_clear_error(tmp_path):
