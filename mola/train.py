@@ -626,6 +626,9 @@ def train(
     KV-cache settings.
     """
     config = config or TrainConfig()
+    if extra_eval is not None and eval_data is None:
+        # Its metrics go into evaluation events, and there are none without eval_data.
+        raise ValueError("extra_eval needs eval_data: its metrics are added to the evaluations of eval_data")
     _check_data(model, train_data, eval_data, config)
     total_steps = total_steps_for(config, len(train_data))
     per_epoch = steps_per_epoch(config, len(train_data))

@@ -460,6 +460,12 @@ def test_extra_eval_adds_generated_answers_to_each_evaluation():
     assert model.training
 
 
+def test_extra_eval_without_eval_data_is_refused_not_ignored(data):
+    config = TrainConfig(max_steps=1, batch_size=2, micro_batch_size=2)
+    with pytest.raises(ValueError, match="extra_eval needs eval_data"):
+        train(fresh_model(), byte_tokenizer(), data, None, config, extra_eval=lambda m: {"fine": 1})
+
+
 def test_extra_eval_may_not_replace_the_events_own_fields(data):
     model = fresh_model()
     config = TrainConfig(max_steps=1, batch_size=2, micro_batch_size=2)
