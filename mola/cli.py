@@ -52,7 +52,7 @@ def _add_train(subparsers: Any) -> None:
         help="at each evaluation, also generate the completions of the first N --eval-data rows: exact match, and answer accuracy where they say 'the answer is X'",
     )
     p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in OUTPUT/checkpoints (0: all)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in OUTPUT/checkpoints, and the one with the lowest eval_loss (0: all)")
     p.add_argument("--resume", help="checkpoint folder to resume from ('latest' picks the newest in --output)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (faster steps after a slower start)")

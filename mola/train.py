@@ -107,7 +107,8 @@ class TrainConfig:
             it compiles. Evaluation and the model after training stay eager.
         eval_every: evaluate on eval_data every this many steps (and always at the end).
         checkpoint_every: write a checkpoint every this many steps (needs checkpoint_dir).
-        keep_checkpoints: how many of the newest checkpoints to keep (0 keeps all).
+        keep_checkpoints: how many of the newest checkpoints to keep (0 keeps all); the
+            checkpoint with the lowest eval_loss (of those written at an evaluation) is kept too.
         Numbers must be finite; every field is checked when the config is built (ValueError
         naming the field and the value).
         log_every: report training metrics every this many steps.
@@ -249,9 +250,20 @@ def save_adapter(model: nn.Module, directory: Path) -> None:
 
 
 def save_checkpoint(
-    model, optimizer, scheduler, step: int, total_steps: int, metrics: dict, checkpoint_dir: Path, config: TrainConfig, num_examples: int | None = None
+    model,
+    optimizer,
+    scheduler,
+    step: int,
+    total_steps: int,
+    metrics: dict,
+    checkpoint_dir: Path,
+    config: TrainConfig,
+    num_examples: int | None = None,
+    eval_metrics: dict | None = None,
 ) -> Path:
-    """Write `checkpoint-<step>/` atomically (a temporary folder renamed into place)."""
+    """Write `checkpoint-<step>/` atomically (a temporary folder renamed into place), then
+    delete the checkpoints `keep_checkpoints` does not keep. ``eval_metrics``: the evaluation
+    at this step, if there was one (what the best checkpoint is chosen by)."""
     final = checkpoint_dir / f"checkpoint-{step}"
     tmp = checkpoint_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -262,13 +274,38 @@ def save_checkpoint(
         tmp / STATE_NAME,
     )
     trainer_state = {"step": step, "total_steps": total_steps, "num_examples": num_examples, "metrics": metrics, "config": config.to_dict()}
+    if eval_metrics is not None:
+        trainer_state["eval_metrics"] = eval_metrics
     (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=2, default=str) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if config.keep_checkpoints:
-        for old in list_checkpoints(checkpoint_dir)[: -config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        found = list_checkpoints(checkpoint_dir)
+        kept = set(found[-config.keep_checkpoints :])
+        best = best_checkpoint(found)
+        if best is not None:
+            kept.add(best)
+        for old in found:
+            if old not in kept:
+                shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _eval_loss(checkpoint: Path) -> float | None:
+    """The eval_loss recorded with a checkpoint; None when it was not written at an evaluation."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    loss = (state.get("eval_metrics") or {}).get("eval_loss")
+    return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+
+
+def best_checkpoint(checkpoints: Sequence[Path]) -> Path | None:
+    """Of ``checkpoints`` (from `list_checkpoints`), the one with the lowest eval_loss (the
+    earliest of equals); None when none was written at an evaluation."""
+    scored = [(loss, _checkpoint_step(path), path) for path in checkpoints if (loss := _eval_loss(path)) is not None]
+    return min(scored)[2] if scored else None
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -706,7 +743,10 @@ def train(
             return emit(event)
 
         def checkpoint(step: int, metrics: dict) -> bool:
-            path = save_checkpoint(model, optimizer, scheduler, step, total_steps, metrics, checkpoint_root, config, num_examples=len(train_data))
+            evaluated = result.eval_metrics if result.eval_metrics and result.eval_metrics["step"] == step else None
+            path = save_checkpoint(
+                model, optimizer, scheduler, step, total_steps, metrics, checkpoint_root, config, num_examples=len(train_data), eval_metrics=evaluated
+            )
             result.last_checkpoint = path
             return emit({"kind": "checkpoint", "step": step, "total_steps": total_steps, "epoch": step / per_epoch, "path": str(path)})
 

@@ -1,6 +1,8 @@
 """The training loop on tiny models: learning, accumulation, stop/resume, checkpoints."""
 
 import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from mola import MolaConfig, byte_tokenizer, get_mola_model, load_mola_model, ti
 from mola.compile import compile_for_training
 from mola.data import load_training_data
 from mola.lora import get_lora_model
-from mola.train import TrainConfig, batch_indices, list_checkpoints, total_steps_for, train
+from mola.train import TrainConfig, batch_indices, best_checkpoint, list_checkpoints, total_steps_for, train
 
 TOKENIZER = byte_tokenizer()
 RECORDS = [{"prompt": f"{a} plus {b} is ", "completion": str(a + b)} for a in range(8) for b in range(8)]
@@ -86,14 +88,48 @@ def test_stop_and_resume_follow_the_same_trajectory(data, tmp_path):
     assert final.metrics["step"] == 6 and final.metrics["loss"] == pytest.approx(result.metrics["loss"], rel=1e-6)
 
 
-def test_periodic_checkpoints_keep_the_newest(data, tmp_path):
+def test_periodic_checkpoints_keep_the_newest_and_the_best_evaluated(data, tmp_path):
     model = fresh_model()
-    kinds = []
-    train(model, TOKENIZER, data, data[:8], TrainConfig(max_steps=5, batch_size=8, micro_batch_size=8, checkpoint_every=1, keep_checkpoints=2, eval_every=2), checkpoint_dir=tmp_path, callback=lambda e: kinds.append((e["kind"], e["step"])))
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-5"]
+    events = []
+    config = TrainConfig(max_steps=5, batch_size=8, micro_batch_size=8, checkpoint_every=1, keep_checkpoints=2, eval_every=2)
+    train(model, TOKENIZER, data, data[:8], config, checkpoint_dir=tmp_path, callback=events.append)
+    kinds = [(e["kind"], e["step"]) for e in events]
     assert ("eval", 2) in kinds and ("eval", 5) in kinds and ("checkpoint", 5) in kinds
+    evals = {e["step"]: e["eval_loss"] for e in events if e["kind"] == "eval"}
+    best = min(evals, key=evals.get)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint-{s}" for s in sorted({best, 4, 5})]
+    state = json.loads((tmp_path / f"checkpoint-{best}" / "trainer_state.json").read_text())
+    assert state["eval_metrics"]["eval_loss"] == evals[best]
+    final = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())
+    assert final["eval_metrics"]["eval_loss"] == evals[5]  # the final evaluation comes before the final checkpoint
     checkpoint = tmp_path / "checkpoint-5"
     assert (checkpoint / "adapter_config.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+
+
+def test_pruning_keeps_an_older_best_checkpoint(tmp_path):
+    from mola.train import save_checkpoint
+
+    model = fresh_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    config = TrainConfig(keep_checkpoints=1)
+    for step, loss in [(1, 0.5), (2, 0.9), (3, None), (4, 0.8)]:
+        evaluated = {"eval_loss": loss} if loss is not None else None
+        save_checkpoint(model, optimizer, scheduler, step, 4, {}, tmp_path, config, eval_metrics=evaluated)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-4"]
+
+
+def test_best_checkpoint_is_the_lowest_eval_loss_of_the_evaluated(tmp_path):
+    def made(step: int, eval_loss: float | None) -> Path:
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        state = {"step": step, **({"eval_metrics": {"eval_loss": eval_loss}} if eval_loss is not None else {})}
+        (path / "trainer_state.json").write_text(json.dumps(state))
+        return path
+
+    paths = [made(1, None), made(2, 0.9), made(3, 0.7), made(4, None), made(5, 0.7)]
+    assert best_checkpoint(paths) == paths[2]  # the earliest of two equal losses
+    assert best_checkpoint([paths[0], paths[3]]) is None
 
 
 def test_lora_baseline_runs_in_the_same_loop(data, tmp_path):
