@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from datetime import datetime, timedelta
 from typing import Any
@@ -601,18 +602,32 @@ def record_checkpoint(
     session.execute(_insert_ignore(session, Checkpoint, ("job_id", "step")), [row])
 
 
-def prune_checkpoints(session: Session, job_id: str, keep: int) -> int | None:
-    """Delete the rows of all but the job's ``keep`` newest checkpoints (0 keeps all) and return
-    the oldest kept step (None when nothing is pruned): the caller deletes the stored
-    checkpoints no row names (`checkpoint_prefixes`) after the commit, so a row never names
-    files that are gone. Only the newest is ever resumed from; the others are its fallbacks."""
+def best_checkpoint_step(checkpoints: list[tuple[int, dict[str, Any] | None]]) -> int | None:
+    """Of ``(step, metrics)`` pairs, the step with the lowest ``eval_loss`` (the earliest of
+    equals); None when no checkpoint was written at an evaluation."""
+    scored = [
+        (metrics["eval_loss"], step)
+        for step, metrics in checkpoints
+        if isinstance((metrics or {}).get("eval_loss"), (int, float)) and math.isfinite(metrics["eval_loss"])
+    ]
+    return min(scored)[1] if scored else None
+
+
+def prune_checkpoints(session: Session, job_id: str, keep: int) -> list[int]:
+    """Delete the rows of the job's checkpoints but its ``keep`` newest (0 keeps all) and the
+    one with the lowest ``eval_loss``, the one a user would download; return the steps
+    deleted. The caller deletes the stored checkpoints no row names (`checkpoint_prefixes`)
+    after the commit, so a row never names files that are gone. Only the newest is ever
+    resumed from; the others are its fallbacks."""
     if keep <= 0:
-        return None
-    kept = list(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(keep)))
-    if not kept:
-        return None
-    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step < kept[-1]))
-    return kept[-1]
+        return []
+    query = select(Checkpoint.step, Checkpoint.metrics).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
+    rows = [(step, metrics) for step, metrics in session.execute(query)]
+    kept = {step for step, _ in rows[:keep]} | {best_checkpoint_step(rows)}
+    doomed = [step for step, _ in rows if step not in kept]
+    if doomed:
+        session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step.in_(doomed)))
+    return doomed
 
 
 def checkpoint_prefixes(session: Session, job_id: str) -> list[str]:

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         description="most trainable parameters a job's adapter may have (about 16 bytes each while training: weights, gradients, AdamW); 0: no limit",
     )
     keep_checkpoints: int = Field(
-        2, ge=0, description="checkpoints kept in storage per job, the newest (0 keeps all); older ones are deleted as new ones arrive"
+        2, ge=0, description="checkpoints kept in storage per job, the newest (0 keeps all), and the one with the lowest eval_loss; the others are deleted as new ones arrive"
     )
     max_attempts: int = Field(3, ge=1, description="runs of a job whose worker stopped without finishing it (lease expired) before the job fails")
     reconcile_seconds: float = Field(30.0, gt=0, description="how often each worker re-queues jobs with expired leases and re-enqueues queued jobs the broker lost")

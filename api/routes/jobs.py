@@ -392,7 +392,7 @@ def get_analysis(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> Jo
         "The adapter as it was at that checkpoint, packed like the final one (`adapter_config.json`, "
         "`adapter_model.safetensors`, a `README.md` naming the step): to keep the checkpoint with "
         "the best validation loss, say. Any job's checkpoint, running ones included; the job "
-        "keeps its newest `MOLA_KEEP_CHECKPOINTS`."
+        "keeps its newest `MOLA_KEEP_CHECKPOINTS` and the one with the lowest `eval_loss`."
     ),
     response_class=FileResponse,
     responses={200: {"content": {"application/gzip": {}}}, 307: {"description": "redirect to a presigned storage URL"}},

@@ -270,6 +270,34 @@ def test_storage_keeps_the_newest_checkpoints(client, key, settings, storage, ke
     assert listed == _stored_checkpoints(storage, job_id) == ([4, 5] if keep else [1, 2, 3, 4, 5])
 
 
+def test_storage_keeps_the_checkpoint_with_the_lowest_eval_loss_too(client, key, settings, storage):
+    # Text unlike the training rows: the more the adapter learns them, the worse its loss here,
+    # so the best checkpoint is an early one, which keeping only the newest would delete.
+    validation_id = make_dataset(client, key, [{"prompt": "Spell: ", "completion": "zqxj zqxj zqxj"}] * 2)
+    hp = {"max_steps": 5, "checkpoint_every": 1, "eval_every": 1, "learning_rate": 0.05, "lr_schedule": "constant", "warmup_steps": 0}
+    job_id = _create(client, key, hyperparameters=hp, validation_dataset_id=validation_id)
+    assert runner.run_job(job_id, settings.model_copy(update={"keep_checkpoints": 1})) == "succeeded"
+    evals = {m["step"]: m["metrics"]["eval_loss"] for m in client.get(f"/jobs/{job_id}/metrics?kind=eval", headers=auth(key)).json()["data"]}
+    best = min(evals, key=evals.get)
+    assert best < 5, evals  # what this test is about: an earlier checkpoint than the newest
+    listed = client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]
+    assert [c["step"] for c in listed] == _stored_checkpoints(storage, job_id) == sorted({best, 5})
+    assert listed[0]["metrics"]["eval_loss"] == evals[best]
+
+
+def test_pruning_keeps_the_newest_and_the_best_evaluated_checkpoint(sessions, client, key):
+    job_id = _create(client, key)
+    losses = {1: None, 2: 0.9, 3: 0.4, 4: 0.6, 5: None, 6: 0.7}
+    with session_scope(sessions) as session:
+        for step, loss in losses.items():
+            metrics = {"loss": 1.0, **({"eval_loss": loss} if loss is not None else {})}
+            job_service.record_checkpoint(session, job_id, step, f"p/{step}", 1, metrics)
+        assert job_service.prune_checkpoints(session, job_id, keep=2) == [4, 2, 1]
+        assert [c.step for c in job_service.list_checkpoints(session, job_id)] == [3, 5, 6]
+        assert job_service.prune_checkpoints(session, job_id, keep=0) == []
+    assert job_service.best_checkpoint_step([(1, {"eval_loss": float("nan")}), (2, None), (3, {})]) is None
+
+
 def _stored_checkpoints(storage, job_id: str) -> list[int]:
     root = f"jobs/{job_id}/checkpoints"
     return sorted(runner.stored_checkpoint_folders(storage.list(root), root).values())
