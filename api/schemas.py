@@ -374,10 +374,11 @@ class CheckpointPublic(BaseModel):
     created_at: datetime
     size_bytes: int = Field(description="the stored checkpoint: adapter, optimizer state and the downloadable archive")
     metrics: dict[str, Any] = Field(description="epoch, and the step's loss and eval_loss when the run reported them at that step")
+    best: bool = Field(False, description="the checkpoint with the lowest eval_loss of the job's (never pruned)")
 
     @classmethod
-    def of(cls, row: Checkpoint) -> "CheckpointPublic":
-        return cls(step=row.step, created_at=row.created_at, size_bytes=row.size_bytes, metrics=row.metrics or {})
+    def of(cls, row: Checkpoint, best: bool = False) -> "CheckpointPublic":
+        return cls(step=row.step, created_at=row.created_at, size_bytes=row.size_bytes, metrics=row.metrics or {}, best=best)
 
 
 class CheckpointList(BaseModel):

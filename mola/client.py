@@ -219,6 +219,7 @@ class Checkpoint:
     created_at: datetime | None
     size_bytes: int
     metrics: dict[str, Any]
+    best: bool = False  # the lowest eval_loss of the job's checkpoints
     raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
 
     @classmethod

@@ -398,7 +398,7 @@ def cmd_jobs_checkpoints(args: argparse.Namespace) -> int:
     for c in checkpoints:
         scores = ("loss", "eval_loss", "eval_exact_match", "eval_answer_accuracy")
         losses = "".join(f"  {k}={c.metrics[k]:.4f}" for k in scores if isinstance(c.metrics.get(k), float))
-        print(f"step {c.step:>6}  {c.size_bytes / 1e6:8.2f} MB  {c.created_at:%Y-%m-%d %H:%M:%S}{losses}")
+        print(f"step {c.step:>6}  {c.size_bytes / 1e6:8.2f} MB  {c.created_at:%Y-%m-%d %H:%M:%S}{losses}" + ("  (best eval_loss)" if c.best else ""))
     if checkpoints:
         print(f"(an adapter: mola jobs download {args.id} --step STEP --extract DIR)")
     return 0

@@ -359,11 +359,16 @@ def _send_archive(storage, settings, key: str, filename: str) -> Response:
     "/{job_id}/checkpoints",
     response_model=CheckpointList,
     summary="Checkpoints saved during training",
-    description="Oldest first, with each step's `loss` and `eval_loss` (when reported at that step) in `metrics`.",
+    description=(
+        "Oldest first, with each step's `loss` and `eval_loss` (when reported at that step) in `metrics`; "
+        "`best` marks the one with the lowest `eval_loss`."
+    ),
 )
 def list_checkpoints(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> CheckpointList:
     job_service.get_job(session, tenant.id, job_id)
-    return CheckpointList(data=[CheckpointPublic.of(c) for c in job_service.list_checkpoints(session, job_id)])
+    checkpoints = job_service.list_checkpoints(session, job_id)
+    best = job_service.best_checkpoint_step([(c.step, c.metrics) for c in checkpoints])
+    return CheckpointList(data=[CheckpointPublic.of(c, best=c.step == best) for c in checkpoints])
 
 
 @router.get(

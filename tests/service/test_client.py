@@ -540,3 +540,15 @@ def test_jobs_analysis_in_the_client_and_the_cli(capsys, live, key, api, dataset
     assert code == 0 and json.loads(out) == analysis.raw
     code, out, _ = mola(capsys, live, key, "jobs", "show", running)
     assert code == 0 and out.endswith(f"experts:     routing and redundancy per layer: `mola jobs analysis {running}`\n")
+
+
+def test_checkpoints_mark_the_best_eval_loss(capsys, live, key, api, dataset_id, sessions):
+    job_id = api.create_job("tiny-llama", dataset_id).id
+    start_job(sessions, job_id)
+    with session_scope(sessions) as session:
+        for step, metrics in [(2, {"loss": 1.0, "eval_loss": 0.8}), (4, {"loss": 0.9, "eval_loss": 0.6}), (6, {"loss": 0.7})]:
+            job_service.record_checkpoint(session, job_id, step, f"jobs/{job_id}/checkpoints/r/checkpoint-{step}", 1000, metrics)
+    assert [(c.step, c.best) for c in api.checkpoints(job_id)] == [(2, False), (4, True), (6, False)]
+    code, out, _ = mola(capsys, live, key, "jobs", "checkpoints", job_id)
+    lines = out.splitlines()
+    assert code == 0 and lines[1].endswith("eval_loss=0.6000  (best eval_loss)") and "best" not in lines[0] + lines[2]

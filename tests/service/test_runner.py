@@ -283,6 +283,7 @@ def test_storage_keeps_the_checkpoint_with_the_lowest_eval_loss_too(client, key,
     listed = client.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]
     assert [c["step"] for c in listed] == _stored_checkpoints(storage, job_id) == sorted({best, 5})
     assert listed[0]["metrics"]["eval_loss"] == evals[best]
+    assert [c["best"] for c in listed] == [True, False]
 
 
 def test_pruning_keeps_the_newest_and_the_best_evaluated_checkpoint(sessions, client, key):

@@ -121,7 +121,7 @@ def test_a_checkpoint_s_adapter_downloads_through_the_client_and_the_cli(capsys,
     assert missing.value.status_code == 404 and not (tmp_path / "step3").exists()
 
     code, out, err = mola(capsys, live, key, "jobs", "checkpoints", job_id)
-    assert code == 0 and out.splitlines()[0].endswith("  loss=1.2500  eval_loss=1.5000"), out
+    assert code == 0 and out.splitlines()[0].endswith("  loss=1.2500  eval_loss=1.5000  (best eval_loss)"), out
     code, out, err = mola(capsys, live, key, "jobs", "download", job_id, "--step", "2", "--extract", str(tmp_path / "cli"))
     assert code == 0 and (tmp_path / "cli" / "adapter_config.json").is_file(), err
     out = io.BytesIO()  # what `-o -` writes to stdout
