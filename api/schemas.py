@@ -269,6 +269,25 @@ class JobCreate(BaseModel):
         raise ValueError("top_k must be a whole number or a list of whole numbers, one per layer")
 
 
+class JobResume(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    hyperparameters: Hyperparameters | None = Field(
+        None,
+        description=(
+            "only what changes how the steps run, not what they train: "
+            f"{', '.join(job_service.RESUMABLE_HYPERPARAMETERS)} (a smaller micro_batch_size after "
+            "running out of memory, say); anything left out stays as it was"
+        ),
+    )
+
+    def changes(self) -> dict[str, Any]:
+        """The hyperparameters the client sent (not the defaults filled in for the rest)."""
+        if self.hyperparameters is None:
+            return {}
+        return self.hyperparameters.model_dump(mode="json", include=self.hyperparameters.model_fields_set)
+
+
 class JobProgress(BaseModel):
     step: int
     total_steps: int | None

@@ -498,6 +498,13 @@ class MolaClient:
     def cancel_job(self, job_id: str) -> Job:
         return Job.from_json(self._json("POST", f"/jobs/{_segment(job_id)}/cancel"))
 
+    def resume_job(self, job_id: str, hyperparameters: dict[str, Any] | None = None) -> Job:
+        """Queue a failed or cancelled job again, to continue from its newest checkpoint.
+        ``hyperparameters`` may change how the steps run, not what they train (the server names
+        what it accepts): ``{"micro_batch_size": 1}`` after running out of memory, say."""
+        body = {"hyperparameters": hyperparameters} if hyperparameters else None
+        return Job.from_json(self._json("POST", f"/jobs/{_segment(job_id)}/resume", json=body))
+
     def delete_job(self, job_id: str) -> None:
         """Delete a finished job with its metrics, checkpoints and adapter (the server answers
         409 for a queued or running job: cancel it first)."""

@@ -232,6 +232,8 @@ def _show_job(job: Job) -> None:
     print(f"adapter:     {adapter}")
     if job.method == "mola" and job.adapter_available and job.done:
         print(f"experts:     routing and redundancy per layer: `mola jobs analysis {job.id}`")
+    if job.status in ("failed", "cancelled"):
+        print(f"resume:      from its newest checkpoint: `mola jobs resume {job.id}` (--micro-batch-size N after running out of memory)")
 
 
 def _show_dataset(dataset: Dataset) -> None:
@@ -368,6 +370,19 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
         _print_json(job.raw)
     else:
         print(f"{job.id}: {job.status}" + (" (stops at its next step)" if job.status == "running" else ""))
+    return 0
+
+
+def cmd_jobs_resume(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.resume_job(args.id, _hyperparameters(args) or None)
+        if args.json:
+            _print_json(job.raw)
+        else:
+            where = f"from its checkpoint at step {job.progress.step}" if job.progress.step else "from the start (no checkpoint)"
+            print(f"{job.id}: {job.status}, resuming {where}")
+        if args.follow:
+            return _follow(client, job.id, _text_out(args))
     return 0
 
 
@@ -623,6 +638,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("id", type=_id_arg)
         _common(p)
         p.set_defaults(func=_wrap(fn))
+    p = jobs.add_parser("resume", help="queue a failed or cancelled job again, from its newest checkpoint")
+    p.add_argument("id", type=_id_arg)
+    for name in ("micro_batch_size", "checkpoint_every", "eval_every"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=HYPERPARAMETER_FLAGS[name])
+    p.add_argument("--hp", action="append", type=_hp_arg, metavar="KEY=VALUE", help="another setting that may change: gradient_checkpointing=true, ...")
+    p.add_argument("--follow", action="store_true", help="follow the job with a progress bar (on stderr)")
+    p.set_defaults(target_modules=None)
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_jobs_resume))
     p = jobs.add_parser("metrics", help="print a job's metrics")
     p.add_argument("id", type=_id_arg)
     p.add_argument("--after-step", type=_int_in(0), default=0)

@@ -308,6 +308,76 @@ def cancel_job(session: Session, job: Job) -> Job:
     return job
 
 
+# What a resumed job may change: how its steps are computed, and what it evaluates and keeps;
+# never what it trains (the rest shapes the schedule, the data or the adapter, and the library
+# refuses to resume a checkpoint under other values: mola.train.RESUME_MUST_MATCH).
+# micro_batch_size is the one an out-of-memory failure needs.
+RESUMABLE_HYPERPARAMETERS = (
+    "micro_batch_size", "gradient_checkpointing", "torch_compile", "bf16",
+    "checkpoint_every", "eval_every", "eval_generate_rows",
+)
+
+
+def resume_job(session: Session, job: Job, changes: dict[str, Any]) -> tuple[Job, str | None]:
+    """Queue a failed or cancelled job again, to continue from its newest checkpoint (from the
+    start without one) with ``changes`` (names of RESUMABLE_HYPERPARAMETERS) applied. Returns
+    the job and the storage key of the stopped run's adapter for the caller to delete once this
+    commits (None: nothing to delete). Flushes."""
+    if job.status not in ("failed", "cancelled"):
+        if job.status == "succeeded":
+            raise Conflict(f"job {job.id} has succeeded: it has nothing left to train (create a new job to train more)")
+        stopping = " and stopping" if job.cancel_requested_at is not None else ""
+        raise Conflict(f"job {job.id} is {job.status}{stopping}: only a failed or cancelled job can be resumed")
+    for name in changes:
+        if name not in RESUMABLE_HYPERPARAMETERS:
+            raise InvalidRequest(
+                ("body", "hyperparameters", name),
+                f"cannot change on resume: it changes what the job trains (resuming may change "
+                f"{', '.join(RESUMABLE_HYPERPARAMETERS)}); create a new job instead",
+            )
+    for field, dataset_id in (("dataset_id", job.dataset_id), ("validation_dataset_id", job.validation_dataset_id)):
+        dataset = session.get(Dataset, dataset_id) if dataset_id else None
+        if dataset is not None and dataset.deleted_at is not None:
+            raise Conflict(f"job {job.id} cannot be resumed: its {field} {dataset_id} has been deleted")
+    if session.get(BaseModelEntry, job.base_model) is None:
+        raise Conflict(f"job {job.id} cannot be resumed: its base model {job.base_model!r} is no longer served")
+
+    spec = dict(job.spec)
+    hp = {**spec.get("hyperparameters", {}), **changes}
+    for field in ("eval_every", "eval_generate_rows"):
+        if changes.get(field) is not None and not job.validation_dataset_id:
+            raise InvalidRequest(("body", "hyperparameters", field), "needs a validation set, and this job has none")
+    if hp.get("micro_batch_size") and hp.get("batch_size"):
+        hp["micro_batch_size"] = min(hp["micro_batch_size"], hp["batch_size"])
+    spec["hyperparameters"] = hp
+
+    stopped_adapter, stopped_at = job.adapter_key, job.step
+    now = utcnow()
+    resumed = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_(("failed", "cancelled")), Job.deleted_at.is_(None))
+        .values(
+            status="queued", spec=spec, error=None, result=None, analysis=None, adapter_key=None,
+            finished_at=None, cancel_requested_at=None, lease_owner=None, lease_expires_at=None,
+            # A fresh budget of attempts: a job failed for running out of them is the case for resuming.
+            attempts=0, updated_at=now,
+        )
+    ).rowcount
+    if not resumed:  # resumed, or deleted, by a concurrent request
+        session.refresh(job)
+        if job.deleted_at is not None:
+            raise NotFound(f"job {job.id!r} not found")
+        raise Conflict(f"job {job.id} is {job.status}: only a failed or cancelled job can be resumed")
+    newest = session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job.id))
+    # Progress and metrics go back to the resume point now, as the worker's claim would.
+    prepare_resume(session, job.id, newest or 0)
+    session.refresh(job)
+    # The stopped run's adapter is the newest checkpoint's weights when that checkpoint is where
+    # it stopped (a cancelled run checkpoints as it stops); otherwise it stays in storage, unnamed,
+    # until the job is deleted, rather than lose the only copy of its last steps.
+    return job, stopped_adapter if newest == stopped_at else None
+
+
 # ---- deleting a job ----------------------------------------------------------------------
 # In three steps, so that nothing is left orphaned and nothing is seen half deleted:
 # 1. `start_deletion`, one transaction: the job is marked (`deleted_at`, from then on it answers

@@ -24,6 +24,7 @@ from api.schemas import (
     JobCreate,
     JobList,
     JobPublic,
+    JobResume,
     JobStatus,
     MetricList,
     MetricPublic,
@@ -154,6 +155,40 @@ def get_job(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> JobPubl
 def cancel_job(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
     job = job_service.cancel_job(session, job_service.get_job(session, tenant.id, job_id))
     session.commit()
+    return JobPublic.of(job)
+
+
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobPublic,
+    summary="Resume a failed or cancelled job",
+    description=(
+        "Queues the job again, to continue from its newest checkpoint (from the start without "
+        "one; `progress.step` says which) to the end of its schedule, with a fresh budget of "
+        "attempts. The body may change what does not change the training: "
+        f"{', '.join(job_service.RESUMABLE_HYPERPARAMETERS)} (after running out of memory: a "
+        "smaller `micro_batch_size`, or `gradient_checkpointing`); anything else is a 422. The "
+        "stopped run's metrics after the checkpoint, result, analysis and final adapter are "
+        "replaced by the new run's (its checkpoints stay downloadable). 409 for a queued, "
+        "running or succeeded job, or one whose dataset has been deleted."
+    ),
+    responses={409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+)
+def resume_job(
+    job_id: Text, tenant: CurrentTenant, session: SessionDep, queue: QueueDep, storage: StorageDep, body: JobResume | None = None
+) -> JobPublic:
+    changes = body.changes() if body is not None else {}
+    job, stopped_adapter = job_service.resume_job(session, job_service.get_job(session, tenant.id, job_id), changes)
+    session.commit()
+    try:
+        queue.enqueue_training(job.id)
+    except Exception:  # the row is the truth; a reconciler re-enqueues queued jobs
+        logger.exception("could not enqueue resumed job %s; it stays queued", job.id)
+    if stopped_adapter is not None:
+        try:
+            storage.delete(stopped_adapter)
+        except Exception:  # left under the job's prefix: deleted with the job
+            logger.warning("job %s: could not delete the stopped run's adapter %s", job.id, stopped_adapter, exc_info=True)
     return JobPublic.of(job)
 
 

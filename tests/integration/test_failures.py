@@ -204,6 +204,14 @@ def test_expired_leases_are_requeued_until_the_last_attempt(cluster, dataset_id)
     assert job.status == "failed" and job.attempts == 3 and train_steps(cluster, exhausted) == []
     assert "stopped without finishing it 3 time(s) (MOLA_MAX_ATTEMPTS=3)" in job.error
 
+    # Resumed (POST /jobs/{id}/resume), it has a fresh budget of attempts and trains to its end.
+    with cluster.http() as http:
+        response = http.post(f"/jobs/{exhausted}/resume")
+    assert response.status_code == 200 and (response.json()["status"], response.json()["attempts"]) == ("queued", 0), response.text
+    job = cluster.wait_final(exhausted)
+    assert (job.status, job.attempts, job.error) == ("succeeded", 1, None) and train_steps(cluster, exhausted) == [1, 2, 3], cluster.logs_text()
+    assert_artifacts(cluster, exhausted)
+
 
 def test_cancel_reaches_a_running_job_within_one_step(cluster, dataset_id):
     cluster.start_worker()

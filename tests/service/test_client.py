@@ -332,6 +332,32 @@ def test_jobs_delete_removes_a_finished_job_and_refuses_a_queued_one(capsys, liv
     assert [job.id for job in api.list_jobs()] == [queued]
 
 
+def test_jobs_resume_in_the_client_and_the_cli(capsys, live, key, api, dataset_id, sessions):
+    job_id = api.create_job("tiny-llama", dataset_id, hyperparameters={"max_steps": 8, "batch_size": 4}).id
+    start_job(sessions, job_id, [(1, "train"), (2, "train"), (3, "train")])
+    with session_scope(sessions) as session:
+        job_service.record_checkpoint(session, job_id, 2, f"jobs/{job_id}/checkpoints/r/checkpoint-2", 1000, {"loss": 0.5})
+        assert job_service.finish_job(session, job_id, OWNER, "failed", error="CUDA out of memory")
+
+    code, out, _ = mola(capsys, live, key, "jobs", "show", job_id)
+    assert code == 0 and out.endswith(f"resume:      from its newest checkpoint: `mola jobs resume {job_id}` (--micro-batch-size N after running out of memory)\n")
+    code, _, err = mola(capsys, live, key, "jobs", "resume", job_id, "--hp", "learning_rate=0.1")
+    assert code == 1 and err.startswith("error (422): body.hyperparameters.learning_rate: cannot change on resume")
+    code, out, err = mola(capsys, live, key, "jobs", "resume", job_id, "--micro-batch-size", "1", "--hp", "gradient_checkpointing=true")
+    assert (code, out) == (0, f"{job_id}: queued, resuming from its checkpoint at step 2\n"), err
+    job = api.get_job(job_id)
+    assert (job.hyperparameters["micro_batch_size"], job.hyperparameters["gradient_checkpointing"], job.error) == (1, True, None)
+    with pytest.raises(MolaAPIError) as again:
+        api.resume_job(job_id)
+    assert again.value.status_code == 409 and "is queued" in again.value.detail
+
+    start_job(sessions, job_id)
+    finish_job(sessions, job_id)
+    with pytest.raises(MolaAPIError) as done:
+        api.resume_job(job_id, {"micro_batch_size": 2})
+    assert done.value.status_code == 409 and "has succeeded" in done.value.detail
+
+
 # ---- events: reconnecting ------------------------------------------------------------------
 def test_events_resume_across_a_server_restart(live, api, dataset_id, sessions):
     job_id = api.create_job("tiny-llama", dataset_id).id
@@ -477,7 +503,7 @@ def test_ids_are_one_path_segment(api, dataset_id):
     """An id with '/', '..' or '?' in it (pasted with something else, or taken from elsewhere)
     names no object: it never reaches another endpoint, such as a DELETE of a dataset."""
     job = api.create_job("tiny-llama", dataset_id, hyperparameters={"max_steps": 2})
-    for call in (api.delete_job, api.get_job, api.cancel_job, api.checkpoints, lambda i: list(api.events(i))):
+    for call in (api.delete_job, api.get_job, api.cancel_job, api.resume_job, api.checkpoints, lambda i: list(api.events(i))):
         with pytest.raises(MolaAPIError) as error:
             call(f"{job.id}/../../datasets/{dataset_id}")
         assert error.value.status_code == 404, error.value

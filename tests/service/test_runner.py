@@ -211,6 +211,76 @@ def test_shutdown_requeues_and_the_next_run_resumes(client, key, settings, sessi
     assert _steps(sessions, job_id) == list(range(1, 9))  # no step missing, none twice
 
 
+def _adapter_tensors(client, key, job_id: str, folder) -> dict:
+    from safetensors.torch import load_file
+
+    archive = folder.with_suffix(".tar.gz")
+    archive.write_bytes(client.get(f"/jobs/{job_id}/adapter", headers=auth(key)).content)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_a_cancelled_job_resumed_ends_as_an_uninterrupted_one(client, key, settings, sessions, storage, monkeypatch, tmp_path):
+    hp = {"max_steps": 6, "learning_rate": 3e-3, "dropout": 0.0}
+    straight = _create(client, key, hyperparameters=hp)
+    assert runner.run_job(straight, settings) == "succeeded"
+
+    job_id = _create(client, key, hyperparameters=hp)
+    report = runner.Reporter.__call__
+
+    def cancel_at_step_3(self, event):  # as POST /cancel would, at a known step
+        if event["kind"] == "train" and event["step"] == 3:
+            with session_scope(sessions) as session:
+                job_service.cancel_job(session, session.get(Job, job_id))
+        return report(self, event)
+
+    monkeypatch.setattr(runner.Reporter, "__call__", cancel_at_step_3)
+    assert runner.run_job(job_id, settings) == "cancelled"
+    monkeypatch.setattr(runner.Reporter, "__call__", report)
+
+    resumed = client.post(f"/jobs/{job_id}/resume", headers=auth(key)).json()
+    assert (resumed["status"], resumed["progress"]["step"], resumed["adapter_available"]) == ("queued", 3, False)
+    assert runner.run_job(job_id, settings) == "succeeded"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["result"]["steps"] == 6 and not job["result"]["stopped_early"] and job["attempts"] == 1
+    assert _steps(sessions, job_id) == list(range(1, 7))  # no step missing, none twice
+    losses = {m["step"]: m["metrics"]["loss"] for m in client.get(f"/jobs/{job_id}/metrics", headers=auth(key)).json()["data"]}
+    expected = {m["step"]: m["metrics"]["loss"] for m in client.get(f"/jobs/{straight}/metrics", headers=auth(key)).json()["data"]}
+    assert losses == pytest.approx(expected, rel=1e-5)
+    want = _adapter_tensors(client, key, straight, tmp_path / "straight")
+    got = _adapter_tensors(client, key, job_id, tmp_path / "resumed")
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7)
+    with sessions() as session:  # one adapter file, the new run's: the cancelled run's was deleted
+        adapter_key = session.get(Job, job_id).adapter_key
+    assert [k for k in storage.list(f"jobs/{job_id}") if k.startswith(f"jobs/{job_id}/adapter-")] == [adapter_key]
+
+
+def test_a_job_failed_out_of_memory_resumes_with_a_smaller_micro_batch(client, key, settings, sessions, monkeypatch):
+    job_id = _create(client, key, hyperparameters={"max_steps": 6, "checkpoint_every": 2, "batch_size": 4, "micro_batch_size": 4})
+    report = runner.Reporter.__call__
+
+    def out_of_memory_at_step_5(self, event):
+        if event["kind"] == "train" and event["step"] == 5:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return report(self, event)
+
+    monkeypatch.setattr(runner.Reporter, "__call__", out_of_memory_at_step_5)
+    assert runner.run_job(job_id, settings) == "failed"
+    monkeypatch.setattr(runner.Reporter, "__call__", report)
+    assert "CUDA out of memory" in client.get(f"/jobs/{job_id}", headers=auth(key)).json()["error"]
+
+    body = {"hyperparameters": {"micro_batch_size": 1, "gradient_checkpointing": True}}
+    resumed = client.post(f"/jobs/{job_id}/resume", headers=auth(key), json=body).json()
+    assert resumed["progress"]["step"] == 4 and resumed["error"] is None
+    assert runner.run_job(job_id, settings) == "succeeded"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["result"]["steps"] == 6 and job["hyperparameters"]["micro_batch_size"] == 1 and job["adapter_available"]
+    assert _steps(sessions, job_id) == list(range(1, 7))
+
+
 def test_failure_records_a_useful_error(client, key, settings):
     job_id = _create(client, key, hyperparameters={"max_steps": 2, "cutoff_len": 12})
     assert runner.run_job(job_id, settings) == "failed"
