@@ -51,6 +51,8 @@ bench() {  # name, limit in seconds, step_bench flags...
     echo "== $name: step_bench.py $*" | tee -a "$OUT/bench.log"
     timeout "$limit" $PY bench/step_bench.py "$@" "${shrink[@]}" --output "$OUT/$gpu-$name-$date.json" 2>&1 | tee -a "$OUT/bench.log"
     echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
+    # The tables for bench/README.md, as tests/test_step_bench.py expects them there.
+    [ -f "$OUT/$gpu-$name-$date.json" ] && $PY bench/table.py "$OUT/$gpu-$name-$date.json" | tee -a "$OUT/bench.log"
 }
 
 for part in "${parts[@]}"; do

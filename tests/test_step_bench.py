@@ -1,7 +1,8 @@
 """bench/step_bench.py end to end on the CPU with a tiny shape: issue 5's GPU numbers come from
 one device session with no second chance, so the bench that produces them must not rot here.
 Checks what the report says (every variant, matched parameter counts, ratios, the FLOP count),
-never how fast anything is."""
+never how fast anything is; and that bench/README.md's tables are bench/table.py's rendering of
+the committed results."""
 
 from __future__ import annotations
 
@@ -25,16 +26,21 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def step_bench():
-    sys.path.insert(0, str(ROOT / "bench"))  # step_bench imports benchlib beside it
+    spec = importlib.util.spec_from_file_location("step_bench", ROOT / "bench" / "step_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     try:
-        spec = importlib.util.spec_from_file_location("step_bench", ROOT / "bench" / "step_bench.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up
         spec.loader.exec_module(module)
         yield module
     finally:
-        sys.modules.pop("step_bench", None)
-        sys.path.remove(str(ROOT / "bench"))
+        sys.modules.pop(spec.name, None)
+
+
+def _table():
+    spec = importlib.util.spec_from_file_location("bench_table", ROOT / "bench" / "table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_every_variant_is_timed_and_compared(step_bench, tmp_path, capsys):
@@ -64,10 +70,34 @@ def test_every_variant_is_timed_and_compared(step_bench, tmp_path, capsys):
         assert all(len(r["per_repeat"]) == 2 and r["pooled"] > 0 and "cpu_time_pooled" in r for r in ratios.values())
     # 8642 puts more experts in the low layers than 2468, the same total: equal sizes.
     assert report["parameter_counts"]["8642"]["mola"] == report["parameter_counts"]["2468"]["mola"]
-    assert report["flops_per_step"] > 0 and "6" in report["flop_formula"]
+    # The base model's matmul FLOPs (6 per weight per token) plus attention's, for 32 tokens of 16.
+    assert report["linear_weights"] > 0
+    assert report["flops_per_step"] == 32 * (6 * report["linear_weights"] + 12 * 4 * 64 * 16)
 
     table = capsys.readouterr().out
     assert "[8642] loop/mola" in table and "[2468] mola/lora-matched" in table and "wrote " in table
+
+    assert _table().main([str(out)]) == 0
+    markdown = capsys.readouterr().out.splitlines()
+    rows = {line.split(" | ")[0].strip("| `"): line for line in markdown if line.startswith("| `")}
+    assert set(rows) == names
+    mola = report["variants"]["mola[8642]"]
+    assert rows["mola[8642]"].startswith(f"| `mola[8642]` | {mola['trainable_params']:,} | ")
+    loop_row = next(line for line in markdown if line.startswith("| loop / MoLA |"))  # columns: 8642, 2468
+    assert loop_row.split(" | ")[2].startswith(f"**{report['ratios']['2468']['loop/mola']['pooled']:.3f}** (")
+
+
+def test_the_readme_tables_are_the_committed_results():
+    table, readme = _table(), (ROOT / "bench" / "README.md").read_text()
+    results = sorted((ROOT / "bench" / "results").glob("*.json"))
+    assert results
+    for path in results:
+        result = json.loads(path.read_text())
+        if result.get("benchmark") != "step_bench":
+            continue
+        assert f"`bench/results/{path.name}`" in readme, f"bench/README.md does not show {path.name}"
+        for rendered in ("\n".join(table.variant_table(result)), "\n".join(table.ratio_table(result))):
+            assert rendered in readme, f"bench/README.md differs from `python bench/table.py {path.relative_to(ROOT)}`"
 
 
 def test_compiled_variants_train(step_bench, tmp_path):
