@@ -77,10 +77,12 @@ def tiny_config(architecture: str = "llama", num_layers: int = 4, hidden_size: i
 
 
 def tiny_model(architecture: str = "llama", num_layers: int = 4, hidden_size: int = 64, seed: int = 0):
-    """A randomly initialised causal LM of the given architecture (deterministic for a seed)."""
+    """A randomly initialised causal LM of the given architecture (deterministic for a seed), in
+    eval mode like a loaded model (GPT-2's dropout would otherwise make two forwards differ);
+    `mola.train.train` switches it to training for its steps."""
     config = tiny_config(architecture, num_layers, hidden_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     model.config._name_or_path = f"tiny-{architecture}"
-    return model
+    return model.eval()

@@ -1,4 +1,5 @@
-"""`mola.models.load_tokenizer`: the tokenizer `load_base_model` gives, without the weights."""
+"""`mola.models.load_tokenizer` (the tokenizer `load_base_model` gives, without the weights), and
+the built-in tiny models."""
 
 from __future__ import annotations
 
@@ -29,3 +30,16 @@ def test_the_tokenizer_of_load_base_model(name, tmp_path):
 def test_an_unknown_model_is_not_found():
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         load_tokenizer("no-such-model")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_tiny_model_is_in_eval_mode_like_a_loaded_model(architecture):
+    torch = pytest.importorskip("torch")
+    from mola import tiny_model
+
+    model = tiny_model(architecture)
+    assert not any(module.training for module in model.modules())
+    ids = torch.arange(12).unsqueeze(0)
+    with torch.no_grad():  # GPT-2 has dropout 0.1: in train mode two forwards would differ
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    assert not load_base_model(f"tiny-{architecture}")[0].training
