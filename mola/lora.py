@@ -95,6 +95,10 @@ def get_lora_model(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
+    # peft records the base model by the path from_pretrained read (a cache folder for the
+    # built-in SmolLM2; nothing for a model built from a config): record the name it was loaded
+    # by instead, as a MoLA adapter does, so that loading the adapter finds its base again.
+    peft_model.peft_config["default"].base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA: %d modules, %d trainable parameters", len(names), trainable)
     return peft_model

@@ -245,8 +245,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_adapter(model: nn.Module, directory: Path) -> None:
-    model.save_pretrained(str(directory))
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write ``model``'s adapter into ``directory``: a MoLA adapter in its own format, a peft
+    model in peft's. peft is told to leave the embeddings out: the adapter never trains them
+    (its targets are decoder modules), and its "auto" choice looks the base model's name up
+    on the Hugging Face hub, which a server without network would wait on."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(directory), save_embedding_layers=False)
+    else:
+        model.save_pretrained(str(directory))
 
 
 def save_checkpoint(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -104,3 +106,14 @@ def test_lora_model_trains():
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_a_saved_lora_adapter_names_the_base_model_it_was_loaded_by(tmp_path):
+    """peft would record nothing for a model built from a config, and the cache folder for one
+    read from disk: the adapter names its base as a MoLA adapter does, by the name loaded."""
+    from mola.models import load_base_model
+    from mola.train import save_adapter
+
+    base, _ = load_base_model("tiny-qwen2")
+    save_adapter(get_lora_model(base, rank=4), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-qwen2"
