@@ -1,4 +1,4 @@
-"""Library commands: `mola train` and `mola analyze`.
+"""Library commands: `mola train`, `mola analyze` and `mola generate`.
 
 `add_commands` registers them on the full `mola` command (see service/cli.py); `python -m mola`
 runs them alone. Heavy imports happen inside the commands.
@@ -64,7 +64,7 @@ def _add_train(subparsers: Any) -> None:
 
 def _add_analyze(subparsers: Any) -> None:
     p = subparsers.add_parser("analyze", help="expert redundancy and routing statistics of a saved MoLA adapter")
-    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors), or a job's .tar.gz")
     p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
     p.add_argument("--data", help="dataset to gather routing statistics over")
     p.add_argument("--limit", type=int, default=64, help="rows of --data to route")
@@ -74,9 +74,37 @@ def _add_analyze(subparsers: Any) -> None:
     p.set_defaults(handler=cmd_analyze)
 
 
+def _add_generate(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate with a trained adapter (MoLA or LoRA) from prompts or a dataset's rows",
+        description="Load an adapter onto its base model and generate. Prompts are formatted as training formatted its rows.",
+    )
+    p.add_argument("adapter", help="adapter folder, or the .tar.gz a job's download gives")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", action="append", help="a prompt (repeat for several; - reads one from stdin)")
+    what.add_argument("--data", help="JSONL (or save_to_disk folder) in a training format: each row's prompt is generated from and its reference scored")
+    p.add_argument("--template", choices=["alpaca", "chat", "raw"], default="alpaca", help="how --prompt is formatted: as an Alpaca instruction (default), a chat user turn, or as it is")
+    p.add_argument("--input", help="with --template alpaca: the Alpaca input that goes with the instruction")
+    p.add_argument("--split", default="train", help="the split of a save_to_disk --data folder with several (default: train)")
+    p.add_argument("--limit", type=int, help="--data rows to use, from the first (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling")
+    p.add_argument("--seed", type=int, help="makes sampling repeatable")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 weights (default: on CUDA when supported)")
+    p.add_argument("--json", dest="json_path", help="also write prompts, generations (and references, scores) as JSON here")
+    p.add_argument("--cache-dir")
+    p.set_defaults(handler=cmd_generate)
+
+
 def add_commands(subparsers: Any) -> None:
     _add_train(subparsers)
     _add_analyze(subparsers)
+    _add_generate(subparsers)
 
 
 def _parse_top_k(text: str) -> int | list[int]:
@@ -173,7 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mola.lora import get_lora_model, matched_alpha_pattern, matched_rank_pattern
     from mola.model import get_mola_model
     from mola.models import load_base_model
-    from mola.train import TrainConfig, list_checkpoints, train
+    from mola.train import TrainConfig, list_checkpoints, save_adapter, train
 
     targets = [t.strip() for t in args.targets.split(",")] if args.targets else None
     mola_config = MolaConfig(experts=args.experts, top_k=_parse_top_k(args.top_k), rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, aux_loss_coef=args.aux_loss_coef)
@@ -232,7 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    model.save_pretrained(str(output))
+    save_adapter(model, output)
     data = {"train": train_data.stats.to_dict(), **({"eval": eval_data.stats.to_dict()} if eval_data else {})}
     summary = {"output": str(output), "steps": result.steps, "metrics": result.metrics, "eval": result.eval_metrics, "data": data}
     if extra_eval is not None:  # the last evaluation's first generations beside their references
@@ -247,15 +275,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     from mola.analysis import expert_redundancy, expert_report
     from mola.data import collate, load_training_data
+    from mola.generate import adapter_folder
     from mola.model import load_mola_model, read_adapter_config
     from mola.models import load_base_model
 
-    description = read_adapter_config(args.adapter)
-    base_name = args.model or description.get("base_model_name_or_path")
-    if not base_name:
-        raise ValueError("the adapter does not record its base model; pass --model")
-    base, tokenizer = load_base_model(base_name, cache_dir=args.cache_dir)
-    model = load_mola_model(base, args.adapter)
+    with adapter_folder(args.adapter) as folder:
+        description = read_adapter_config(folder)
+        base_name = args.model or description.get("base_model_name_or_path")
+        if not base_name:
+            raise ValueError("the adapter does not record its base model; pass --model")
+        base, tokenizer = load_base_model(base_name, cache_dir=args.cache_dir)
+        model = load_mola_model(base, folder)
     report: dict[str, Any] = {"adapter": str(args.adapter), "base_model": base_name, "redundancy": expert_redundancy(model)}
     print(f"adapter {args.adapter} on {base_name}: {description['total_experts']} experts, rank {description['rank']}")
     print("layer  experts  top_k  mean ||dW_i - dW_j||_F  mean ||dW_e||_F  distance / norm")
@@ -279,6 +309,91 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _generation_requests(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
+    """``[{"prompt", "special", "reference"?}]``: the --prompt texts in --template, or the
+    --data rows with a prompt, rendered as training rendered them (a text row has none)."""
+    from mola.data import read_records, render
+    from mola.generate import prompt
+
+    if args.prompt:
+        # A piped prompt (`echo ... |`) ends with a newline that is not part of it.
+        texts = [sys.stdin.read().rstrip("\n") if text == "-" else text for text in args.prompt]
+        return [dict(zip(("prompt", "special"), prompt(text, tokenizer, args.template, args.input))) for text in texts]
+    if args.input is not None:
+        raise ValueError("--input goes with --prompt (the rows of --data carry their own inputs)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    _check_split("--data", args.data, "--split", args.split)
+    records = read_records(args.data, split=args.split)[: args.limit]
+    rows = []
+    for record in records:
+        text, reference, special = render(record, tokenizer)
+        if text:
+            rows.append({"prompt": text, "special": special, "reference": reference})
+    if not rows:
+        raise ValueError(f"--data {args.data}: no row with a prompt to generate from (text rows have none)")
+    if len(rows) < len(records):
+        print(f"--data {args.data}: {len(records) - len(rows)} of {len(records)} rows have no prompt (text rows) and are left out", file=sys.stderr)
+    return rows
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from mola.evaluate import score_generations
+    from mola.generate import generate, open_adapter
+
+    if args.template != "alpaca" and args.input is not None:
+        raise ValueError(f"--input goes with --template alpaca, not {args.template}")
+    device = _device(args.device)
+    bf16 = args.bf16
+    if bf16 is None:
+        bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+    with open_adapter(args.adapter, model=args.model, device=device, dtype=torch.bfloat16 if bf16 else None, cache_dir=args.cache_dir) as adapter:
+        rows = _generation_requests(args, adapter.tokenizer)
+        generations = generate(
+            adapter.model,
+            adapter.tokenizer,
+            [(row["prompt"], row["special"]) for row in rows],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+    report: dict[str, Any] = {
+        "adapter": str(args.adapter),
+        "kind": adapter.kind,
+        "base_model": adapter.base_model,
+        "settings": {k: getattr(args, k) for k in ("template", "max_new_tokens", "temperature", "top_p", "seed")},
+        "rows": [{"prompt": row["prompt"], "generated": text, **({"reference": row["reference"]} if "reference" in row else {})} for row, text in zip(rows, generations)],
+    }
+    for i, row in enumerate(report["rows"]):
+        if len(rows) > 1 or "reference" in row:
+            print(f"### {i + 1}")
+        if "reference" in row:
+            print(f"prompt:    {_one_line(row['prompt'], keep_end=True)}\nreference: {_one_line(row['reference'])}\ngenerated: {_one_line(row['generated'])}")
+        else:
+            print(row["generated"])
+    if args.data:
+        scores = score_generations(generations, [row["reference"] for row in rows])
+        report["scores"] = scores
+        answers = "" if scores["answer_accuracy"] is None else f"; answer accuracy {scores['answer_accuracy']:.1%} of {scores['answers_expected']} rows that give one"
+        print(f"\nexact match {scores['exact_match']:.1%} of {scores['n']} rows{answers}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _one_line(text: str, width: int = 200, keep_end: bool = False) -> str:
+    """A text on one line (newlines shown as \\n), cut to ``width`` characters: its start, or
+    with ``keep_end`` its end (where a rendered prompt has its question, after the template)."""
+    flat = text.replace("\n", "\\n")
+    if len(flat) <= width:
+        return flat
+    return "..." + flat[3 - width :] if keep_end else flat[: width - 3] + "..."
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -466,6 +466,7 @@ def cmd_jobs_download(args: argparse.Namespace) -> int:
             default = f"{args.id}-adapter.tar.gz" if args.step is None else f"{args.id}-step{args.step}-adapter.tar.gz"
             path = client.download_adapter(args.id, args.output or default, step=args.step)
             print(f"saved {path}", file=_text_out(args))
+        print(f"try it: mola generate {path} --prompt '...'", file=_text_out(args))
     return 0
 
 

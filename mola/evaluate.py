@@ -244,10 +244,18 @@ def _generation_batches(prompt_lengths: list[int], budgets: list[int], batch_siz
 
 
 def generate_ids(
-    model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], pad_id: int, eos_id: int | None, batch_size: int = 8
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: Sequence[int],
+    pad_id: int,
+    eos_id: int | None,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[list[int]]:
-    """Greedy continuations (KV cache on) of token-id ``prompts``, row i at most
-    ``max_new_tokens[i]`` tokens, ending before its EOS.
+    """Continuations (KV cache on) of token-id ``prompts``, row i at most ``max_new_tokens[i]``
+    tokens, ending before its EOS: greedy, or with ``temperature`` > 0 sampled (nucleus
+    sampling below ``top_p`` < 1; seed torch's generator for repeatable samples).
 
     Prompts are padded on the left by hand (not through ``tokenizer.padding_side``, so a
     tokenizer shared with a training loop is never modified). Raises ``ValueError`` for a row
@@ -255,6 +263,15 @@ def generate_ids(
     """
     if not prompts:
         return []
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    # Sampling settings reach generate() only when sampling: greedy decoding with a temperature
+    # set makes transformers warn on every call.
+    decoding: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        decoding = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     lengths = [len(p) for p in prompts]
     _check_positions(
         model,
@@ -270,8 +287,8 @@ def generate_ids(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max(max_new_tokens[i] for i in index),
-                do_sample=False,
                 num_beams=1,
+                **decoding,
                 use_cache=True,
                 pad_token_id=pad_id,
                 eos_token_id=eos_id,
@@ -318,17 +335,21 @@ def completion_match(
     new = generate_ids(model, [p for p, _ in pairs], budgets, pad_token_id(tokenizer), eos_id, batch_size)
     generations = tokenizer.batch_decode(new, skip_special_tokens=True) if new else []
     reference_texts = tokenizer.batch_decode(references, skip_special_tokens=True) if references else []
-    exact = sum(_normalized(g) == _normalized(r) for g, r in zip(generations, reference_texts))
-    expected = [(extract_answer(r), g) for r, g in zip(reference_texts, generations)]
+    return {**score_generations(generations, reference_texts), "generations": generations, "references": reference_texts}
+
+
+def score_generations(generations: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """``{"n", "exact_match", "answers_expected", "answer_accuracy"}`` of generated texts
+    against their references, as `completion_match` scores them."""
+    exact = sum(_normalized(g) == _normalized(r) for g, r in zip(generations, references))
+    expected = [(extract_answer(r), g) for r, g in zip(references, generations)]
     expected = [(answer, g) for answer, g in expected if answer is not None]
     correct = sum(answers_match(extract_answer(g), answer) for answer, g in expected)
     return {
-        "n": len(pairs),
-        "exact_match": exact / len(pairs) if pairs else float("nan"),
+        "n": len(references),
+        "exact_match": exact / len(references) if references else float("nan"),
         "answers_expected": len(expected),
         "answer_accuracy": correct / len(expected) if expected else None,
-        "generations": generations,
-        "references": reference_texts,
     }
 
 

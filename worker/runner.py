@@ -629,6 +629,8 @@ def _summary(result: Any, samples: list[dict[str, str]] | None = None) -> dict[s
 
 
 def _finish(job_id: str, owner: str, spec: dict, trained: Trained, work: Path, res: Resources, reporter: Reporter) -> str:
+    from mola.train import save_adapter
+
     model, result = trained.model, trained.result
     status = "cancelled" if result.stopped else "succeeded"
     adapter_dir = work / "adapter"
@@ -638,7 +640,7 @@ def _finish(job_id: str, owner: str, spec: dict, trained: Trained, work: Path, r
         hp = spec["hyperparameters"]
         analysis = analyse_experts(model, trained.tokenizer, trained.routed_split, trained.routed_examples, hp["micro_batch_size"], result.bf16)
     else:
-        model.save_pretrained(str(adapter_dir))
+        save_adapter(model, adapter_dir)
     scores = {"loss": (result.metrics or {}).get("loss"), **{name: (result.eval_metrics or {}).get(name) for name in EVAL_NOTED}}
     card = model_card(job_id, spec, f"{status} after {result.steps} of {result.total_steps} steps", scores, data_stats=reporter.data_stats, analysis=analysis)
     archive = pack_adapter(work / "adapter.tar.gz", adapter_dir, card)
@@ -824,4 +826,14 @@ def model_card(
     )
     lines += card_section(analysis)
     lines += ["", "## Use", "", "```python", "from mola.models import load_base_model", *load, "```"]
+    lines += [
+        "",
+        "Or try it from a shell (the downloaded .tar.gz works as well). Prompts are formatted as the training rows were: "
+        "`--template alpaca` (the default) for instruction rows, `chat` for conversations, `raw` for prompt/completion rows; "
+        "`--data test.jsonl` generates for a file's rows and scores them against their references.",
+        "",
+        "```bash",
+        'mola generate path/to/this/folder --prompt "your instruction"',
+        "```",
+    ]
     return "\n".join(lines) + "\n"

@@ -301,6 +301,9 @@ def test_create_and_extract_speak_of_the_method(capsys, live, key, dataset_id, s
     code, out, err = mola(capsys, live, key, "jobs", "download", job_id, "--extract", str(tmp_path / "out"))
     assert code == 0, err
     assert f"{loader}'{tmp_path / 'out'}')" in out and (tmp_path / "out" / "adapter_config.json").is_file()
+    assert out.endswith(f"try it: mola generate {tmp_path / 'out'} --prompt '...'\n")
+    code, out, err = mola(capsys, live, key, "jobs", "download", job_id, "-o", str(tmp_path / "a.tar.gz"))
+    assert code == 0 and out == f"saved {tmp_path / 'a.tar.gz'}\ntry it: mola generate {tmp_path / 'a.tar.gz'} --prompt '...'\n"
 
 
 def test_download_to_stdout_writes_the_archive_there(capsysbinary, live, key, api, dataset_id, sessions, storage, tmp_path, monkeypatch):

@@ -1,0 +1,170 @@
+"""Trying a trained adapter: load it onto its base model and generate from prompts.
+
+An adapter is a folder (`adapter_config.json` + `adapter_model.safetensors`) or the `.tar.gz`
+the service serves for a job, MoLA or (a ``lora`` job's) peft LoRA. Prompts are formatted by
+`mola.data.render`, the code that formatted the training data, so a prompt asked here looks to
+the model exactly like the prompts it was trained on:
+
+    with open_adapter("job_01a2-adapter.tar.gz") as adapter:
+        texts = generate(adapter.model, adapter.tokenizer, [prompt("Name a prime.", adapter.tokenizer)])
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mola.architectures import max_positions
+from mola.data import render
+from mola.evaluate import generate_ids, pad_token_id
+
+CONFIG_NAME = "adapter_config.json"
+
+# How a bare prompt is dressed, named after the training format it matches: "alpaca" puts it
+# in the Alpaca template as the instruction, "chat" makes it the user's turn of a conversation
+# (the tokenizer's chat template, as chat rows were rendered), "raw" sends it as it is (the
+# `{prompt, completion}` format).
+TEMPLATES = ("alpaca", "chat", "raw")
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter on its base model, in eval mode. ``kind``: "mola" or "lora"; ``base_model``:
+    the name or folder the base was loaded from; ``description``: its `adapter_config.json`."""
+
+    model: nn.Module
+    tokenizer: Any
+    kind: str
+    base_model: str
+    description: dict[str, Any]
+
+
+@contextmanager
+def adapter_folder(path: str | Path) -> Iterator[Path]:
+    """The folder holding an adapter's files: ``path`` itself, or a `.tar.gz` (the service's
+    download) unpacked into a temporary folder that is removed afterwards."""
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"no adapter at {path}")
+    if not tarfile.is_tarfile(path):
+        raise ValueError(f"{path} is neither an adapter folder nor a .tar.gz of one")
+    with tempfile.TemporaryDirectory(prefix="mola-adapter-") as folder, tarfile.open(path, "r:*") as tar:
+        members = tar.getmembers()
+        # Only plain files at the top level: what the service packs. Anything else (a path
+        # climbing out, a link) is not an adapter archive and is not unpacked.
+        if any(not m.isfile() or "/" in m.name.strip("./") or m.name.startswith(("/", "..")) for m in members):
+            raise ValueError(f"{path}: the archive holds more than an adapter's files")
+        for member in members:
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file, checked above
+            (Path(folder) / Path(member.name).name).write_bytes(source.read())
+        yield Path(folder)
+
+
+def adapter_kind(folder: str | Path) -> str:
+    """"mola" or "lora" from the folder's `adapter_config.json`."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: not an adapter")
+    config = json.loads(path.read_text())
+    if config.get("adapter_type") == "mola":
+        return "mola"
+    if str(config.get("peft_type", "")).upper() == "LORA":
+        return "lora"
+    raise ValueError(f"{path} describes neither a MoLA nor a LoRA adapter")
+
+
+@contextmanager
+def open_adapter(
+    path: str | Path,
+    model: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+) -> Iterator[LoadedAdapter]:
+    """Load the adapter at ``path`` (folder or `.tar.gz`) onto its base model: ``model`` (a
+    name `mola.models.load_base_model` knows, or a local folder), by default the one the
+    adapter records. The model is moved to ``device`` (and ``dtype``) in eval mode."""
+    from mola.model import load_mola_model, read_adapter_config
+    from mola.models import load_base_model
+
+    with adapter_folder(path) as folder:
+        kind = adapter_kind(folder)
+        description = read_adapter_config(folder) if kind == "mola" else json.loads((folder / CONFIG_NAME).read_text())
+        base_name = model or description.get("base_model_name_or_path")
+        if not base_name:
+            raise ValueError(f"{path}: the adapter does not record its base model; name it (--model)")
+        base, tokenizer = load_base_model(base_name, cache_dir=cache_dir)
+        if kind == "mola":
+            loaded = load_mola_model(base, folder)
+        else:
+            from peft import PeftModel
+
+            loaded = PeftModel.from_pretrained(base, str(folder))
+        loaded.to(device=device, dtype=dtype).eval()
+        yield LoadedAdapter(loaded, tokenizer, kind, base_name, description)
+
+
+def prompt(text: str, tokenizer: Any, template: str = "alpaca", input: str | None = None) -> tuple[str, bool]:
+    """``(prompt text, has its special tokens)`` for a bare ``text``, rendered as training
+    rendered a row of the matching format (see `TEMPLATES`; ``input`` is the Alpaca input)."""
+    if template == "alpaca":
+        record: dict[str, Any] = {"instruction": text, "input": input or "", "output": ""}
+    elif input is not None:
+        raise ValueError(f"an input goes with the alpaca template only, not {template!r}")
+    elif template == "chat":
+        record = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}
+    elif template == "raw":
+        record = {"prompt": text, "completion": ""}
+    else:
+        raise ValueError(f"unknown template {template!r}; one of {', '.join(TEMPLATES)}")
+    rendered, _, special = render(record, tokenizer)
+    return rendered, special
+
+
+def encode_prompts(prompts: Sequence[tuple[str, bool]], tokenizer: Any) -> list[list[int]]:
+    """Token ids of rendered prompts, special tokens added as training added them (not to a
+    prompt that already holds them: a rendered chat template)."""
+    return [
+        list(tokenizer(text, add_special_tokens=not special, return_attention_mask=False)["input_ids"])
+        for text, special in prompts
+    ]
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[tuple[str, bool]],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = 8,
+) -> list[str]:
+    """The completions of rendered ``prompts`` (`prompt`, or `mola.data.render` of a record):
+    greedy by default, sampled with ``temperature`` > 0 (``seed`` makes it repeatable). A
+    completion ends at EOS, after ``max_new_tokens``, or where the model's positions end."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    encoded = encode_prompts(prompts, tokenizer)
+    positions = max_positions(model)
+    budgets = [max_new_tokens if positions is None else min(max_new_tokens, positions - len(ids)) for ids in encoded]
+    for i, budget in enumerate(budgets):
+        if budget < 1:
+            raise ValueError(f"prompt {i} has {len(encoded[i])} tokens: it leaves no room in the model's {positions} positions")
+    if seed is not None:
+        torch.manual_seed(seed)
+    new = generate_ids(model, encoded, budgets, pad_token_id(tokenizer), tokenizer.eos_token_id, batch_size, temperature=temperature, top_p=top_p)
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
