@@ -288,6 +288,51 @@ class JobResume(BaseModel):
         return self.hyperparameters.model_dump(mode="json", include=self.hyperparameters.model_fields_set)
 
 
+class SplitPlan(BaseModel):
+    dataset_id: str
+    rows: int = Field(description="the upload's valid rows (those the model's tokenizer renders, once counted)")
+    examples: int = Field(description="the rows the run trains on: less those the cut at cutoff_len leaves without a trainable token")
+    exact: bool = Field(description="examples come from the upload's token counts for this model and cutoff_len; false: the row count, an upper bound")
+    over_cutoff: int | None = Field(description="rows longer than cutoff_len (cut to it)")
+    dropped_at_cutoff: int | None = Field(description="rows left out: the cut leaves them no trainable token")
+    basis: str = Field(description="what the numbers come from")
+
+
+class SchedulePlan(BaseModel):
+    epochs: float = Field(description="passes over the examples (with max_steps: what that many steps make)")
+    steps_per_epoch: int | None
+    total_steps: int | None = Field(description="optimizer steps: max_steps, or epochs x steps_per_epoch")
+    warmup_steps: int | None = Field(description="warmup_steps, or 3% of the steps")
+    micro_batches_per_step: int = Field(description="forward and backward passes per step: ceil(batch_size / micro_batch_size)")
+    exact: bool = Field(description="false when the steps follow from estimated examples")
+
+
+class JobPlan(BaseModel):
+    """What `POST /jobs` with the same body would create and run, without creating it."""
+
+    base_model: str
+    method: str
+    allocation: list[int] | None = Field(description="experts per layer, expanded")
+    top_k: list[int] | None = Field(description="top-k per layer, expanded")
+    hyperparameters: dict[str, Any] = Field(description="every value, defaults filled in, as the job would have them")
+    adapter_parameters: int | None = Field(description="trainable parameters of the adapter, counted from the base model's shapes")
+    data: dict[str, SplitPlan | None] = Field(description='{"train": ..., "validation": ... or null}')
+    schedule: SchedulePlan
+    warnings: list[str] = Field(description="rows that will be cut; numbers that are estimates")
+
+    @classmethod
+    def of(cls, spec: dict[str, Any], planned: dict[str, Any]) -> "JobPlan":
+        return cls(
+            base_model=spec["base_model"],
+            method=spec["method"],
+            allocation=spec["experts_per_layer"],
+            top_k=spec["top_k_per_layer"],
+            hyperparameters=spec["hyperparameters"],
+            adapter_parameters=spec["adapter_parameters"],
+            **planned,
+        )
+
+
 class JobProgress(BaseModel):
     step: int
     total_steps: int | None

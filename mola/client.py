@@ -469,20 +469,31 @@ class MolaClient:
     ) -> Job:
         """Create a job (the API's 201). With ``idempotency_key``, a retry of the same request
         returns the job the first one created, with ``replayed`` True."""
-        body: dict[str, Any] = {"base_model": base_model, "dataset_id": dataset_id, "method": method}
-        optional = {
-            "allocation": allocation,
-            "top_k": top_k,
-            "hyperparameters": hyperparameters,
-            "validation_dataset_id": validation_dataset_id,
-            "suffix": suffix,
-        }
-        body.update({k: v for k, v in optional.items() if v is not None})
+        body = _job_body(base_model, dataset_id, method, allocation, top_k, hyperparameters, validation_dataset_id, suffix)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         response = self._request("POST", "/jobs", json=body, headers=headers)
         job = Job.from_json(response.json())
         job.replayed = response.headers.get("Idempotent-Replayed") == "true"
         return job
+
+    def plan_job(
+        self,
+        base_model: str,
+        dataset_id: str,
+        method: str = "mola",
+        allocation: Any = None,
+        top_k: int | list[int] | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+        validation_dataset_id: str | None = None,
+        suffix: str | None = None,
+    ) -> dict[str, Any]:
+        """What `create_job` with the same arguments would create and run, creating nothing
+        (`POST /jobs/plan`): ``allocation``, ``top_k``, ``hyperparameters`` (defaults filled in),
+        ``adapter_parameters``, ``data`` (per split: rows, examples, ``exact``), ``schedule``
+        (``total_steps``, ``steps_per_epoch``, ``warmup_steps``, ...) and ``warnings``. A request
+        the server would refuse raises `MolaAPIError` as `create_job` would."""
+        body = _job_body(base_model, dataset_id, method, allocation, top_k, hyperparameters, validation_dataset_id, suffix)
+        return self._json("POST", "/jobs/plan", json=body)
 
     def list_jobs(self, status: str | None = None, limit: int = 20, after: str | None = None) -> Page:
         params: dict[str, Any] = {"limit": limit}
@@ -650,6 +661,29 @@ class MolaClient:
             raise
         finally:
             part.unlink(missing_ok=True)
+
+
+def _job_body(
+    base_model: str,
+    dataset_id: str,
+    method: str,
+    allocation: Any,
+    top_k: Any,
+    hyperparameters: dict[str, Any] | None,
+    validation_dataset_id: str | None,
+    suffix: str | None,
+) -> dict[str, Any]:
+    """The body of `POST /jobs` (and `/jobs/plan`): what was not given is left to the server."""
+    body: dict[str, Any] = {"base_model": base_model, "dataset_id": dataset_id, "method": method}
+    optional = {
+        "allocation": allocation,
+        "top_k": top_k,
+        "hyperparameters": hyperparameters,
+        "validation_dataset_id": validation_dataset_id,
+        "suffix": suffix,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    return body
 
 
 def _make_folder(folder: Path) -> Path | None:

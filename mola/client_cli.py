@@ -319,18 +319,29 @@ def cmd_jobs_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_create(args: argparse.Namespace) -> int:
+    request = {
+        "base_model": args.model,
+        "dataset_id": args.dataset,
+        "method": args.method,
+        "allocation": args.allocation,
+        "top_k": args.top_k,
+        "hyperparameters": _hyperparameters(args) or None,
+        "validation_dataset_id": args.validation_dataset,
+        "suffix": args.suffix,
+    }
+    if args.dry_run:
+        if args.follow or args.idempotency_key:
+            print("error: --dry-run creates nothing: it takes neither --follow nor --idempotency-key", file=sys.stderr)
+            return 2
+        with _client(args) as client:
+            plan = client.plan_job(**request)
+        if args.json:
+            _print_json(plan)
+        else:
+            print(_plan_text(plan))
+        return 0
     with _client(args) as client:
-        job = client.create_job(
-            base_model=args.model,
-            dataset_id=args.dataset,
-            method=args.method,
-            allocation=args.allocation,
-            top_k=args.top_k,
-            hyperparameters=_hyperparameters(args) or None,
-            validation_dataset_id=args.validation_dataset,
-            suffix=args.suffix,
-            idempotency_key=args.idempotency_key,
-        )
+        job = client.create_job(**request, idempotency_key=args.idempotency_key)
         if args.json:
             _print_json(job.raw)
         elif job.replayed:  # the server answered 200 with the job this key created before
@@ -341,6 +352,36 @@ def cmd_jobs_create(args: argparse.Namespace) -> int:
         if args.follow:  # with --json, stdout keeps the one JSON answer above: progress goes to stderr
             return _follow(client, job.id, _text_out(args))
     return 0
+
+
+def _plan_text(plan: dict[str, Any]) -> str:
+    """`jobs create --dry-run`: the plan for a person."""
+    shape = (
+        f"experts per layer {plan['allocation']}, top-k {plan['top_k']}"
+        if plan["method"] == "mola"
+        else f"LoRA rank {plan['hyperparameters'].get('rank')}"
+    )
+    size = "" if plan.get("adapter_parameters") is None else f"; {plan['adapter_parameters']:,} adapter parameters"
+    lines = [f"plan: {plan['method']} on {plan['base_model']}, {shape}{size}"]
+    for split in ("train", "validation"):
+        data = plan["data"].get(split)
+        if data is None:
+            continue
+        cut = ""
+        if data["over_cutoff"] is not None or data["dropped_at_cutoff"] is not None:
+            cut = f" ({data['over_cutoff'] if data['over_cutoff'] is not None else '?'} cut, {data['dropped_at_cutoff']} dropped at cutoff_len {plan['hyperparameters']['cutoff_len']})"
+        examples = f"{data['examples']} examples" if data["exact"] else f"at most {data['examples']} examples"
+        lines.append(f"{split + ':':<12}{data['dataset_id']}: {data['rows']} rows, {examples}{cut}")
+    steps = plan["schedule"]
+    if steps["total_steps"] is not None:
+        about = "" if steps["exact"] else "at most "
+        lines.append(
+            f"{'steps:':<12}{about}{steps['total_steps']} ({steps['steps_per_epoch']} per epoch, {steps['epochs']:g} epochs), "
+            f"warm-up {steps['warmup_steps']}, {steps['micro_batches_per_step']} micro-batches per step"
+        )
+    lines += [f"{'warning:':<12}{warning}" for warning in plan["warnings"]]
+    lines.append("nothing was created: run it again without --dry-run to create the job")
+    return "\n".join(lines)
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -620,6 +661,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--suffix")
     p.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
     p.add_argument("--follow", action="store_true", help="follow the job with a progress bar (on stderr)")
+    p.add_argument("--dry-run", action="store_true", help="create nothing: print what the job would be (examples, steps, adapter size) and any warning")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_create))
     p = jobs.add_parser("list", help="list jobs")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mola import schedule
 from mola.architectures import max_positions
 from mola.compile import compile_for_training
 from mola.data import IGNORE_INDEX, collate
@@ -122,7 +123,7 @@ class TrainConfig:
     cutoff_len: int = 256
     train_on_inputs: bool = False
     warmup_steps: int | None = None
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = schedule.DEFAULT_WARMUP_RATIO
     lr_schedule: str = "cosine"
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -187,18 +188,14 @@ class TrainResult:
 
 
 def total_steps_for(config: TrainConfig, num_examples: int) -> int:
-    if config.max_steps is not None:
-        return config.max_steps
-    return max(1, math.ceil(steps_per_epoch(config, num_examples) * config.epochs))
+    return schedule.total_steps(num_examples, config.batch_size, config.epochs, config.max_steps)
 
 
 def steps_per_epoch(config: TrainConfig, num_examples: int) -> int:
-    return max(1, math.ceil(num_examples / config.batch_size))
+    return schedule.steps_per_epoch(num_examples, config.batch_size)
 
 
-def warmup_steps_for(warmup_steps: int | None, warmup_ratio: float, total_steps: int) -> int:
-    """The warm-up length in steps: ``warmup_steps``, else ``warmup_ratio`` of the total."""
-    return warmup_steps if warmup_steps is not None else round(warmup_ratio * total_steps)
+warmup_steps_for = schedule.warmup_steps
 
 
 def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -11,7 +11,6 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDep
@@ -23,6 +22,7 @@ from api.schemas import (
     JobAnalysis,
     JobCreate,
     JobList,
+    JobPlan,
     JobPublic,
     JobResume,
     JobStatus,
@@ -31,8 +31,9 @@ from api.schemas import (
     Text,
 )
 from service import jobs as job_service
+from service import plans
 from service.errors import Conflict, InvalidRequest, NotFound
-from service.models import TERMINAL_STATUSES, BaseModelEntry, Dataset, Job
+from service.models import TERMINAL_STATUSES, Job
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ EVENTS_KEEPALIVE_SECONDS = 15.0
         "Checks the request against the base model (allocation length = its layers, target "
         "modules it has, ...) and the tenant's datasets before anything is queued; a dataset "
         "whose token counts (`GET /datasets/{id}`) show that no row keeps a trainable token "
-        "within the job's `cutoff_len` is a 422 on `hyperparameters.cutoff_len`, and an adapter "
+        "within the job's `cutoff_len` is a 422 on `hyperparameters.cutoff_len` (with `epochs`, a "
+        "`warmup_steps` longer than the steps they make, on `hyperparameters.warmup_steps`; see "
+        "`POST /jobs/plan`), and an adapter "
         "larger than the server's MOLA_MAX_ADAPTER_PARAMS a 422 on `allocation` (LoRA: "
         "`hyperparameters.rank`); the job's `adapter_parameters` says its size. With an "
         "`Idempotency-Key` header, repeating the same request returns the job it created "
@@ -76,7 +79,7 @@ def create_job(
     try:
         job, created = job_service.create_job(session, tenant.id, request, idempotency_key, settings.max_adapter_params)
         if created:
-            _refuse_data_without_examples(session, job)
+            plans.refuse_doomed(session, job.spec)
         session.commit()
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race: answer with its job.
@@ -98,31 +101,24 @@ def create_job(
     return JobPublic.of(job)
 
 
-def _refuse_data_without_examples(session: Session, job: Job) -> None:
-    """A 422 for a job that would fail at its start: its dataset's token counts (the quick
-    task's, for this base model at this `cutoff_len`) show that no row keeps a trainable token.
-    The worker would tokenize the same rows the same way and stop before its first step; a
-    dataset still counting, or counted at another `cutoff_len`, is left to the worker."""
-    hp = job.spec.get("hyperparameters") or {}
-    if hp.get("train_on_inputs"):  # the prompt's tokens are trainable: nothing is dropped
-        return
-    for field, dataset_id in (("dataset_id", job.dataset_id), ("validation_dataset_id", job.validation_dataset_id)):
-        dataset = session.get(Dataset, dataset_id) if dataset_id else None
-        if dataset is None or dataset.token_counts_status != "ready":
-            continue
-        counts = (dataset.token_counts or {}).get(job.base_model) or {}
-        valid, dropped = counts.get("valid_rows"), counts.get("dropped_at_cutoff")
-        if counts.get("cutoff_len") != hp.get("cutoff_len") or not valid or dropped != valid:
-            continue
-        entry = session.get(BaseModelEntry, job.base_model)
-        limit = f" ({job.base_model} takes up to {entry.max_positions})" if entry is not None and entry.max_positions else ""
-        mean, longest = counts.get("mean_tokens"), counts.get("max_tokens")
-        sizes = f" (the rows have up to {longest} tokens, {mean:g} on average)" if isinstance(mean, (int, float)) and longest else ""
-        raise InvalidRequest(
-            ("body", "hyperparameters", "cutoff_len"),
-            f"{field} {dataset_id}: none of its {valid} rows keeps a trainable token within cutoff_len={hp['cutoff_len']} "
-            f"with {job.base_model}'s tokenizer{sizes}: raise cutoff_len{limit}, shorten the prompts, or set train_on_inputs",
-        )
+@router.post(
+    "/plan",
+    response_model=JobPlan,
+    summary="What a job would do, without creating it",
+    description=(
+        "The same body as `POST /jobs`, checked the same way (the same 422s), and nothing created "
+        "or queued: the job's expanded allocation, hyperparameters with their defaults, adapter "
+        "size, and the examples and steps its datasets give. With an upload's token counts for "
+        "the model at the job's `cutoff_len` (`GET /datasets/{id}`) the numbers are exact; "
+        "otherwise the row count stands in (`exact: false`, and a warning says why)."
+    ),
+    responses={422: {"model": ErrorResponse}},
+)
+def plan_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep) -> JobPlan:
+    spec = job_service.build_spec(session, tenant.id, body.model_dump(mode="json"), settings.max_adapter_params)
+    planned = plans.plan(session, spec)
+    plans.refuse_doomed(session, spec, planned)
+    return JobPlan.of(spec, planned)
 
 
 @router.get("", response_model=JobList, summary="The tenant's jobs, newest first")

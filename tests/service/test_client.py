@@ -581,3 +581,38 @@ def test_checkpoints_mark_the_best_eval_loss(capsys, live, key, api, dataset_id,
     code, out, _ = mola(capsys, live, key, "jobs", "checkpoints", job_id)
     lines = out.splitlines()
     assert code == 0 and lines[1].endswith("eval_loss=0.6000  (best eval_loss)") and "best" not in lines[0] + lines[2]
+
+
+# ---- planning a job -------------------------------------------------------------------------
+def test_plan_job_creates_nothing_and_says_what_the_job_would_be(api, dataset_id, queue):
+    plan = api.plan_job("tiny-llama", dataset_id, allocation="2468", hyperparameters={"epochs": 2, "batch_size": 8})
+    assert plan["allocation"] == [2, 4, 6, 8] and plan["hyperparameters"]["batch_size"] == 8
+    # The upload's token counts are still pending (no quick worker here): the row count stands in.
+    assert plan["data"]["train"]["examples"] == 24 and not plan["data"]["train"]["exact"]
+    assert plan["schedule"]["total_steps"] == 6 and plan["schedule"]["steps_per_epoch"] == 3
+    assert api.list_jobs() == [] and queue.enqueued == []
+    with pytest.raises(MolaAPIError) as refused:
+        api.plan_job("tiny-llama", dataset_id, allocation=[2, 4])
+    assert refused.value.status_code == 422 and "allocation" in refused.value.detail
+
+
+def test_create_dry_run_prints_the_plan(capsys, live, key, dataset_id, queue):
+    code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--dry-run",
+                          "--epochs", "2", "--batch-size", "8", "--hp", "warmup_steps=1")  # fmt: skip
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("plan: mola on tiny-llama, experts per layer [2, 4, 6, 8], top-k [2, 2, 2, 2]; ")
+    assert lines[0].endswith(" adapter parameters")
+    assert lines[1] == f"train:      {dataset_id}: 24 rows, at most 24 examples"
+    assert lines[2] == "steps:      at most 6 (3 per epoch, 2 epochs), warm-up 1, 2 micro-batches per step"
+    assert lines[3].startswith("warning:    dataset_id: the plan counts all 24 rows as examples (its token counts for tiny-llama are pending)")
+    assert lines[-1] == "nothing was created: run it again without --dry-run to create the job"
+    assert queue.enqueued == []
+
+    code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["schedule"]["micro_batches_per_step"] == 4
+    code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--dry-run", "--follow")
+    assert code == 2 and err == "error: --dry-run creates nothing: it takes neither --follow nor --idempotency-key\n"
+    code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--dry-run", "--allocation", "[2, 4]")
+    assert code == 1 and err.startswith("error (422): body.allocation: ")
+    assert queue.enqueued == []

@@ -175,7 +175,8 @@ def test_a_destination_ending_in_a_slash_is_a_folder_to_create(capsys, live, key
     saved = api.download_adapter(job_id, f"{tmp_path}/adapters/")
     assert saved == tmp_path / "adapters" / f"{job_id}-adapter.tar.gz" and saved.is_file()
     code, out, err = mola(capsys, live, key, "jobs", "download", job_id, "-o", f"{tmp_path}/cli/")
-    assert code == 0 and out == f"saved {tmp_path / 'cli' / f'{job_id}-adapter.tar.gz'}\n", err
+    archive = tmp_path / "cli" / f"{job_id}-adapter.tar.gz"
+    assert code == 0 and out == f"saved {archive}\ntry it: mola generate {archive} --prompt '...'\n", err
 
 
 def test_what_a_run_tokenized_is_on_the_job_and_in_jobs_show(capsys, live, key, api, dataset_id, sessions):
