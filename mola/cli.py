@@ -328,8 +328,11 @@ def _generation_requests(args: argparse.Namespace, tokenizer: Any) -> list[dict[
     _check_split("--data", args.data, "--split", args.split)
     records = read_records(args.data, split=args.split)[: args.limit]
     rows = []
-    for record in records:
-        text, reference, special = render(record, tokenizer)
+    for number, record in enumerate(records, start=1):
+        try:
+            text, reference, special = render(record, tokenizer)
+        except Exception as error:  # a chat template may refuse a conversation (a role, say)
+            raise ValueError(f"--data {args.data}: row {number}: cannot render the record: {error}") from error
         if text:
             rows.append({"prompt": text, "special": special, "reference": reference})
     if not rows:

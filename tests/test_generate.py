@@ -185,7 +185,7 @@ def test_cli_a_trained_adapter_answers_its_training_prompts(tmp_path, capsys, mo
     assert "distance / norm" in capsys.readouterr().out
 
 
-def test_cli_errors_name_the_flag(tmp_path, capsys):
+def test_cli_errors_name_the_flag(tmp_path, capsys, monkeypatch):
     base, _ = load_base_model("tiny-llama")
     get_mola_model(base, MolaConfig(experts="2")).save_pretrained(tmp_path / "adapter")
     adapter = str(tmp_path / "adapter")
@@ -198,5 +198,13 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
     assert "--limit must be at least 1, got 0" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "no adapter at" in capsys.readouterr().err
+
+    def refusing_template(record, tokenizer, fmt=None):
+        raise RuntimeError("Conversation roles must alternate")  # what a strict chat template raises
+
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    monkeypatch.setattr("mola.data.render", refusing_template)
+    assert main(["generate", adapter, "--data", str(tmp_path / "chat.jsonl")]) == 2
+    assert f"--data {tmp_path / 'chat.jsonl'}: row 1: cannot render the record: Conversation roles must alternate" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: a prompt or a dataset, not both
         main(["generate", adapter, "--prompt", "x", "--data", str(tmp_path / "texts.jsonl")])
