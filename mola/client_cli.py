@@ -367,9 +367,8 @@ def _plan_text(plan: dict[str, Any]) -> str:
         data = plan["data"].get(split)
         if data is None:
             continue
-        cut = ""
-        if data["over_cutoff"] is not None or data["dropped_at_cutoff"] is not None:
-            cut = f" ({data['over_cutoff'] if data['over_cutoff'] is not None else '?'} cut, {data['dropped_at_cutoff']} dropped at cutoff_len {plan['hyperparameters']['cutoff_len']})"
+        counted = [f"{data[key]} {word}" for key, word in (("over_cutoff", "cut"), ("dropped_at_cutoff", "dropped")) if data[key] is not None]
+        cut = f" ({', '.join(counted)} at cutoff_len {plan['hyperparameters']['cutoff_len']})" if counted else ""
         examples = f"{data['examples']} examples" if data["exact"] else f"at most {data['examples']} examples"
         lines.append(f"{split + ':':<12}{data['dataset_id']}: {data['rows']} rows, {examples}{cut}")
     steps = plan["schedule"]

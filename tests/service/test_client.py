@@ -616,3 +616,24 @@ def test_create_dry_run_prints_the_plan(capsys, live, key, dataset_id, queue):
     code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--dry-run", "--allocation", "[2, 4]")
     assert code == 1 and err.startswith("error (422): body.allocation: ")
     assert queue.enqueued == []
+
+
+def test_the_plan_text_says_only_what_the_plan_knows():
+    from mola.client_cli import _plan_text
+
+    exact = {"rows": 24, "exact": True, "basis": "the upload's token counts"}
+    plan = {
+        "method": "lora", "base_model": "tiny-llama", "allocation": None, "top_k": None, "adapter_parameters": None,
+        "hyperparameters": {"cutoff_len": 64, "rank": 8},
+        "data": {"train": {**exact, "dataset_id": "ds_1", "examples": 24, "over_cutoff": None, "dropped_at_cutoff": 0},  # train_on_inputs
+                 "validation": {**exact, "dataset_id": "ds_2", "examples": 22, "over_cutoff": 5, "dropped_at_cutoff": 2}},
+        "schedule": {"epochs": 1.333, "steps_per_epoch": 6, "total_steps": 8, "warmup_steps": 0, "micro_batches_per_step": 2, "exact": True},
+        "warnings": [],
+    }  # fmt: skip
+    assert _plan_text(plan).splitlines() == [
+        "plan: lora on tiny-llama, LoRA rank 8",
+        "train:      ds_1: 24 rows, 24 examples (0 dropped at cutoff_len 64)",
+        "validation: ds_2: 24 rows, 22 examples (5 cut, 2 dropped at cutoff_len 64)",
+        "steps:      8 (6 per epoch, 1.333 epochs), warm-up 0, 2 micro-batches per step",
+        "nothing was created: run it again without --dry-run to create the job",
+    ]
