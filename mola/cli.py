@@ -275,17 +275,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     from mola.analysis import expert_redundancy, expert_report
     from mola.data import collate, load_training_data
-    from mola.generate import adapter_folder
-    from mola.model import load_mola_model, read_adapter_config
-    from mola.models import load_base_model
+    from mola.generate import open_adapter
 
-    with adapter_folder(args.adapter) as folder:
-        description = read_adapter_config(folder)
-        base_name = args.model or description.get("base_model_name_or_path")
-        if not base_name:
-            raise ValueError("the adapter does not record its base model; pass --model")
-        base, tokenizer = load_base_model(base_name, cache_dir=args.cache_dir)
-        model = load_mola_model(base, folder)
+    with open_adapter(args.adapter, model=args.model, cache_dir=args.cache_dir) as adapter:
+        if adapter.kind != "mola":
+            raise ValueError(f"{args.adapter} does not describe a MoLA adapter (a LoRA adapter has no experts to analyse)")
+        model, tokenizer, description, base_name = adapter.model, adapter.tokenizer, adapter.description, adapter.base_model
     report: dict[str, Any] = {"adapter": str(args.adapter), "base_model": base_name, "redundancy": expert_redundancy(model)}
     print(f"adapter {args.adapter} on {base_name}: {description['total_experts']} experts, rank {description['rank']}")
     print("layer  experts  top_k  mean ||dW_i - dW_j||_F  mean ||dW_e||_F  distance / norm")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mola.architectures import max_positions
-from mola.data import render
+from mola.data import iter_encoded_pairs, render
 from mola.evaluate import generate_ids, pad_token_id
 
 CONFIG_NAME = "adapter_config.json"
@@ -135,12 +135,9 @@ def prompt(text: str, tokenizer: Any, template: str = "alpaca", input: str | Non
 
 
 def encode_prompts(prompts: Sequence[tuple[str, bool]], tokenizer: Any) -> list[list[int]]:
-    """Token ids of rendered prompts, special tokens added as training added them (not to a
-    prompt that already holds them: a rendered chat template)."""
-    return [
-        list(tokenizer(text, add_special_tokens=not special, return_attention_mask=False)["input_ids"])
-        for text, special in prompts
-    ]
+    """Token ids of rendered prompts, tokenized by training's own code: special tokens added
+    as it added them (not to a prompt that already holds them: a rendered chat template)."""
+    return [prompt_ids for prompt_ids, _ in iter_encoded_pairs([(text, "", special) for text, special in prompts], tokenizer)]
 
 
 def generate(
