@@ -7,6 +7,7 @@ runs them alone. Heavy imports happen inside the commands.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -84,7 +85,11 @@ def _add_generate(subparsers: Any) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", action="append", help="a prompt (repeat for several; - reads one from stdin)")
     what.add_argument("--data", help="JSONL (or save_to_disk folder) in a training format: each row's prompt is generated from and its reference scored")
-    p.add_argument("--template", choices=["alpaca", "chat", "raw"], default="alpaca", help="how --prompt is formatted: as an Alpaca instruction (default), a chat user turn, or as it is")
+    p.add_argument(
+        "--template",
+        choices=["alpaca", "chat", "raw"],
+        help="how --prompt is formatted: as an Alpaca instruction, a chat user turn, or as it is (default: as the adapter's training rows were, which it records; alpaca for an adapter that does not)",
+    )
     p.add_argument("--input", help="with --template alpaca: the Alpaca input that goes with the instruction")
     p.add_argument("--split", default="train", help="the split of a save_to_disk --data folder with several (default: train)")
     p.add_argument("--limit", type=int, help="--data rows to use, from the first (default: all)")
@@ -198,6 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from mola.config import MolaConfig
+    from mola.data import prompt_template_for
     from mola.lora import get_lora_model, matched_alpha_pattern, matched_rank_pattern
     from mola.model import get_mola_model
     from mola.models import load_base_model
@@ -217,6 +223,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, tokenizer = load_base_model(args.model, device=device, cache_dir=args.cache_dir)
     train_data = _load_examples("--data", args.data, tokenizer, config, "--split", args.split)
+    # Recorded with the adapter, so `mola generate` dresses a prompt as these rows were.
+    config = dataclasses.replace(config, prompt_template=prompt_template_for(train_data.formats))
     # The eval loss is on the tokens training learns (train_on_inputs included), as in the service.
     # Its split defaults to validation: the same folder as --data would else be read at its train split.
     eval_data = _load_examples("--eval-data", args.eval_data, tokenizer, config, "--eval-split", args.eval_split) if args.eval_data else None
@@ -260,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    save_adapter(model, output)
+    save_adapter(model, output, config.prompt_template)
     data = {"train": train_data.stats.to_dict(), **({"eval": eval_data.stats.to_dict()} if eval_data else {})}
     summary = {"output": str(output), "steps": result.steps, "metrics": result.metrics, "eval": result.eval_metrics, "data": data}
     if extra_eval is not None:  # the last evaluation's first generations beside their references
@@ -343,13 +351,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from mola.evaluate import score_generations
     from mola.generate import generate, open_adapter
 
-    if args.template != "alpaca" and args.input is not None:
+    if args.template not in (None, "alpaca") and args.input is not None:
         raise ValueError(f"--input goes with --template alpaca, not {args.template}")
     device = _device(args.device)
     bf16 = args.bf16
     if bf16 is None:
         bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
     with open_adapter(args.adapter, model=args.model, device=device, dtype=torch.bfloat16 if bf16 else None, cache_dir=args.cache_dir) as adapter:
+        if args.template is None:
+            args.template = adapter.prompt_template or "alpaca"
+            if args.prompt and adapter.prompt_template is None:
+                print("the adapter does not record how its training prompts looked: --prompt is formatted as an Alpaca instruction (--template)", file=sys.stderr)
+        if args.template != "alpaca" and args.input is not None:
+            raise ValueError(f"--input goes with the alpaca template, and the adapter's training rows were {args.template} (--template)")
         rows = _generation_requests(args, adapter.tokenizer)
         generations = generate(
             adapter.model,

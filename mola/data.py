@@ -417,10 +417,28 @@ class TrainingDataStats:
 
 class TrainingData(list):
     """The training examples (a plain list of ``{"input_ids", "labels"}`` dicts, as before),
-    with ``stats``: a `TrainingDataStats` of what tokenizing them kept and cut. Slices and
-    copies are plain lists."""
+    with ``stats``: a `TrainingDataStats` of what tokenizing them kept and cut, and
+    ``formats``: how many of the records read were of each format. Slices and copies are plain
+    lists."""
 
     stats: TrainingDataStats
+    formats: dict[str, int]
+
+
+# How `mola.generate.prompt` dresses a bare prompt, named after the training format it
+# matches: "alpaca" makes it the instruction of the Alpaca template, "chat" the user's turn of
+# a conversation (the tokenizer's chat template), "raw" leaves it as it is.
+PROMPT_TEMPLATES = ("alpaca", "chat", "raw")
+TEMPLATE_OF_FORMAT = {"alpaca": "alpaca", "chat": "chat", "completion": "raw", "text": "raw"}
+
+
+def prompt_template_for(formats: dict[str, int]) -> str | None:
+    """The prompt template that renders a bare prompt as most of the training rows (their
+    ``formats`` counts) were rendered; None without rows."""
+    votes: Counter[str] = Counter()
+    for fmt, count in formats.items():
+        votes[TEMPLATE_OF_FORMAT[fmt]] += count
+    return max(PROMPT_TEMPLATES, key=lambda t: votes[t]) if sum(votes.values()) else None
 
 
 def _stats(examples: list[dict[str, list[int]]], records: int, over_cutoff: int, cutoff_len: int, train_on_inputs: bool) -> TrainingDataStats:
@@ -470,6 +488,7 @@ def load_training_data(
         if example is not None:
             examples.append(example)
     examples.stats = _stats(examples, len(rows), over_cutoff, cutoff_len, train_on_inputs)
+    examples.formats = dict(Counter(row.format for row in rows))
     if examples.stats.dropped_at_cutoff:
         logger.warning("dropped %d of %d examples: no trainable token within cutoff_len=%d", examples.stats.dropped_at_cutoff, len(rows), cutoff_len)
     logger.info("tokenized %d examples (%d cut to cutoff_len=%d)", len(examples), over_cutoff, cutoff_len)

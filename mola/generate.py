@@ -24,28 +24,27 @@ import torch
 from torch import nn
 
 from mola.architectures import max_positions
-from mola.data import iter_encoded_pairs, render
+from mola.data import PROMPT_TEMPLATES, iter_encoded_pairs, render
 from mola.evaluate import generate_ids, pad_token_id
+from mola.train import recorded_prompt_template
 
 CONFIG_NAME = "adapter_config.json"
-
-# How a bare prompt is dressed, named after the training format it matches: "alpaca" puts it
-# in the Alpaca template as the instruction, "chat" makes it the user's turn of a conversation
-# (the tokenizer's chat template, as chat rows were rendered), "raw" sends it as it is (the
-# `{prompt, completion}` format).
-TEMPLATES = ("alpaca", "chat", "raw")
+TEMPLATES = PROMPT_TEMPLATES  # see mola.data: alpaca, chat, raw
 
 
 @dataclass
 class LoadedAdapter:
     """An adapter on its base model, in eval mode. ``kind``: "mola" or "lora"; ``base_model``:
-    the name or folder the base was loaded from; ``description``: its `adapter_config.json`."""
+    the name or folder the base was loaded from; ``description``: its `adapter_config.json`;
+    ``prompt_template``: how its training rows' prompts were dressed (`TEMPLATES`), None when
+    the adapter does not record it (saved before adapters did, or by hand)."""
 
     model: nn.Module
     tokenizer: Any
     kind: str
     base_model: str
     description: dict[str, Any]
+    prompt_template: str | None = None
 
 
 @contextmanager
@@ -114,7 +113,7 @@ def open_adapter(
 
             loaded = PeftModel.from_pretrained(base, str(folder))
         loaded.to(device=device, dtype=dtype).eval()
-        yield LoadedAdapter(loaded, tokenizer, kind, base_name, description)
+        yield LoadedAdapter(loaded, tokenizer, kind, base_name, description, recorded_prompt_template(folder))
 
 
 def prompt(text: str, tokenizer: Any, template: str = "alpaca", input: str | None = None) -> tuple[str, bool]:

@@ -26,6 +26,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+HEAD_SCALE = 10.0  # see tiny_model
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -84,5 +85,13 @@ def tiny_model(architecture: str = "llama", num_layers: int = 4, hidden_size: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    if head.weight is not model.get_input_embeddings().weight:
+        # With the usual init (std 0.02) the frozen head caps a logit at about 0.02 * hidden
+        # (1.3 at 64): an adapter could barely make a token likelier than the rest, and what a
+        # trained adapter generates greedily would turn on noise. A larger head lets a few
+        # adapter steps learn confident answers, as on a real pretrained model.
+        with torch.no_grad():
+            head.weight.mul_(HEAD_SCALE)
     model.config._name_or_path = f"tiny-{architecture}"
     return model.eval()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from mola import schedule
 from mola.architectures import max_positions
 from mola.compile import compile_for_training
-from mola.data import IGNORE_INDEX, collate
+from mola.data import IGNORE_INDEX, PROMPT_TEMPLATES, collate
 from mola.evaluate import evaluate_loss
 from mola.logits import forward_logits_at, next_token_positions, to_device
 
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 Callback = Callable[[dict[str, Any]], "bool | None"]
 STATE_NAME = "training_state.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
+PROMPT_NAME = "adapter_prompt.json"  # `adapter_*`: the service packs it with the adapter's files
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -113,6 +114,10 @@ class TrainConfig:
         Numbers must be finite; every field is checked when the config is built (ValueError
         naming the field and the value).
         log_every: report training metrics every this many steps.
+        prompt_template: how a bare prompt is dressed to look like the training rows (one of
+            `mola.data.PROMPT_TEMPLATES`; `mola.data.prompt_template_for(data.formats)`),
+            recorded with the adapter's checkpoints (`save_adapter`) so that `mola generate`
+            formats prompts alike. None records nothing.
     """
 
     epochs: float = 3.0
@@ -137,6 +142,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     log_every: int = 1
+    prompt_template: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "log_every"):
@@ -162,6 +168,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise ValueError(f"bf16 must be True, False or None, got {self.bf16!r}")
+        if self.prompt_template is not None and self.prompt_template not in PROMPT_TEMPLATES:
+            raise ValueError(f"prompt_template must be one of {PROMPT_TEMPLATES} or None, got {self.prompt_template!r}")
 
     @property
     def accumulation_steps(self) -> int:
@@ -242,15 +250,37 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``model``'s adapter into ``directory``: a MoLA adapter in its own format, a peft
-    model in peft's. peft is told to leave the embeddings out: the adapter never trains them
-    (its targets are decoder modules), and its "auto" choice looks the base model's name up
-    on the Hugging Face hub, which a server without network would wait on."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, prompt_template: str | None = None, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s adapter into ``directory``: a MoLA adapter in its own format (with
+    ``metadata`` in its description), a peft model in peft's. peft is told to leave the
+    embeddings out: the adapter never trains them (its targets are decoder modules), and its
+    "auto" choice looks the base model's name up on the Hugging Face hub, which a server
+    without network would wait on.
+
+    ``prompt_template`` (see `TrainConfig.prompt_template`) goes into `PROMPT_NAME` beside
+    the adapter's files: a file of its own because peft warns about, and other tools may
+    refuse, a key it does not know in its `adapter_config.json`."""
+    directory = Path(directory)
     if hasattr(model, "peft_config"):
+        if metadata:
+            raise ValueError("metadata is recorded in MoLA adapters only")
         model.save_pretrained(str(directory), save_embedding_layers=False)
     else:
-        model.save_pretrained(str(directory))
+        model.save_pretrained(directory, metadata=metadata)
+    if prompt_template is not None:
+        if prompt_template not in PROMPT_TEMPLATES:
+            raise ValueError(f"prompt_template must be one of {PROMPT_TEMPLATES}, got {prompt_template!r}")
+        (directory / PROMPT_NAME).write_text(json.dumps({"template": prompt_template}) + "\n")
+
+
+def recorded_prompt_template(directory: str | os.PathLike) -> str | None:
+    """The prompt template `save_adapter` recorded in ``directory``, or None (an adapter saved
+    without one, or before adapters recorded it)."""
+    path = Path(directory) / PROMPT_NAME
+    if not path.is_file():
+        return None
+    template = json.loads(path.read_text()).get("template")
+    return template if template in PROMPT_TEMPLATES else None
 
 
 def save_checkpoint(
@@ -272,7 +302,7 @@ def save_checkpoint(
     tmp = checkpoint_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_adapter(model, tmp)
+    save_adapter(model, tmp, config.prompt_template)
     torch.save(
         {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
         tmp / STATE_NAME,

@@ -12,12 +12,12 @@ import torch
 
 from mola import MolaConfig, get_mola_model
 from mola.cli import main
-from mola.data import render
+from mola.data import load_training_data, prompt_template_for, render
 from mola.evaluate import generate_ids, pad_token_id
 from mola.generate import adapter_folder, adapter_kind, encode_prompts, generate, open_adapter, prompt
 from mola.lora import get_lora_model
 from mola.models import load_base_model
-from mola.train import save_adapter
+from mola.train import TrainConfig, recorded_prompt_template, save_adapter, train
 
 ROWS = [{"instruction": "Say the fruit.", "output": "banana"}, {"instruction": "Say the colour.", "output": "purple"}]
 
@@ -150,7 +150,7 @@ def test_cli_a_trained_adapter_answers_its_training_prompts(tmp_path, capsys, mo
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 4))
     trained = main(
         ["train", "--model", "tiny-llama", "--data", str(data), "--output", str(tmp_path / "adapter"), "--experts", "2", "--max-steps", "60",
-         "--batch-size", "8", "--micro-batch-size", "8", "--lr", "1e-2", "--warmup-steps", "0", "--lr-schedule", "constant", "--dropout", "0"]
+         "--batch-size", "8", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "0", "--lr-schedule", "constant", "--dropout", "0"]
     )  # fmt: skip
     assert trained == 0
     archive = pack(tmp_path / "adapter", tmp_path / "job-adapter.tar.gz")
@@ -208,3 +208,68 @@ def test_cli_errors_name_the_flag(tmp_path, capsys, monkeypatch):
     assert f"--data {tmp_path / 'chat.jsonl'}: row 1: cannot render the record: Conversation roles must alternate" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: a prompt or a dataset, not both
         main(["generate", adapter, "--prompt", "x", "--data", str(tmp_path / "texts.jsonl")])
+
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]} for row in ROWS
+]
+
+
+def test_prompt_templates_follow_the_training_formats():
+    assert prompt_template_for({"alpaca": 3}) == "alpaca"
+    assert prompt_template_for({"chat": 2, "alpaca": 1}) == "chat"  # mixed: the most rows
+    assert prompt_template_for({"completion": 1, "text": 2, "chat": 2}) == "raw"  # both read as they are
+    assert prompt_template_for({}) is None
+    with pytest.raises(ValueError, match="prompt_template must be one of"):
+        TrainConfig(prompt_template="jinja")
+
+
+def test_the_adapter_and_its_checkpoints_record_the_prompt_template(tmp_path):
+    base, tokenizer = load_base_model("tiny-llama")
+    data = load_training_data(CHAT_ROWS, tokenizer)
+    assert data.formats == {"chat": 2}
+    config = TrainConfig(max_steps=1, batch_size=2, micro_batch_size=2, checkpoint_every=1, prompt_template=prompt_template_for(data.formats))
+    model = get_mola_model(base, MolaConfig(experts="2"))
+    train(model, tokenizer, data, config=config, checkpoint_dir=tmp_path / "checkpoints")
+    save_adapter(model, tmp_path / "adapter", config.prompt_template)
+    for folder in (tmp_path / "adapter", tmp_path / "checkpoints" / "checkpoint-1"):
+        assert json.loads((folder / "adapter_prompt.json").read_text()) == {"template": "chat"}
+        assert recorded_prompt_template(folder) == "chat"
+    with open_adapter(pack(tmp_path / "adapter", tmp_path / "a.tar.gz")) as adapter:  # packed with the adapter_* files
+        assert adapter.prompt_template == "chat"
+    lora = get_lora_model(load_base_model("tiny-llama")[0], rank=2)
+    save_adapter(lora, tmp_path / "lora", "raw")
+    with open_adapter(tmp_path / "lora") as adapter:
+        assert (adapter.kind, adapter.prompt_template) == ("lora", "raw")
+    model.save_pretrained(tmp_path / "bare")  # saved without one (or before adapters recorded it)
+    assert recorded_prompt_template(tmp_path / "bare") is None
+
+
+def test_cli_a_chat_trained_adapter_is_prompted_as_a_chat(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS * 4))
+    trained = main(
+        ["train", "--model", "tiny-llama", "--data", str(data), "--output", str(tmp_path / "adapter"), "--experts", "2", "--max-steps", "60",
+         "--batch-size", "8", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "0", "--lr-schedule", "constant", "--dropout", "0"]
+    )  # fmt: skip
+    assert trained == 0
+    assert recorded_prompt_template(tmp_path / "adapter") == "chat"
+    capsys.readouterr()
+    report = tmp_path / "generated.json"
+    # No --template: the user's turn of a chat, as the adapter records.
+    assert main(["generate", str(tmp_path / "adapter"), "--prompt", "Say the fruit.", "--prompt", "Say the colour.", "--json", str(report)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "### 1\nbanana\n### 2\npurple\n" and err == ""
+    saved = json.loads(report.read_text())
+    assert saved["settings"]["template"] == "chat"
+    assert saved["rows"][0]["prompt"] == prompt("Say the fruit.", load_base_model("tiny-llama")[1], "chat")[0]
+    assert main(["generate", str(tmp_path / "adapter"), "--prompt", "x", "--input", "y"]) == 2
+    assert "--input goes with the alpaca template, and the adapter's training rows were chat" in capsys.readouterr().err
+
+
+def test_cli_an_adapter_without_a_recorded_template_is_prompted_as_alpaca_saying_so(tmp_path, capsys):
+    base, _ = load_base_model("tiny-llama")
+    get_mola_model(base, MolaConfig(experts="2")).save_pretrained(tmp_path / "adapter")
+    assert main(["generate", str(tmp_path / "adapter"), "--prompt", "x", "--max-new-tokens", "2", "--json", str(tmp_path / "g.json")]) == 0
+    assert "does not record how its training prompts looked" in capsys.readouterr().err
+    assert json.loads((tmp_path / "g.json").read_text())["settings"]["template"] == "alpaca"

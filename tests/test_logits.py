@@ -60,7 +60,8 @@ def test_chosen_logits_and_gradients_equal_the_full_ones(kind, arch):
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+            # float32 sums in another order: the tiny heads (10x the usual init) make gradients larger
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 class NoHead(torch.nn.Module):

@@ -462,7 +462,7 @@ def _run(job_id: str, owner: str, spec: dict, datasets: dict[str, str], resume_p
 def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str | None, work: Path, res: Resources, reporter: Reporter) -> "Trained":
     import torch
 
-    from mola.data import load_training_data
+    from mola.data import load_training_data, prompt_template_for
     from mola.models import load_base_model
     from mola.train import TrainConfig, train
 
@@ -500,6 +500,8 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
     options = {k: hp[k] for k in TRAIN_FIELDS if k in hp and k in known}
     if "log_every" in known:
         options["log_every"] = 1  # metrics for every step
+    # Recorded with the adapter and its checkpoints: `mola generate` dresses prompts alike.
+    options["prompt_template"] = prompt_template_for(train_data.formats)
     config = TrainConfig(**options)
     resume_from = None
     if resume_prefix:
@@ -520,13 +522,14 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
     if result.stopped and reporter.stop_reason in ("shutdown", "lease_lost"):
         raise Stop(reporter.stop_reason)
     routed = ("validation", eval_data) if eval_data else ("train", train_data)
-    return Trained(model, tokenizer, result, generated.samples if generated else None, *routed)
+    return Trained(model, tokenizer, result, generated.samples if generated else None, *routed, config.prompt_template)
 
 
 @dataclasses.dataclass
 class Trained:
     """What a finished run leaves for `_finish`: the adapted model and the run's result, the
-    generated samples (with eval_generate_rows) and the examples the expert analysis routes."""
+    generated samples (with eval_generate_rows), the examples the expert analysis routes and
+    the prompt template recorded with the adapter."""
 
     model: Any
     tokenizer: Any
@@ -534,6 +537,7 @@ class Trained:
     samples: list[dict[str, str]] | None
     routed_split: str
     routed_examples: list[dict]
+    prompt_template: str | None
 
 
 def _generation_eval(eval_path: Path, tokenizer: Any, hp: dict) -> Any:
@@ -636,11 +640,11 @@ def _finish(job_id: str, owner: str, spec: dict, trained: Trained, work: Path, r
     adapter_dir = work / "adapter"
     analysis = None
     if spec["method"] == "mola":
-        model.save_pretrained(adapter_dir, metadata={"job_id": job_id, "dataset_id": spec["dataset_id"], "steps": result.steps})
+        save_adapter(model, adapter_dir, trained.prompt_template, metadata={"job_id": job_id, "dataset_id": spec["dataset_id"], "steps": result.steps})
         hp = spec["hyperparameters"]
         analysis = analyse_experts(model, trained.tokenizer, trained.routed_split, trained.routed_examples, hp["micro_batch_size"], result.bf16)
     else:
-        save_adapter(model, adapter_dir)
+        save_adapter(model, adapter_dir, trained.prompt_template)
     scores = {"loss": (result.metrics or {}).get("loss"), **{name: (result.eval_metrics or {}).get(name) for name in EVAL_NOTED}}
     card = model_card(job_id, spec, f"{status} after {result.steps} of {result.total_steps} steps", scores, data_stats=reporter.data_stats, analysis=analysis)
     archive = pack_adapter(work / "adapter.tar.gz", adapter_dir, card)
@@ -828,8 +832,8 @@ def model_card(
     lines += ["", "## Use", "", "```python", "from mola.models import load_base_model", *load, "```"]
     lines += [
         "",
-        "Or try it from a shell (the downloaded .tar.gz works as well). Prompts are formatted as the training rows were: "
-        "`--template alpaca` (the default) for instruction rows, `chat` for conversations, `raw` for prompt/completion rows; "
+        "Or try it from a shell (the downloaded .tar.gz works as well). A prompt is formatted as the training rows were "
+        "(the adapter records how, in `adapter_prompt.json`; `--template alpaca|chat|raw` overrides it); "
         "`--data test.jsonl` generates for a file's rows and scores them against their references.",
         "",
         "```bash",

@@ -77,7 +77,7 @@ def assert_artifacts(cluster: Cluster, job_id: str) -> None:
         assert folder.is_dir() and any(folder.iterdir()), checkpoint.storage_prefix
     job = cluster.job(job_id)
     with tarfile.open(cluster.storage_dir / job.adapter_key) as tar:
-        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_prompt.json"]
 
 
 def test_sigkill_mid_training_resumes_from_the_last_checkpoint(cluster, dataset_id):

@@ -109,7 +109,7 @@ def test_a_job_on_postgres_redis_and_s3(api, settings: Settings, broker, tmp_pat
     download = httpx.get(url)  # no API key: the signature is the permission
     assert download.status_code == 200
     with tarfile.open(fileobj=io.BytesIO(download.content)) as tar:
-        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_prompt.json"]
 
     # The same download streamed through the API.
     streaming = create_app(settings.model_copy(update={"download_mode": "stream"}))

@@ -40,7 +40,7 @@ def test_each_checkpoint_adapter_downloads_with_a_card_naming_its_step(client, k
     assert response.status_code == 200 and response.headers["content-type"] == "application/gzip"
     assert f'filename="{trained_job}-step2-adapter.tar.gz"' in response.headers["content-disposition"]
     step2 = _members(response.content)
-    assert sorted(step2) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(step2) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_prompt.json"]
     assert "(checkpoint at step 2 of 4)" in step2["README.md"].decode()
 
     # The last checkpoint's weights are the final adapter's; step 2's are not.

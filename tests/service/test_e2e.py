@@ -195,7 +195,7 @@ def test_train_follow_download_load_generate(server, client, dataset_id, tmp_pat
     assert "step" in _cli(server, "jobs", "metrics", job.id)
 
     folder = client.download_adapter(job.id, tmp_path / "adapter", extract=True)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_prompt.json"]
 
     from mola import load_mola_model
     from mola.models import load_base_model

@@ -3,6 +3,7 @@ shutdown and resume, failure, LoRA. The database and storage are the real SQLite
 
 from __future__ import annotations
 
+import json
 import re
 import tarfile
 import threading
@@ -76,9 +77,11 @@ def test_job_succeeds_and_its_adapter_loads(client, key, settings, sessions, sto
     archive = tmp_path / "adapter.tar.gz"
     archive.write_bytes(client.get(f"/jobs/{job_id}/adapter", headers=auth(key)).content)
     with tarfile.open(archive) as tar:
-        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_prompt.json"]
         assert {m.mode for m in tar.getmembers()} == {0o644}  # anyone who unpacks it may read it
         tar.extractall(tmp_path / "adapter", filter="data")
+    # How the (prompt/completion) training rows were dressed, for `mola generate` and the API's generations.
+    assert json.loads((tmp_path / "adapter" / "adapter_prompt.json").read_text()) == {"template": "raw"}
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "tiny-llama" in card and "trained on 24 of 24 records" in card and "- label: numbers v1" in card
 
@@ -107,7 +110,7 @@ def test_every_checkpoint_stores_its_adapter_for_download(client, key, settings,
         prefix = session.scalar(select(Checkpoint.storage_prefix).where(Checkpoint.job_id == job_id, Checkpoint.step == 2))
     archive = storage.get_file(job_service.checkpoint_adapter_key(prefix), tmp_path / "step2.tar.gz")
     with tarfile.open(archive) as tar:
-        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(tar.getnames()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_prompt.json"]
         tar.extractall(tmp_path / "step2", filter="data")
     stored = storage.get_file(f"{prefix}/adapter_model.safetensors", tmp_path / "stored.safetensors")
     assert (tmp_path / "step2" / "adapter_model.safetensors").read_bytes() == stored.read_bytes()
