@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationInfo, field_validator
 
 from service import jobs as job_service
-from service.models import BaseModelEntry, Checkpoint, Dataset, Job, JobMetric
+from service.models import BaseModelEntry, Checkpoint, Dataset, Generation, Job, JobMetric
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -481,6 +481,81 @@ class JobAnalysis(BaseModel):
     @classmethod
     def of(cls, job_id: str, stored: dict[str, Any]) -> "JobAnalysis":
         return cls(job_id=job_id, **stored)
+
+
+MAX_PROMPTS = 16
+MAX_PROMPT_CHARS = 16_000
+MAX_NEW_TOKENS = 2048
+Prompt = text_of_length(1, MAX_PROMPT_CHARS)
+
+
+class GenerationCreate(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    prompts: list[Prompt] = Field(min_length=1, max_length=MAX_PROMPTS, description=f"1 to {MAX_PROMPTS} prompts, each a bare text (formatted by `template`)")
+    template: Literal["alpaca", "chat", "raw"] | None = Field(
+        None,
+        description=(
+            "how each prompt is dressed: `alpaca` as an Alpaca instruction, `chat` as a user turn of the "
+            "tokenizer's chat template, `raw` as it is; null (default): as the job's training rows were "
+            "(what its adapter records)"
+        ),
+    )
+    input: text_of_length(max_length=MAX_PROMPT_CHARS) | None = Field(None, description="the Alpaca input that goes with every prompt (alpaca template only)")
+    max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS, description="a completion also ends at EOS or the model's last position")
+    temperature: float = Field(0.0, ge=0, le=5, description="0: greedy; above 0: sampled")
+    top_p: float = Field(1.0, gt=0, le=1, description="with temperature > 0: nucleus sampling")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="makes sampling repeatable")
+
+    @field_validator("input")
+    @classmethod
+    def _input_goes_with_alpaca(cls, value: str | None, info: ValidationInfo) -> str | None:
+        template = info.data.get("template")
+        if value is not None and template not in (None, "alpaca"):
+            raise ValueError(f"an input goes with the alpaca template, not {template}")
+        return value
+
+
+class Completion(BaseModel):
+    prompt: str = Field(description="the prompt as the model saw it, template applied")
+    text: str = Field(description="what the model generated")
+
+
+class GenerationPublic(BaseModel):
+    id: str
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    request: dict[str, Any] = Field(description="the prompts and settings asked for, defaults filled in")
+    template: str | None = Field(None, description="the template the prompts were dressed in, once running")
+    completions: list[Completion] | None = Field(None, description="one per prompt, in order, once succeeded")
+    seconds: float | None = Field(None, description="time spent generating (the model's loading excluded)")
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Generation) -> "GenerationPublic":
+        result = row.result or {}
+        return cls(
+            id=row.id,
+            job_id=row.job_id,
+            status=row.status,
+            request=row.request,
+            template=result.get("template"),
+            completions=result.get("completions"),
+            seconds=result.get("seconds"),
+            error=row.error,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class GenerationList(BaseModel):
+    data: list[GenerationPublic]
+    has_more: bool
+    last_id: str | None = Field(description="pass as ?after= for the next page")
 
 
 class Health(BaseModel):

@@ -41,6 +41,7 @@ __all__ = [
     "Metric",
     "Checkpoint",
     "JobAnalysis",
+    "Generation",
     "Page",
     "TERMINAL_STATUSES",
 ]
@@ -247,6 +248,36 @@ class JobAnalysis:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "JobAnalysis":
+        return _from_json(cls, data)
+
+
+@dataclass
+class Generation:
+    """Completions of a finished job's adapter (POST /jobs/{id}/generations): ``status``
+    queued, running, succeeded (``completions``: ``[{"prompt", "text"}]``, one per prompt, the
+    prompt as the model saw it) or failed (``error``)."""
+
+    id: str
+    job_id: str
+    status: str
+    request: dict[str, Any] = field(default_factory=dict)
+    template: str | None = None
+    completions: list[dict[str, str]] | None = None
+    seconds: float | None = None
+    error: str | None = None
+    raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+    @property
+    def texts(self) -> list[str]:
+        """The generated texts, in the order of the prompts (empty until succeeded)."""
+        return [c["text"] for c in self.completions or []]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Generation":
         return _from_json(cls, data)
 
 
@@ -544,6 +575,43 @@ class MolaClient:
         """A finished MoLA job's expert analysis: `MolaAPIError` 409 while it runs, 404 (the
         detail says why) for a LoRA job or one without an adapter."""
         return JobAnalysis.from_json(self._json("GET", f"/jobs/{_segment(job_id)}/analysis"))
+
+    def generate(
+        self,
+        job_id: str,
+        prompts: list[str],
+        template: str | None = None,
+        input: str | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+        poll: float = 1.0,
+    ) -> Generation:
+        """Have the job's adapter complete ``prompts`` on the server (each dressed as the
+        training rows were, unless ``template``); with ``wait``, polls until it is done (or
+        ``timeout`` seconds pass: `TimeoutError`). It runs on a training worker between jobs."""
+        body: dict[str, Any] = {"prompts": list(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        body.update({k: v for k, v in {"template": template, "input": input, "seed": seed}.items() if v is not None})
+        generation = Generation.from_json(self._json("POST", f"/jobs/{_segment(job_id)}/generations", json=body))
+        if not wait:
+            return generation
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not generation.done:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"generation {generation.id} is still {generation.status} after {timeout} s")
+            time.sleep(poll)
+            generation = self.get_generation(job_id, generation.id)
+        return generation
+
+    def get_generation(self, job_id: str, generation_id: str) -> Generation:
+        return Generation.from_json(self._json("GET", f"/jobs/{_segment(job_id)}/generations/{_segment(generation_id)}"))
+
+    def generations(self, job_id: str, limit: int = 20, after: str | None = None) -> Page:
+        params = {"limit": limit, **({"after": after} if after else {})}
+        return Page.of(self._json("GET", f"/jobs/{_segment(job_id)}/generations", params=params), Generation.from_json, "last_id")
 
     def events(
         self, job_id: str, after_step: int = 0, timeout: float | None = None, reconnect_seconds: float | None = None

@@ -494,6 +494,46 @@ def cmd_jobs_analysis(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_generate(args: argparse.Namespace) -> int:
+    """Prompts completed by the job's adapter on the server: the texts, one block per prompt."""
+    texts = [sys.stdin.read().rstrip("\n") if text == "-" else text for text in args.prompt]
+    with _client(args) as client:
+        generation = client.generate(
+            args.id, texts, template=args.template, input=args.input, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, wait=not args.no_wait, timeout=args.timeout,
+        )  # fmt: skip
+    if args.json:
+        _print_json(generation.raw)
+        return 0
+    if args.no_wait:
+        print(f"{generation.id} {generation.status}: see it with mola jobs generation {args.id} {generation.id}")
+        return 0
+    return _print_generation(generation)
+
+
+def cmd_jobs_generation(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        generation = client.get_generation(args.id, args.generation_id)
+    if args.json:
+        _print_json(generation.raw)
+        return 0
+    if not generation.done:
+        print(f"{generation.id} is {generation.status}")
+        return 0
+    return _print_generation(generation)
+
+
+def _print_generation(generation: Any) -> int:
+    if generation.status == "failed":
+        print(f"generation {generation.id} failed: {generation.error}", file=sys.stderr)
+        return 1
+    for i, text in enumerate(generation.texts):
+        if len(generation.texts) > 1:
+            print(f"### {i + 1}")
+        print(text)
+    return 0
+
+
 def cmd_jobs_download(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.output == "-":
@@ -701,6 +741,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--modules", action="store_true", help="one row per adapted module instead of per layer")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_analysis))
+    p = jobs.add_parser("generate", help="complete prompts with a finished job's adapter, on the server")
+    p.add_argument("id", type=_id_arg)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several, up to 16; - reads one from stdin)")
+    p.add_argument("--template", choices=("alpaca", "chat", "raw"), help="how a prompt is dressed (default: as the job's training rows were)")
+    p.add_argument("--input", help="with the alpaca template: the Alpaca input that goes with every prompt")
+    p.add_argument("--max-new-tokens", type=_int_in(1, 2048), default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling")
+    p.add_argument("--seed", type=_int_in(0), help="makes sampling repeatable")
+    p.add_argument("--timeout", type=float, help="seconds to wait for the completions (default: no limit)")
+    p.add_argument("--no-wait", action="store_true", help="print the generation's id and return; `mola jobs generation JOB ID` shows it")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_jobs_generate))
+    p = jobs.add_parser("generation", help="one generation of a job: its status, or its completions")
+    p.add_argument("id", type=_id_arg)
+    p.add_argument("generation_id", type=_id_arg)
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_jobs_generation))
     p = jobs.add_parser("download", help="download a job's adapter")
     p.add_argument("id", type=_id_arg)
     where = p.add_mutually_exclusive_group()

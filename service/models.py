@@ -31,6 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 TOKEN_COUNT_STATUSES = ("pending", "ready", "failed")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+GENERATION_STATUSES = ("queued", "running", "succeeded", "failed")
 
 
 def utcnow() -> datetime:
@@ -246,3 +247,27 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (UniqueConstraint("job_id", "step"),)
+
+
+class Generation(Base):
+    """Completions of a finished job's adapter for a few prompts (POST /jobs/{id}/generations),
+    made by a training worker between jobs. Goes with its job (cascade)."""
+
+    __tablename__ = "generations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("gen"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    # The request as validated: prompts, template (None: the adapter's), sampling settings.
+    request: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # {"template", "completions": [{"prompt" (as rendered), "text"}], "seconds"}, once done.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When it was last handed to the queue; the reconciler sends a queued one again when its
+    # message may be lost (see service.generations.touch_stale).
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index(None, "job_id", "id"), Index(None, "status", "requested_at"))

@@ -12,12 +12,15 @@ logger = logging.getLogger(__name__)
 
 TRAIN_TASK = "mola.train_job"
 COUNT_TOKENS_TASK = "mola.count_tokens"
+GENERATE_TASK = "mola.generate"
 
 
 class JobQueue(Protocol):
     def enqueue_training(self, job_id: str) -> None: ...
 
     def enqueue_token_count(self, dataset_id: str) -> None: ...
+
+    def enqueue_generation(self, generation_id: str) -> None: ...
 
 
 class CeleryQueue:
@@ -44,6 +47,12 @@ class CeleryQueue:
         `--queues` naming it takes it, never behind a training job)."""
         self.app.send_task(COUNT_TOKENS_TASK, args=[dataset_id], queue=self.settings.quick_queue)
         logger.info("enqueued the token count of %s on %s", dataset_id, self.settings.quick_queue)
+
+    def enqueue_generation(self, generation_id: str) -> None:
+        """Sends `mola.generate(generation_id)` to the training queue: it needs the base model
+        on the worker's GPU, and runs there between jobs."""
+        self.app.send_task(GENERATE_TASK, args=[generation_id], queue=self.settings.queue)
+        logger.info("enqueued generation %s on %s", generation_id, self.settings.queue)
 
     def waiting(self) -> int:
         """Messages waiting in the broker's queue (not those a worker has taken); 0 when the

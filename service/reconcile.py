@@ -1,7 +1,8 @@
 """Reconciling the broker with the database, which is the source of truth for every job.
 
 Two things go wrong between them, and one pass of `reconcile` repairs both (and re-sends the
-token counts of uploads whose quick-queue message was lost, see the end of `reconcile`):
+token counts of uploads whose quick-queue message was lost, see the end of `reconcile`; and
+does the same for generations, `service/generations.py`, which share the training queue):
 
 - A running job whose lease expired lost its worker (killed, out of memory, machine gone, or
   hung past its heartbeats). It goes back to `queued` and is enqueued again, and the next worker
@@ -28,6 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import datasets as dataset_service
+from service import generations as generation_service
 from service import jobs as job_service
 from service.db import session_scope
 from service.models import Job
@@ -43,9 +45,11 @@ class Report:
     failed: list[str] = field(default_factory=list)  # expired leases, out of attempts
     enqueued: list[str] = field(default_factory=list)  # messages sent
     token_counts: list[str] = field(default_factory=list)  # datasets whose count was asked again
+    generations: list[str] = field(default_factory=list)  # queued generations sent again
+    abandoned_generations: list[str] = field(default_factory=list)  # running ones whose worker stopped, failed
 
     def __bool__(self) -> bool:
-        return bool(self.requeued or self.failed or self.enqueued or self.token_counts)
+        return bool(self.requeued or self.failed or self.enqueued or self.token_counts or self.generations or self.abandoned_generations)
 
 
 def reconcile(settings: Settings, sessions: sessionmaker[Session], queue: CeleryQueue, requeue_after_seconds: float | None = None) -> Report:
@@ -60,19 +64,31 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], queue: Celery
 
     after = settings.requeue_after_seconds if requeue_after_seconds is None else requeue_after_seconds
     with session_scope(sessions) as session:
+        # Generations share the training queue (they need its GPU), so its messages count both.
         queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) - len(to_send)
+        queued += generation_service.queued_count(session)
     if queued > 0:
         waiting = queue.waiting()
         if waiting < queued:
             with session_scope(sessions) as session:
                 stale = job_service.touch_stale_queued(session, after)
+                report.generations = generation_service.touch_stale(session, after)
             to_send += [job_id for job_id in stale if job_id not in to_send]
-            if stale:
-                logger.warning("%d queued job(s), %d message(s) waiting: enqueuing %d again", queued, waiting, len(stale))
+            if stale or report.generations:
+                logger.warning(
+                    "%d queued job(s) and generation(s), %d message(s) waiting: enqueuing %d job(s) and %d generation(s) again",
+                    queued, waiting, len(stale), len(report.generations),
+                )  # fmt: skip
 
     for job_id in to_send:  # after the commits, like the API
         queue.enqueue_training(job_id)
         report.enqueued.append(job_id)
+    for generation_id in report.generations:
+        queue.enqueue_generation(generation_id)
+    with session_scope(sessions) as session:
+        report.abandoned_generations = generation_service.fail_abandoned(session)
+    if report.abandoned_generations:
+        logger.warning("failed %d generation(s) whose worker stopped: %s", len(report.abandoned_generations), ", ".join(report.abandoned_generations))
 
     # Token counts run on the quick queue, whose messages can be lost the same way; a count is
     # cheap and idempotent, so a pending one that waited too long is simply asked for again.

@@ -10,7 +10,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from service.queue import COUNT_TOKENS_TASK, TRAIN_TASK
+from service.queue import COUNT_TOKENS_TASK, GENERATE_TASK, TRAIN_TASK
 from service.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,17 @@ def train_job(job_id: str) -> str:
     if runner.SHUTDOWN.is_set():  # taken on the way out: back to the broker for another worker
         raise Reject("worker shutting down", requeue=True)
     return runner.run_job(job_id, get_settings())
+
+
+@shared_task(name=GENERATE_TASK, acks_late=True, ignore_result=True)
+def generate(generation_id: str) -> str:
+    """Completions of a finished job's adapter (the training queue: it needs the GPU)."""
+    from worker import runner
+    from worker.generation import run_generation
+
+    if runner.SHUTDOWN.is_set():  # taken on the way out: back to the broker for another worker
+        raise Reject("worker shutting down", requeue=True)
+    return run_generation(generation_id, get_settings())
 
 
 @shared_task(name=COUNT_TOKENS_TASK, acks_late=True, ignore_result=True)

@@ -18,7 +18,7 @@ from tests.servers import pg_url  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"tenants", "api_keys", "base_models", "datasets", "jobs", "job_metrics", "checkpoints"}
+TABLES = {"tenants", "api_keys", "base_models", "datasets", "jobs", "job_metrics", "checkpoints", "generations"}
 
 
 def _diff(url: str) -> list:

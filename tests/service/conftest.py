@@ -58,12 +58,16 @@ class RecordingQueue:
     def __init__(self) -> None:
         self.enqueued: list[str] = []
         self.token_counts: list[str] = []
+        self.generations: list[str] = []
 
     def enqueue_training(self, job_id: str) -> None:
         self.enqueued.append(job_id)
 
     def enqueue_token_count(self, dataset_id: str) -> None:
         self.token_counts.append(dataset_id)
+
+    def enqueue_generation(self, generation_id: str) -> None:
+        self.generations.append(generation_id)
 
 
 @pytest.fixture(scope="session")

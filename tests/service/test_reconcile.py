@@ -22,6 +22,7 @@ class Broker:
         self.messages = waiting
         self.enqueued: list[str] = []
         self.counted: list[str] = []
+        self.generations: list[str] = []
 
     def waiting(self) -> int:
         return self.messages
@@ -32,6 +33,10 @@ class Broker:
 
     def enqueue_token_count(self, dataset_id: str) -> None:
         self.counted.append(dataset_id)
+
+    def enqueue_generation(self, generation_id: str) -> None:
+        self.generations.append(generation_id)
+        self.messages += 1
 
 
 def _jobs(client, key, n: int = 1) -> list[str]:

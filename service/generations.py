@@ -1,0 +1,112 @@
+"""Generations: a finished job's adapter completing a few prompts on the server
+(POST /jobs/{id}/generations), so a user can try it without downloading it.
+
+The API stores the request and queues its id on the training queue: generating needs the
+base model on a GPU, which the training worker has. The worker claims the row (a conditional
+UPDATE, so a duplicate message does nothing), generates with `mola.generate` and records the
+completions or the error. The reconciler sends a queued generation again when its message
+may be lost, and fails one whose worker stopped while it ran (`ABANDONED_AFTER_SECONDS`).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service import jobs as job_service
+from service.db import mark_each
+from service.errors import Conflict, NotFound
+from service.models import Generation, Job, utcnow
+
+# Generations of one tenant queued or running at once: each takes the GPU between jobs, so a
+# client looping on POST cannot hold the worker.
+MAX_WAITING_PER_TENANT = 16
+# A generation running this long lost its worker (a few prompts take seconds to minutes).
+ABANDONED_AFTER_SECONDS = 3600.0
+
+
+def create(session: Session, tenant_id: str, job_id: str, request: dict[str, Any]) -> Generation:
+    """A queued generation of the tenant's job; `Conflict` while the job has no adapter to try
+    (not finished, or failed before saving one) or when the tenant has too many waiting."""
+    job = job_service.get_job(session, tenant_id, job_id)
+    if job.adapter_key is None:
+        if job.status in ("queued", "running"):
+            raise Conflict(f"job {job_id} is {job.status}: its adapter can be tried once it finishes")
+        raise Conflict(f"job {job_id} {job.status} without an adapter: there is nothing to generate with")
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(Generation)
+        .join(Job, Job.id == Generation.job_id)
+        .where(Job.tenant_id == tenant_id, Generation.status.in_(("queued", "running")))
+    )
+    if waiting >= MAX_WAITING_PER_TENANT:
+        raise Conflict(f"{waiting} generations are already waiting or running; ask again once some have finished")
+    generation = Generation(job_id=job_id, request=request)
+    session.add(generation)
+    session.flush()
+    return generation
+
+
+def get(session: Session, tenant_id: str, job_id: str, generation_id: str) -> Generation:
+    job_service.get_job(session, tenant_id, job_id)
+    generation = session.get(Generation, generation_id)
+    if generation is None or generation.job_id != job_id:
+        raise NotFound(f"generation {generation_id!r} of job {job_id} not found")
+    return generation
+
+
+def list_for_job(session: Session, tenant_id: str, job_id: str, limit: int = 20, after: str | None = None) -> tuple[list[Generation], bool]:
+    """Newest first; ``after`` is the last id of the previous page. Returns (rows, has_more)."""
+    job_service.get_job(session, tenant_id, job_id)
+    query = select(Generation).where(Generation.job_id == job_id)
+    if after is not None:
+        query = query.where(Generation.id < after)
+    rows = list(session.scalars(query.order_by(Generation.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def claim(session: Session, generation_id: str) -> Generation | None:
+    """Move a queued generation to running; None if it is not queued (taken, or finished)."""
+    claimed = session.execute(
+        update(Generation).where(Generation.id == generation_id, Generation.status == "queued").values(status="running", started_at=utcnow())
+    ).rowcount
+    if not claimed:
+        return None
+    generation = session.get(Generation, generation_id)
+    session.refresh(generation)
+    return generation
+
+
+def finish(session: Session, generation_id: str, result: dict[str, Any] | None = None, error: str | None = None) -> bool:
+    """Record a running generation's ``result`` or ``error``; False when it is no longer
+    running (the reconciler gave it up)."""
+    values: dict[str, Any] = {"status": "failed" if error is not None else "succeeded", "finished_at": utcnow()}
+    if error is not None:
+        values["error"] = error[:4000]
+    else:
+        values["result"] = result
+    return bool(session.execute(update(Generation).where(Generation.id == generation_id, Generation.status == "running").values(**values)).rowcount)
+
+
+def queued_count(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Generation).where(Generation.status == "queued"))
+
+
+def touch_stale(session: Session, older_than_seconds: float, limit: int = 1000) -> list[str]:
+    """Queued generations handed to the queue ``older_than_seconds`` ago or more (their message
+    may be lost), marked as handed again now. Returns the ids this call marked."""
+    now = utcnow()
+    stale = (Generation.status == "queued", Generation.requested_at < now - timedelta(seconds=older_than_seconds))
+    return mark_each(session, Generation, stale, {"requested_at": now}, limit)
+
+
+def fail_abandoned(session: Session, older_than_seconds: float = ABANDONED_AFTER_SECONDS, limit: int = 1000) -> list[str]:
+    """Running generations started ``older_than_seconds`` ago: their worker stopped. Failed,
+    saying so (the user asks again; a generation holds no state worth resuming)."""
+    now = utcnow()
+    abandoned = (Generation.status == "running", Generation.started_at < now - timedelta(seconds=older_than_seconds))
+    values = {"status": "failed", "finished_at": now, "error": "the worker stopped while generating; ask again"}
+    return mark_each(session, Generation, abandoned, values, limit)

@@ -1,0 +1,212 @@
+"""POST /jobs/{id}/generations: a finished job's adapter completing prompts on the server. The
+worker's run is in-process on the tiny LLaMA (real SQLite and folder storage) and checked
+against `mola.generate` on the downloaded adapter; the reconciler's part on SQLite."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from service import generations as generation_service
+from service.db import session_scope
+from service.models import Generation, Job, utcnow
+from service.reconcile import reconcile
+from tests.service.conftest import auth, job_body, make_dataset
+from tests.service.test_client import live, mola  # noqa: F401 - live is a fixture
+from tests.service.test_reconcile import Broker
+
+PROMPTS = ["Say the number 3: ", "Say the number 7: "]
+
+
+def _post(client, key, job_id: str, **body):
+    return client.post(f"/jobs/{job_id}/generations", headers=auth(key), json={"prompts": PROMPTS, **body})
+
+
+def _finished_job(sessions, client, key) -> str:
+    """A job marked succeeded with an adapter key, for the routes (no worker runs here)."""
+    job_id = client.post("/jobs", headers=auth(key), json=job_body(make_dataset(client, key))).json()["id"]
+    with session_scope(sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="succeeded", adapter_key=f"jobs/{job_id}/adapter.tar.gz"))
+    return job_id
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"prompts": []}, "prompts", "at least 1 item"),
+        ({"prompts": ["x"] * 17}, "prompts", "at most 16 items"),
+        ({"prompts": [""]}, "prompts.0", "at least 1 character"),
+        ({"prompts": ["a\x00b"]}, "prompts.0", "NUL"),
+        ({"prompts": ["x"], "template": "jinja"}, "template", "'alpaca', 'chat' or 'raw'"),
+        ({"prompts": ["x"], "template": "chat", "input": "y"}, "input", "an input goes with the alpaca template, not chat"),
+        ({"prompts": ["x"], "max_new_tokens": 0}, "max_new_tokens", "greater than or equal to 1"),
+        ({"prompts": ["x"], "max_new_tokens": 4096}, "max_new_tokens", "less than or equal to 2048"),
+        ({"prompts": ["x"], "temperature": -1}, "temperature", "greater than or equal to 0"),
+        ({"prompts": ["x"], "top_p": 0}, "top_p", "greater than 0"),
+        ({"prompts": ["x"], "seed": -1}, "seed", "greater than or equal to 0"),
+        ({"prompts": ["x"], "max_tokens": 5}, "max_tokens", "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_requests_name_the_field(client, key, sessions, queue, body, field, message):
+    job_id = _finished_job(sessions, client, key)
+    response = client.post(f"/jobs/{job_id}/generations", headers=auth(key), json=body)
+    assert response.status_code == 422, response.text
+    errors = response.json()["errors"]
+    assert [e["field"] for e in errors] == [f"body.{field}"] and message in errors[0]["msg"], errors
+    assert queue.generations == []
+
+
+def test_a_job_without_an_adapter_has_nothing_to_try(client, key, other_key, sessions, queue):
+    job_id = client.post("/jobs", headers=auth(key), json=job_body(make_dataset(client, key))).json()["id"]
+    response = _post(client, key, job_id)
+    assert response.status_code == 409 and response.json()["detail"] == f"job {job_id} is queued: its adapter can be tried once it finishes"
+    with session_scope(sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="failed"))
+    assert _post(client, key, job_id).json()["detail"] == f"job {job_id} failed without an adapter: there is nothing to generate with"
+    finished = _finished_job(sessions, client, key)
+    assert _post(client, other_key, finished).status_code == 404  # another tenant's job
+    assert client.get(f"/jobs/{finished}/generations/gen_nope", headers=auth(key)).status_code == 404
+    assert _post(client, key, "job_nope").status_code == 404
+    assert queue.generations == []
+
+
+def test_a_tenant_has_at_most_16_generations_waiting(client, key, sessions, queue):
+    job_id = _finished_job(sessions, client, key)
+    for _ in range(generation_service.MAX_WAITING_PER_TENANT):
+        assert _post(client, key, job_id).status_code == 202
+    refused = _post(client, key, job_id)
+    assert refused.status_code == 409 and "16 generations are already waiting" in refused.json()["detail"]
+    with session_scope(sessions) as session:
+        session.execute(update(Generation).where(Generation.id == queue.generations[0]).values(status="succeeded"))
+    assert _post(client, key, job_id).status_code == 202
+    listed = client.get(f"/jobs/{job_id}/generations?limit=10", headers=auth(key)).json()
+    assert [g["id"] for g in listed["data"]] == queue.generations[::-1][:10] and listed["has_more"]
+    rest = client.get(f"/jobs/{job_id}/generations?after={listed['last_id']}", headers=auth(key)).json()
+    assert [g["id"] for g in rest["data"]] == queue.generations[::-1][10:] and not rest["has_more"]
+
+
+def test_a_lost_message_is_sent_again_and_an_abandoned_run_fails(client, key, settings, sessions, queue):
+    settings = settings.model_copy(update={"requeue_after_seconds": 60})
+    job_id = _finished_job(sessions, client, key)
+    lost, running = _post(client, key, job_id).json()["id"], _post(client, key, job_id).json()["id"]
+    with session_scope(sessions) as session:
+        session.execute(update(Generation).where(Generation.id == lost).values(requested_at=utcnow() - timedelta(seconds=120)))
+        assert generation_service.claim(session, running) is not None
+        assert generation_service.claim(session, running) is None  # a duplicate message does nothing
+    broker = Broker(waiting=1)  # its message is there: waiting behind a job, not lost
+    assert not reconcile(settings, sessions, broker)
+    broker.messages = 0  # the broker restarted without persistence
+    assert reconcile(settings, sessions, broker).generations == [lost] and broker.generations == [lost]
+    broker.messages = 0
+    assert reconcile(settings, sessions, broker).generations == []  # not again before another 60 s
+
+    with session_scope(sessions) as session:
+        session.execute(update(Generation).where(Generation.id == running).values(started_at=utcnow() - timedelta(hours=2)))
+    broker.messages = 1
+    assert reconcile(settings, sessions, broker).abandoned_generations == [running]
+    failed = client.get(f"/jobs/{job_id}/generations/{running}", headers=auth(key)).json()
+    assert (failed["status"], failed["error"]) == ("failed", "the worker stopped while generating; ask again")
+    with session_scope(sessions) as session:
+        assert not generation_service.finish(session, running, result={})  # the late worker's answer is not recorded
+
+
+@pytest.mark.slow
+def test_a_finished_job_completes_prompts_as_its_downloaded_adapter_does(client, key, settings, sessions, storage, queue, tmp_path):
+    pytest.importorskip("torch")
+    from mola.generate import generate, open_adapter, prompt
+    from tests.service.test_runner import _create, runner
+    from worker.generation import run_generation
+
+    job_id = _create(client, key, hyperparameters={"max_steps": 3})  # prompt/completion rows: the raw template
+    assert runner.run_job(job_id, settings) == "succeeded"
+    response = _post(client, key, job_id, max_new_tokens=8)
+    assert response.status_code == 202, response.text
+    queued = response.json()
+    assert (queued["status"], queued["completions"], queued["request"]["template"], queued["request"]["temperature"]) == ("queued", None, None, 0.0)
+    assert queue.generations == [queued["id"]]
+
+    assert run_generation(queued["id"], settings) == "succeeded"
+    assert run_generation(queued["id"], settings) == "skipped"  # a duplicate message
+    done = client.get(f"/jobs/{job_id}/generations/{queued['id']}", headers=auth(key)).json()
+    assert (done["status"], done["template"], done["error"]) == ("succeeded", "raw", None)
+    assert done["seconds"] > 0 and done["started_at"] and done["finished_at"]
+
+    archive = tmp_path / "adapter.tar.gz"
+    archive.write_bytes(client.get(f"/jobs/{job_id}/adapter", headers=auth(key)).content)
+    with open_adapter(archive) as adapter:
+        asks = [prompt(text, adapter.tokenizer, "raw") for text in PROMPTS]
+        expected = generate(adapter.model, adapter.tokenizer, asks, max_new_tokens=8)
+        chat = prompt(PROMPTS[0], adapter.tokenizer, "chat")[0]
+    assert done["completions"] == [{"prompt": text, "text": out} for (text, _), out in zip(asks, expected)]
+
+    # Another template on request; a prompt longer than the model's positions fails the
+    # generation with the reason, not the worker.
+    chat_id = _post(client, key, job_id, prompts=[PROMPTS[0]], template="chat", max_new_tokens=4).json()["id"]
+    too_long = _post(client, key, job_id, prompts=["x" * 600]).json()["id"]
+    assert run_generation(chat_id, settings) == "succeeded" and run_generation(too_long, settings) == "failed"
+    assert client.get(f"/jobs/{job_id}/generations/{chat_id}", headers=auth(key)).json()["completions"][0]["prompt"] == chat
+    failed = client.get(f"/jobs/{job_id}/generations/{too_long}", headers=auth(key)).json()
+    assert failed["status"] == "failed" and "leaves no room in the model's 512 positions" in failed["error"]
+    with sessions() as session:
+        assert session.get(Generation, too_long).result is None
+
+
+def _worker(queue, settings) -> threading.Thread:
+    """Runs each generation the API enqueues, as a training worker would, until stopped."""
+    from worker.generation import run_generation
+
+    def work() -> None:
+        done = 0
+        while not stop.is_set():
+            while done < len(queue.generations):
+                run_generation(queue.generations[done], settings)
+                done += 1
+            time.sleep(0.05)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.stop = stop  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_the_client_and_cli_wait_for_the_completions(client, key, settings, queue, capsys, live, monkeypatch):
+    pytest.importorskip("torch")
+    from mola.client import MolaClient
+    from tests.service.test_runner import _create, runner
+
+    job_id = _create(client, key, hyperparameters={"max_steps": 2})
+    assert runner.run_job(job_id, settings) == "succeeded"
+    worker = _worker(queue, settings)
+    try:
+        with MolaClient(live.url, key) as api:
+            generation = api.generate(job_id, PROMPTS, max_new_tokens=6, poll=0.05, timeout=120)
+            assert generation.status == "succeeded" and generation.template == "raw" and len(generation.texts) == 2
+            assert api.get_generation(job_id, generation.id).texts == generation.texts
+            assert [g.id for g in api.generations(job_id)] == [generation.id]
+
+        code, out, err = mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "6")
+        assert (code, err) == (0, "") and out == "".join(f"### {i + 1}\n{text}\n" for i, text in enumerate(generation.texts))
+        monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[0] + "\n"))
+        code, out, _ = mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", "-", "--max-new-tokens", "6")
+        assert (code, out) == (0, generation.texts[0] + "\n")
+        code, out, _ = mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", "x" * 600, "--no-wait")
+        assert code == 0 and out.startswith("gen_") and f"mola jobs generation {job_id} gen_" in out
+        generation_id = out.split()[0]
+        with MolaClient(live.url, key) as api:  # the CLI returned at once; the worker fails it (too long)
+            deadline = time.monotonic() + 60
+            while not api.get_generation(job_id, generation_id).done and time.monotonic() < deadline:
+                time.sleep(0.05)
+        code, out, err = mola(capsys, live, key, "jobs", "generation", job_id, generation_id)
+        assert code == 1 and "leaves no room in the model's 512 positions" in err
+        code, out, err = mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", "x", "--template", "chat", "--input", "y")
+        assert code != 0 and "input" in err and "an input goes with the alpaca template, not chat" in err
+    finally:
+        worker.stop.set()
+        worker.join(10)
