@@ -10,9 +10,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationInfo, field_validator
 
 from service import jobs as job_service
-from service.models import BaseModelEntry, Checkpoint, Dataset, Generation, Job, JobMetric
+from service.models import FAILURE_KINDS, BaseModelEntry, Checkpoint, Dataset, Generation, Job, JobMetric
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FailureKind = Literal[tuple(FAILURE_KINDS)]  # type: ignore[valid-type]
 
 # Steps are stored as 32-bit integers: a larger cursor cannot match and would overflow the query.
 MAX_STEP = 2**31 - 1
@@ -369,6 +370,11 @@ class JobPublic(BaseModel):
         'train_on_inputs}, "validation": {...}} (validation only with a validation set)'
     )
     error: str | None
+    error_kind: FailureKind | None = Field(
+        description="a failed job's cause, by what a resume can do about it: "
+        + "; ".join(f"`{kind}`: {what}" for kind, what in FAILURE_KINDS.items())
+        + " (null: not failed, or failed before causes were recorded)"
+    )
     result: dict[str, Any] | None
     adapter_available: bool
     attempts: int
@@ -404,6 +410,7 @@ class JobPublic(BaseModel):
             ),
             data=job.data_stats,
             error=job.error,
+            error_kind=job.error_kind if job.status == "failed" else None,
             result=job.result,
             adapter_available=job.adapter_key is not None,
             attempts=job.attempts,

@@ -186,6 +186,10 @@ class Job:
     # Trainable parameters of the adapter, counted when the job was created; None from an
     # older server or for a model the catalogue has no module shapes of.
     adapter_parameters: int | None = None
+    # A failed job's cause, by what a resume can do about it ("out_of_memory", "data",
+    # "hyperparameters", "evaluation", "base_model", "server_limit", "abandoned", "internal");
+    # None otherwise, or from an older server.
+    error_kind: str | None = None
     raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
     # `create_job` only: True when the server answered with the job an earlier request with the
     # same Idempotency-Key created (200, `Idempotent-Replayed: true`) instead of a new one.

@@ -233,7 +233,28 @@ def _show_job(job: Job) -> None:
     if job.method == "mola" and job.adapter_available and job.done:
         print(f"experts:     routing and redundancy per layer: `mola jobs analysis {job.id}`")
     if job.status in ("failed", "cancelled"):
-        print(f"resume:      from its newest checkpoint: `mola jobs resume {job.id}` (--micro-batch-size N after running out of memory)")
+        print(f"resume:      {_resume_advice(job)}")
+
+
+def _resume_advice(job: Job) -> str:
+    """What resuming a failed or cancelled job takes, by the cause of its failure."""
+    command = f"`mola jobs resume {job.id}`"
+    kind = job.error_kind if job.status == "failed" else None
+    if kind in ("data", "hyperparameters"):
+        return "no: a resume would fail the same way; create a new job with the cause changed"
+    if kind == "out_of_memory":
+        micro_batch = int(job.hyperparameters.get("micro_batch_size") or 1)
+        if micro_batch == 1:
+            return f"from its newest checkpoint with less memory: `mola jobs resume {job.id} --hp gradient_checkpointing=true`"
+        return f"from its newest checkpoint with less memory: `mola jobs resume {job.id} --micro-batch-size {micro_batch // 2}` (or --hp gradient_checkpointing=true)"
+    if kind == "evaluation":
+        return f"with other eval_generate_rows: `mola jobs resume {job.id} --hp eval_generate_rows=null` (null: no generated evaluation)"
+    after = {
+        "base_model": " once the server can load its base model",
+        "server_limit": " once the operator raises MOLA_MAX_ADAPTER_PARAMS",
+        "abandoned": " after checking the worker logs (its worker stopped without finishing it on every attempt)",
+    }.get(kind or "", "")
+    return f"from its newest checkpoint{after}: {command}"
 
 
 def _show_dataset(dataset: Dataset) -> None:

@@ -199,6 +199,19 @@ def total_steps_for(config: TrainConfig, num_examples: int) -> int:
     return schedule.total_steps(num_examples, config.batch_size, config.epochs, config.max_steps)
 
 
+def check_schedule(config: TrainConfig, num_examples: int) -> int:
+    """The run's total steps for ``num_examples`` training examples; ValueError for a schedule
+    that cannot run as asked (a warmup longer than the run)."""
+    total_steps = total_steps_for(config, num_examples)
+    if config.warmup_steps is not None and config.warmup_steps > total_steps:
+        # Known only now (epochs x examples / batch_size): the schedule would never reach its peak.
+        raise ValueError(
+            f"warmup_steps={config.warmup_steps} is more than the run's {total_steps} steps: the learning rate "
+            f"would never reach learning_rate={config.learning_rate:g}; lower warmup_steps or leave it unset (warmup_ratio)"
+        )
+    return total_steps
+
+
 def steps_per_epoch(config: TrainConfig, num_examples: int) -> int:
     return schedule.steps_per_epoch(num_examples, config.batch_size)
 
@@ -701,14 +714,8 @@ def train(
         # Its metrics go into evaluation events, and there are none without eval_data.
         raise ValueError("extra_eval needs eval_data: its metrics are added to the evaluations of eval_data")
     _check_data(model, train_data, eval_data, config)
-    total_steps = total_steps_for(config, len(train_data))
+    total_steps = check_schedule(config, len(train_data))
     per_epoch = steps_per_epoch(config, len(train_data))
-    if config.warmup_steps is not None and config.warmup_steps > total_steps:
-        # Known only now (epochs x examples / batch_size): the schedule would never reach its peak.
-        raise ValueError(
-            f"warmup_steps={config.warmup_steps} is more than the run's {total_steps} steps: the learning rate "
-            f"would never reach learning_rate={config.learning_rate:g}; lower warmup_steps or leave it unset (warmup_ratio)"
-        )
     resume_state, saved = None, {}
     if resume_from is not None:
         resume_state, saved = _read_resume_state(Path(resume_from), config, total_steps, len(train_data), model)

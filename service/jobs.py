@@ -25,7 +25,9 @@ from service.datasets import get_dataset
 from service.db import mark_each
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.models import (
+    FAILURE_KINDS,
     JOB_STATUSES,
+    RECURRING_FAILURES,
     TERMINAL_STATUSES,
     BaseModelEntry,
     Checkpoint,
@@ -318,6 +320,22 @@ RESUMABLE_HYPERPARAMETERS = (
 )
 
 
+def _check_the_failure_can_pass(job: Job, changes: dict[str, Any]) -> None:
+    """Refuse to queue a run that would fail as the last one did: its data or a setting no
+    resume can change caused it (recorded as the job's error_kind)."""
+    if job.error_kind in RECURRING_FAILURES:
+        what = "its data under its cutoff_len" if job.error_kind == "data" else "a hyperparameter a resume cannot change"
+        raise Conflict(
+            f"job {job.id} failed on {what} ({job.error}): a resume would fail the same way; "
+            "create a new job with the cause changed"
+        )
+    if job.error_kind == "evaluation" and "eval_generate_rows" not in changes:
+        raise Conflict(
+            f"job {job.id} failed on eval_generate_rows ({job.error}): resume with hyperparameters.eval_generate_rows "
+            "changed (null turns the generated evaluation off)"
+        )
+
+
 def resume_job(session: Session, job: Job, changes: dict[str, Any]) -> tuple[Job, str | None]:
     """Queue a failed or cancelled job again, to continue from its newest checkpoint (from the
     start without one) with ``changes`` (names of RESUMABLE_HYPERPARAMETERS) applied. Returns
@@ -335,6 +353,8 @@ def resume_job(session: Session, job: Job, changes: dict[str, Any]) -> tuple[Job
                 f"cannot change on resume: it changes what the job trains (resuming may change "
                 f"{', '.join(RESUMABLE_HYPERPARAMETERS)}); create a new job instead",
             )
+    if job.status == "failed":
+        _check_the_failure_can_pass(job, changes)
     for field, dataset_id in (("dataset_id", job.dataset_id), ("validation_dataset_id", job.validation_dataset_id)):
         dataset = session.get(Dataset, dataset_id) if dataset_id else None
         if dataset is not None and dataset.deleted_at is not None:
@@ -357,7 +377,7 @@ def resume_job(session: Session, job: Job, changes: dict[str, Any]) -> tuple[Job
         update(Job)
         .where(Job.id == job.id, Job.status.in_(("failed", "cancelled")), Job.deleted_at.is_(None))
         .values(
-            status="queued", spec=spec, error=None, result=None, analysis=None, adapter_key=None,
+            status="queued", spec=spec, error=None, error_kind=None, result=None, analysis=None, adapter_key=None,
             finished_at=None, cancel_requested_at=None, lease_owner=None, lease_expires_at=None,
             # A fresh budget of attempts: a job failed for running out of them is the case for resuming.
             attempts=0, updated_at=now,
@@ -611,13 +631,21 @@ def finish_job(
     owner: str,
     status: str,
     error: str | None = None,
+    error_kind: str | None = None,
     result: dict[str, Any] | None = None,
     adapter_key: str | None = None,
     analysis: dict[str, Any] | None = None,
 ) -> bool:
-    """Record the end of a run; False if ``owner`` no longer holds the job."""
+    """Record the end of a run; False if ``owner`` no longer holds the job. A failure's
+    ``error_kind`` is one of FAILURE_KINDS ("internal" when not given)."""
     if status not in TERMINAL_STATUSES:
         raise ValueError(f"not a final status: {status!r}")
+    if status == "failed":
+        error_kind = error_kind or "internal"
+        if error_kind not in FAILURE_KINDS:
+            raise ValueError(f"not a failure kind: {error_kind!r}")
+    elif error_kind is not None:
+        raise ValueError(f"error_kind is for failed jobs, not {status!r} ones")
     now = utcnow()
     values: dict[str, Any] = {
         "status": status,
@@ -625,6 +653,7 @@ def finish_job(
         "updated_at": now,
         "lease_expires_at": None,
         "error": error,
+        "error_kind": error_kind,
     }
     if result is not None:
         values["result"] = result
@@ -716,7 +745,7 @@ def abandoned_error(attempts: int, max_attempts: int) -> str:
     return (
         f"the job's worker stopped without finishing it {attempts} time(s) (MOLA_MAX_ATTEMPTS={max_attempts}); "
         "not retrying. A job that kills its worker (out of host memory, a crash in a native library) "
-        "does so again: check the worker logs, then submit it again"
+        "does so again: check the worker logs before resuming it"
     )
 
 
@@ -740,7 +769,7 @@ def recover_expired_leases(session: Session, max_attempts: int, job_id: str | No
         if cancel_requested_at is not None:  # nobody is left to stop it: it stops here
             session.execute(update(Job).where(*still_expired).values(status="cancelled", **end))
         elif attempts >= max_attempts:
-            if session.execute(update(Job).where(*still_expired).values(status="failed", error=abandoned_error(attempts, max_attempts), **end)).rowcount:
+            if session.execute(update(Job).where(*still_expired).values(status="failed", error=abandoned_error(attempts, max_attempts), error_kind="abandoned", **end)).rowcount:
                 failed.append(id_)
         elif session.execute(
             update(Job).where(*still_expired).values(status="queued", lease_owner=None, lease_expires_at=None, updated_at=now)

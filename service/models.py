@@ -32,6 +32,19 @@ TOKEN_COUNT_STATUSES = ("pending", "ready", "failed")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 GENERATION_STATUSES = ("queued", "running", "succeeded", "failed")
+# Why a failed job failed (jobs.error_kind), told apart by what a resume can do about it.
+FAILURE_KINDS = {
+    "out_of_memory": "the device ran out of memory: resume with a smaller micro_batch_size or gradient_checkpointing",
+    "data": "its data cannot train under its cutoff_len or base model's chat template: a resume would fail alike",
+    "hyperparameters": "a hyperparameter that a resume cannot change makes the run impossible: a resume would fail alike",
+    "evaluation": "eval_generate_rows finds no validation row to generate: resume with eval_generate_rows changed",
+    "base_model": "the worker could not load the base model: resume once the server has it",
+    "server_limit": "the adapter is over the server's MOLA_MAX_ADAPTER_PARAMS: resume if the operator raises it",
+    "abandoned": "its worker stopped without finishing it on every attempt (killed, crashed): resume after checking the worker logs",
+    "internal": "anything else (a bug, a device error): resumable",
+}
+# Failures a resume would meet again, whatever it changes (an `evaluation` one needs the change).
+RECURRING_FAILURES = frozenset({"data", "hyperparameters"})
 
 
 def utcnow() -> datetime:
@@ -184,6 +197,8 @@ class Job(Base):
     total_steps: Mapped[int | None] = mapped_column(Integer)
     epoch: Mapped[float | None]
     error: Mapped[str | None] = mapped_column(Text)
+    # One of FAILURE_KINDS with the error of a failed job (NULL: failed before they were recorded).
+    error_kind: Mapped[str | None] = mapped_column(String(32))
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     # {"train": mola.data.TrainingDataStats as a dict, "validation": ... or absent}, written
     # once the run has tokenized its data.

@@ -58,6 +58,7 @@ from service.db import make_engine, make_sessionmaker, session_scope
 from service.models import Checkpoint, Dataset, Job
 from service.queue import CeleryQueue
 from service.settings import Settings
+from worker.failures import RunFailure, describe_error, failing_as, failure_kind
 from service.storage import Storage, make_storage
 from worker.expert_analysis import analyse_experts, card_section
 
@@ -87,7 +88,6 @@ TRAIN_FIELDS = (
     "eval_every",
     "checkpoint_every",
 )
-ERROR_LIMIT = 2000
 # Evaluation metrics checkpoints and model cards carry (with the training loss).
 EVAL_NOTED = ("eval_loss", "eval_exact_match", "eval_answer_accuracy")
 # What a database that is restarting, failing over or unreachable raises: worth retrying later.
@@ -464,13 +464,14 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
 
     from mola.data import load_training_data, prompt_template_for
     from mola.models import load_base_model
-    from mola.train import TrainConfig, train
+    from mola.train import TrainConfig, check_schedule, train
 
     hp = spec["hyperparameters"]
     if reporter.should_stop():
         raise Stop(reporter.stop_reason or "cancel")
     device = res.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_base_model(spec["base_model"], device=device)
+    with failing_as("base_model"):
+        model, tokenizer = load_base_model(spec["base_model"], device=device)
     # The adapter's initial weights come from the job's seed, as in `mola train`: the same
     # request gives the same adapter on any worker (a resumed run loads them from its checkpoint).
     torch.manual_seed(hp.get("seed", 42))
@@ -478,21 +479,23 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
     model = _adapter(model, spec)
 
     train_path = res.storage.get_file(datasets[spec["dataset_id"]], work / "train.jsonl")
-    train_data = load_training_data(train_path, tokenizer, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
+    with failing_as("data"):  # a row the base model's chat template refuses, say
+        train_data = load_training_data(train_path, tokenizer, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
     data_stats = {"train": train_data.stats.to_dict()}
     if train_data:
         _record_token_stats(spec["dataset_id"], spec["base_model"], train_data.stats, res)
     eval_data = None
     if spec.get("validation_dataset_id") and train_data:
         eval_path = res.storage.get_file(datasets[spec["validation_dataset_id"]], work / "validation.jsonl")
-        eval_data = load_training_data(eval_path, tokenizer, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
+        with failing_as("data"):
+            eval_data = load_training_data(eval_path, tokenizer, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
         data_stats["validation"] = eval_data.stats.to_dict()
     # Recorded before a refusal too, so a failed job shows what was dropped.
     reporter.record_data_stats(data_stats)
     if not train_data:
-        raise ValueError(f"no training example keeps a trainable token within cutoff_len={hp['cutoff_len']} ({_dropped(train_data.stats)})")
+        raise RunFailure("data", f"no training example keeps a trainable token within cutoff_len={hp['cutoff_len']} ({_dropped(train_data.stats)})")
     if eval_data is not None and not eval_data:  # asked for, so not silently skipped: the losses would never come
-        raise ValueError(f"no validation example keeps a trainable token within cutoff_len={hp['cutoff_len']} ({_dropped(eval_data.stats)})")
+        raise RunFailure("data", f"no validation example keeps a trainable token within cutoff_len={hp['cutoff_len']} ({_dropped(eval_data.stats)})")
 
     generated = _generation_eval(eval_path, tokenizer, hp) if eval_data is not None and hp.get("eval_generate_rows") else None
 
@@ -503,6 +506,8 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
     # Recorded with the adapter and its checkpoints: `mola generate` dresses prompts alike.
     options["prompt_template"] = prompt_template_for(train_data.formats)
     config = TrainConfig(**options)
+    with failing_as("hyperparameters"):  # before the steps: `train` would refuse it only after loading a checkpoint
+        check_schedule(config, len(train_data))
     resume_from = None
     if resume_prefix:
         resume_from = res.storage.get_dir(resume_prefix, work / "resume" / Path(resume_prefix).name)
@@ -547,7 +552,8 @@ def _generation_eval(eval_path: Path, tokenizer: Any, hp: dict) -> Any:
 
     rows = generation_rows(eval_path, tokenizer, hp["cutoff_len"], limit=hp["eval_generate_rows"])
     if not rows:
-        raise ValueError(
+        raise RunFailure(
+            "evaluation",
             f"eval_generate_rows: none of the first {hp['eval_generate_rows']} validation rows has a prompt whose "
             f"prompt and completion fit in cutoff_len={hp['cutoff_len']}"
         )
@@ -584,7 +590,8 @@ def _check_adapter_size(model: Any, spec: dict, limit: int) -> None:
     else:
         count = lora_parameter_count(model, hp["rank"], hp["target_modules"])
     if count > limit:
-        raise ValueError(
+        raise RunFailure(
+            "server_limit",
             f"the adapter would have {count:,} trainable parameters, more than this server allows "
             f"(MOLA_MAX_ADAPTER_PARAMS={limit:,}): lower rank or the experts per layer, or adapt fewer target_modules"
         )
@@ -696,8 +703,10 @@ def _fail(job_id: str, owner: str, exc: BaseException, res: Resources, reporter:
         reporter.flush()
     except Exception:
         logger.warning("job %s: could not write the last metrics", job_id, exc_info=True)
-    error = describe_error(exc)
-    _retrying_write(res, job_id, "recording the failure", lambda session: job_service.finish_job(session, job_id, owner, "failed", error=error))
+    error, kind = describe_error(exc), failure_kind(exc)
+    _retrying_write(
+        res, job_id, "recording the failure", lambda session: job_service.finish_job(session, job_id, owner, "failed", error=error, error_kind=kind)
+    )
     return "failed"
 
 
@@ -739,14 +748,6 @@ def _committed_anyway(res: Resources, job_id: str, status: str, owner: str | Non
 def _first_line(exc: BaseException) -> str:
     """A database error's first line: the rest is the statement and its parameters."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def describe_error(exc: BaseException) -> str:
-    """A message for the job's `error` field: the exception, plus a hint for the usual causes."""
-    text = f"{type(exc).__name__}: {exc}"
-    if "out of memory" in str(exc).lower():
-        text += " (hint: lower micro_batch_size or cutoff_len, or turn on gradient_checkpointing)"
-    return text[:ERROR_LIMIT]
 
 
 def pack_adapter(archive: Path, adapter_dir: Path, card: str) -> Path:

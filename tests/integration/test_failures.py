@@ -202,7 +202,7 @@ def test_expired_leases_are_requeued_until_the_last_attempt(cluster, dataset_id)
     assert job.status == "succeeded" and job.attempts == 2 and train_steps(cluster, resumable) == [1, 2, 3], cluster.logs_text()
     job = cluster.wait_final(exhausted)
     assert job.status == "failed" and job.attempts == 3 and train_steps(cluster, exhausted) == []
-    assert "stopped without finishing it 3 time(s) (MOLA_MAX_ATTEMPTS=3)" in job.error
+    assert "stopped without finishing it 3 time(s) (MOLA_MAX_ATTEMPTS=3)" in job.error and job.error_kind == "abandoned"
 
     # Resumed (POST /jobs/{id}/resume), it has a fresh budget of attempts and trains to its end.
     with cluster.http() as http:

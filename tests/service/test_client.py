@@ -340,10 +340,13 @@ def test_jobs_resume_in_the_client_and_the_cli(capsys, live, key, api, dataset_i
     start_job(sessions, job_id, [(1, "train"), (2, "train"), (3, "train")])
     with session_scope(sessions) as session:
         job_service.record_checkpoint(session, job_id, 2, f"jobs/{job_id}/checkpoints/r/checkpoint-2", 1000, {"loss": 0.5})
-        assert job_service.finish_job(session, job_id, OWNER, "failed", error="CUDA out of memory")
+        assert job_service.finish_job(session, job_id, OWNER, "failed", error="CUDA out of memory", error_kind="out_of_memory")
 
+    assert api.get_job(job_id).error_kind == "out_of_memory"
     code, out, _ = mola(capsys, live, key, "jobs", "show", job_id)
-    assert code == 0 and out.endswith(f"resume:      from its newest checkpoint: `mola jobs resume {job_id}` (--micro-batch-size N after running out of memory)\n")
+    assert code == 0 and out.endswith(
+        f"resume:      from its newest checkpoint with less memory: `mola jobs resume {job_id} --micro-batch-size 2` (or --hp gradient_checkpointing=true)\n"
+    )
     code, _, err = mola(capsys, live, key, "jobs", "resume", job_id, "--hp", "learning_rate=0.1")
     assert code == 1 and err.startswith("error (422): body.hyperparameters.learning_rate: cannot change on resume")
     code, out, err = mola(capsys, live, key, "jobs", "resume", job_id, "--micro-batch-size", "1", "--hp", "gradient_checkpointing=true")

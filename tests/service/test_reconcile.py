@@ -85,6 +85,7 @@ def test_the_last_attempt_fails_with_a_clear_error(client, key, settings, sessio
     job = _job(sessions, job_id)
     assert job.status == "failed" and job.finished_at is not None and job.attempts == 2
     assert "stopped without finishing it 2 time(s)" in job.error and "MOLA_MAX_ATTEMPTS=2" in job.error
+    assert job.error_kind == "abandoned"
 
 
 def test_a_pending_cancel_ends_an_abandoned_job(client, key, settings, sessions):

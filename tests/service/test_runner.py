@@ -156,10 +156,17 @@ def test_eval_generate_rows_without_a_row_that_fits_fails_the_job_at_its_start(c
     job_id = _create(client, key, hyperparameters={"max_steps": 2, "eval_generate_rows": 2}, validation_dataset_id=validation_id)
     assert runner.run_job(job_id, settings) == "failed"
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
-    assert job["error"].endswith(
+    assert job["error"] == (
         "eval_generate_rows: none of the first 2 validation rows has a prompt whose prompt and completion fit in cutoff_len=64"
     )
-    assert job["progress"]["step"] == 0
+    assert (job["error_kind"], job["progress"]["step"]) == ("evaluation", 0)
+
+    # A resume meets the same rows unless it changes eval_generate_rows.
+    refused = client.post(f"/jobs/{job_id}/resume", headers=auth(key), json={"hyperparameters": {"micro_batch_size": 1}})
+    assert refused.status_code == 409 and "resume with hyperparameters.eval_generate_rows changed" in refused.json()["detail"]
+    resumed = client.post(f"/jobs/{job_id}/resume", headers=auth(key), json={"hyperparameters": {"eval_generate_rows": None}})
+    assert resumed.status_code == 200 and (resumed.json()["error"], resumed.json()["error_kind"]) == (None, None)
+    assert runner.run_job(job_id, settings) == "succeeded"
 
 
 def test_cancel_stops_at_the_next_step_and_keeps_the_adapter(client, key, settings, sessions):
@@ -273,7 +280,9 @@ def test_a_job_failed_out_of_memory_resumes_with_a_smaller_micro_batch(client, k
     monkeypatch.setattr(runner.Reporter, "__call__", out_of_memory_at_step_5)
     assert runner.run_job(job_id, settings) == "failed"
     monkeypatch.setattr(runner.Reporter, "__call__", report)
-    assert "CUDA out of memory" in client.get(f"/jobs/{job_id}", headers=auth(key)).json()["error"]
+    failed = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert "CUDA out of memory" in failed["error"] and "hint: lower micro_batch_size" in failed["error"]
+    assert failed["error_kind"] == "out_of_memory"
 
     body = {"hyperparameters": {"micro_batch_size": 1, "gradient_checkpointing": True}}
     resumed = client.post(f"/jobs/{job_id}/resume", headers=auth(key), json=body).json()
@@ -289,8 +298,42 @@ def test_failure_records_a_useful_error(client, key, settings):
     assert runner.run_job(job_id, settings) == "failed"
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert job["status"] == "failed" and "cutoff_len=12" in job["error"] and job["finished_at"]
-    assert "all 24 records dropped" in job["error"]
+    assert "all 24 records dropped" in job["error"] and job["error_kind"] == "data"
     assert (job["data"]["train"]["records"], job["data"]["train"]["dropped_at_cutoff"]) == (24, 24)
+    # The same data under the same cutoff_len would fail again: not queued.
+    refused = client.post(f"/jobs/{job_id}/resume", headers=auth(key))
+    assert refused.status_code == 409 and "a resume would fail the same way" in refused.json()["detail"]
+    assert client.get(f"/jobs/{job_id}", headers=auth(key)).json()["status"] == "failed"
+
+
+def test_a_base_model_the_worker_cannot_load_fails_the_job_resumably(client, key, settings, sessions):
+    from service import catalogue
+    from tests.service.conftest import TINY_LLAMA
+
+    with session_scope(sessions) as session:  # in the catalogue, but its files are not on this worker
+        catalogue.upsert(session, "no-such-model", {**TINY_LLAMA, "name": "no-such-model"})
+    job_id = _create(client, key, base_model="no-such-model", hyperparameters={"max_steps": 2})
+    assert runner.run_job(job_id, settings) == "failed"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["error"].startswith("model 'no-such-model' not found") and job["error_kind"] == "base_model"
+    # Once the server has the model the run can pass: a resume is allowed.
+    assert client.post(f"/jobs/{job_id}/resume", headers=auth(key)).json()["status"] == "queued"
+
+
+def test_an_unexpected_error_fails_the_job_as_internal_and_resumably(client, key, settings, monkeypatch):
+    job_id = _create(client, key, hyperparameters={"max_steps": 4})
+    report = runner.Reporter.__call__
+
+    def fails_at_step_2(self, event):
+        if event["kind"] == "train" and event["step"] == 2:
+            raise KeyError("surprise")
+        return report(self, event)
+
+    monkeypatch.setattr(runner.Reporter, "__call__", fails_at_step_2)
+    assert runner.run_job(job_id, settings) == "failed"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert (job["error"], job["error_kind"]) == ("KeyError: 'surprise'", "internal")
+    assert client.post(f"/jobs/{job_id}/resume", headers=auth(key)).json()["status"] == "queued"
 
 
 def test_a_warmup_longer_than_the_epochs_fails_the_job_before_any_step(client, key, settings, sessions):
@@ -298,6 +341,9 @@ def test_a_warmup_longer_than_the_epochs_fails_the_job_before_any_step(client, k
     assert runner.run_job(job_id, settings) == "failed"
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert "warmup_steps=50 is more than the run's 12 steps" in job["error"] and _steps(sessions, job_id) == []
+    assert job["error_kind"] == "hyperparameters"
+    refused = client.post(f"/jobs/{job_id}/resume", headers=auth(key), json={"hyperparameters": {"micro_batch_size": 1}})
+    assert refused.status_code == 409 and "a hyperparameter a resume cannot change" in refused.json()["detail"]
 
 
 @pytest.mark.parametrize("method", ["mola", "lora"])
@@ -309,7 +355,7 @@ def test_an_adapter_over_the_servers_limit_fails_before_it_is_built(client, key,
     assert runner.run_job(job_id, settings.model_copy(update={"max_adapter_params": 1000})) == "failed"
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert re.search(r"the adapter would have [\d,]+ trainable parameters, more than this server allows \(MOLA_MAX_ADAPTER_PARAMS=1,000\)", job["error"])
-    assert built == [] and _steps(sessions, job_id) == []
+    assert built == [] and _steps(sessions, job_id) == [] and job["error_kind"] == "server_limit"
 
 
 def test_the_job_reports_the_examples_cut_and_dropped_at_cutoff(client, key, settings):
@@ -331,7 +377,7 @@ def test_a_validation_set_with_nothing_within_cutoff_fails_before_training(clien
     job_id = _create(client, key, hyperparameters={"max_steps": 2}, validation_dataset_id=too_long)
     assert runner.run_job(job_id, settings) == "failed"
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
-    assert "no validation example" in job["error"] and "cutoff_len=64" in job["error"]
+    assert "no validation example" in job["error"] and "cutoff_len=64" in job["error"] and job["error_kind"] == "data"
     assert _steps(sessions, job_id) == []
 
 
