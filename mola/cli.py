@@ -419,3 +419,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # mola.train.TrainingDiverged: the run failed, not the command line
+        print(f"error: {error}", file=sys.stderr)
+        return 1

@@ -187,7 +187,7 @@ class Job:
     # older server or for a model the catalogue has no module shapes of.
     adapter_parameters: int | None = None
     # A failed job's cause, by what a resume can do about it ("out_of_memory", "data",
-    # "hyperparameters", "evaluation", "base_model", "server_limit", "abandoned", "internal");
+    # "hyperparameters", "evaluation", "diverged", "base_model", "server_limit", "abandoned", "internal");
     # None otherwise, or from an older server.
     error_kind: str | None = None
     raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it

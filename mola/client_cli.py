@@ -247,6 +247,11 @@ def _resume_advice(job: Job) -> str:
         if micro_batch == 1:
             return f"from its newest checkpoint with less memory: `mola jobs resume {job.id} --hp gradient_checkpointing=true`"
         return f"from its newest checkpoint with less memory: `mola jobs resume {job.id} --micro-batch-size {micro_batch // 2}` (or --hp gradient_checkpointing=true)"
+    if kind == "diverged":
+        return (
+            f"from the checkpoint before it without bf16: `mola jobs resume {job.id} --hp bf16=false` "
+            "(it may diverge again: a new job with a lower learning_rate is the surer way)"
+        )
     if kind == "evaluation":
         return f"with other eval_generate_rows: `mola jobs resume {job.id} --hp eval_generate_rows=null` (null: no generated evaluation)"
     after = {

@@ -192,6 +192,31 @@ class TrainResult:
     bf16: bool = False  # whether it ran under bf16 autocast (bf16=None decides by the device)
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss or the gradient norm stopped being a finite number at ``step``: the
+    optimizer would carry the NaN into every weight it updates, so the run stops there, before
+    logging, evaluating or checkpointing that step (its checkpoints are all from before)."""
+
+    def __init__(self, step: int, values: dict[str, float], log_every: int):
+        shown = ", ".join(f"{name} {value:g}" for name, value in values.items())
+        since = f" (checked every log_every={log_every} steps: it may have started up to {log_every - 1} steps earlier)" if log_every > 1 else ""
+        super().__init__(
+            f"training diverged at step {step}: {shown}{since}; lower learning_rate, keep max_grad_norm set, "
+            "or train without bf16"
+        )
+        self.step = step
+        self.values = values
+
+
+def _finite_step_values(step: int, lm_sum: Tensor, aux_sum: Tensor, grad_norm: Tensor, log_every: int) -> tuple[float, float, float]:
+    """(lm_loss, aux_loss, grad_norm) of ``step`` as numbers, in one host sync; TrainingDiverged
+    when one is NaN or infinite."""
+    values = torch.stack([lm_sum.float(), aux_sum.float(), grad_norm.float()]).tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise TrainingDiverged(step, dict(zip(("lm_loss", "aux_loss", "grad_norm"), values)), log_every)
+    return values[0], values[1], values[2]
+
+
 # ---- schedule and data order ----------------------------------------------------------------
 
 
@@ -807,10 +832,16 @@ def train(
             done = step + 1
             result.steps = done
 
+            logged = done % config.log_every == 0 or done == total_steps
+            evaluating = bool(eval_data and config.eval_every and done % config.eval_every == 0 and done < total_steps)
+            saving = checkpoint_root is not None and done < total_steps and bool(config.checkpoint_every and done % config.checkpoint_every == 0)
+            # Every step whose state leaves the loop is checked first (a stop's checkpoint follows
+            # a logged or evaluated step): no NaN is reported as a metric or saved as a checkpoint.
+            if logged or evaluating or saving:
+                lm_value, aux_value, grad_norm_value = _finite_step_values(done, lm_sum, aux_sum, grad_norm, config.log_every)
             stop = False
-            if done % config.log_every == 0 or done == total_steps:
+            if logged:
                 elapsed = time.perf_counter() - started
-                lm_value, aux_value = float(lm_sum), float(aux_sum)
                 metrics = {
                     "kind": "train",
                     "step": done,
@@ -820,7 +851,7 @@ def train(
                     "lm_loss": lm_value,
                     "aux_loss": aux_value,
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm_value,
                     "tokens_per_s": input_tokens / elapsed if elapsed > 0 else None,
                     "step_time_s": elapsed,
                     "peak_memory_mb": _peak_memory_mb(device),
@@ -828,9 +859,9 @@ def train(
                 result.metrics = metrics
                 result.history.append(metrics)
                 stop = emit(metrics)
-            if eval_data and config.eval_every and done % config.eval_every == 0 and done < total_steps:
+            if evaluating:
                 stop = run_eval(done) or stop
-            if checkpoint_root is not None and done < total_steps and (stop or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+            if checkpoint_root is not None and done < total_steps and (stop or saving):
                 stop = checkpoint(done, metrics) or stop
             # A stop on the final step is no early stop: the run has done all its steps, so it
             # ends below as every complete run does, with its final evaluation and checkpoint.

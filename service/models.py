@@ -38,6 +38,7 @@ FAILURE_KINDS = {
     "data": "its data cannot train under its cutoff_len or base model's chat template: a resume would fail alike",
     "hyperparameters": "a hyperparameter that a resume cannot change makes the run impossible: a resume would fail alike",
     "evaluation": "eval_generate_rows finds no validation row to generate: resume with eval_generate_rows changed",
+    "diverged": "the loss or gradient norm became NaN or infinite: resume with bf16 off (it may diverge again), or a new job with a lower learning_rate",
     "base_model": "the worker could not load the base model: resume once the server has it",
     "server_limit": "the adapter is over the server's MOLA_MAX_ADAPTER_PARAMS: resume if the operator raises it",
     "abandoned": "its worker stopped without finishing it on every attempt (killed, crashed): resume after checking the worker logs",

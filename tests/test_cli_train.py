@@ -27,6 +27,21 @@ def mola_train(*args):
     return main(["train", *SMALL_RUN, *map(str, args)])
 
 
+def test_a_run_that_diverges_fails_with_the_step_and_what_to_change(data, tmp_path, capsys):
+    from mola import byte_tokenizer, tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # a base model with a NaN weight: the loss is NaN from the first step
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    byte_tokenizer().save_pretrained(tmp_path / "nan-model")
+    argv = ["train", *SMALL_RUN[2:], "--model", tmp_path / "nan-model", "--data", data, "--output", tmp_path / "run", "--max-steps", 4]
+    assert main([str(a) for a in argv]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == "error: training diverged at step 1: lm_loss nan, aux_loss nan, grad_norm nan; lower learning_rate, keep max_grad_norm set, or train without bf16"
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
 def test_an_output_folder_is_one_runs(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert mola_train("--data", data, "--output", out, "--max-steps", 2) == 0

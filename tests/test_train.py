@@ -11,7 +11,7 @@ from mola import MolaConfig, byte_tokenizer, get_mola_model, load_mola_model, ti
 from mola.compile import compile_for_training
 from mola.data import load_training_data
 from mola.lora import get_lora_model
-from mola.train import TrainConfig, batch_indices, best_checkpoint, list_checkpoints, total_steps_for, train
+from mola.train import TrainConfig, TrainingDiverged, batch_indices, best_checkpoint, list_checkpoints, total_steps_for, train
 
 TOKENIZER = byte_tokenizer()
 RECORDS = [{"prompt": f"{a} plus {b} is ", "completion": str(a + b)} for a in range(8) for b in range(8)]
@@ -404,6 +404,38 @@ def test_data_train_cannot_use_is_refused(data):
         train(fresh_model(), TOKENIZER, nothing_to_learn, config=TrainConfig(max_steps=1))
     # One example with a target is enough.
     assert train(fresh_model(), TOKENIZER, [*nothing_to_learn, data[0]], config=TrainConfig(max_steps=1, batch_size=3)).steps == 1
+
+
+def _poison(model) -> None:
+    """One NaN in a frozen weight: every later forward's loss is NaN, as after a divergence."""
+    name, weight = next((n, p) for n, p in model.named_parameters() if not p.requires_grad and ".layers.1." in n and p.dim() == 2)
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+
+
+def test_a_run_whose_loss_turns_nan_stops_before_logging_or_saving_it(data, tmp_path):
+    model, events = fresh_model(), []
+
+    def diverge_after_step_3(event):
+        events.append(event)
+        if event["kind"] == "train" and event["step"] == 3:
+            _poison(model)
+
+    config = TrainConfig(max_steps=8, batch_size=8, micro_batch_size=4, checkpoint_every=2, seed=0)
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 4: lm_loss nan, aux_loss nan, grad_norm nan; lower learning_rate, keep max_grad_norm set, or train without bf16$") as raised:
+        train(model, TOKENIZER, data, config=config, callback=diverge_after_step_3, checkpoint_dir=tmp_path)
+    assert raised.value.step == 4 and isinstance(raised.value, FloatingPointError)
+    assert [e["step"] for e in events if e["kind"] == "train"] == [1, 2, 3]  # no NaN metric
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]  # resumable from before it
+
+
+def test_a_divergence_between_logged_steps_is_found_before_a_checkpoint(data, tmp_path):
+    model, events = fresh_model(), []
+    _poison(model)
+    config = TrainConfig(max_steps=8, batch_size=8, micro_batch_size=8, log_every=4, checkpoint_every=3, seed=0)
+    with pytest.raises(TrainingDiverged, match=r"at step 3: .*\(checked every log_every=4 steps: it may have started up to 3 steps earlier\)"):
+        train(model, TOKENIZER, data, config=config, callback=events.append, checkpoint_dir=tmp_path)
+    assert events == [] and list_checkpoints(tmp_path) == []
 
 
 def test_a_frozen_model_is_refused_with_how_to_train_it(data, tmp_path):

@@ -464,7 +464,7 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
 
     from mola.data import load_training_data, prompt_template_for
     from mola.models import load_base_model
-    from mola.train import TrainConfig, check_schedule, train
+    from mola.train import TrainConfig, TrainingDiverged, check_schedule, train
 
     hp = spec["hyperparameters"]
     if reporter.should_stop():
@@ -512,17 +512,20 @@ def _train(job_id: str, spec: dict, datasets: dict[str, str], resume_prefix: str
     if resume_prefix:
         resume_from = res.storage.get_dir(resume_prefix, work / "resume" / Path(resume_prefix).name)
         logger.info("job %s: resuming from %s", job_id, resume_prefix)
-    result = train(
-        model,
-        tokenizer,
-        train_data,
-        eval_data,
-        config=config,
-        callback=reporter,
-        checkpoint_dir=work / "checkpoints",
-        resume_from=resume_from,
-        extra_eval=generated,
-    )
+    try:
+        result = train(
+            model,
+            tokenizer,
+            train_data,
+            eval_data,
+            config=config,
+            callback=reporter,
+            checkpoint_dir=work / "checkpoints",
+            resume_from=resume_from,
+            extra_eval=generated,
+        )
+    except TrainingDiverged as exc:
+        raise RunFailure("diverged", str(exc)) from exc
     reporter.flush_all()
     if result.stopped and reporter.stop_reason in ("shutdown", "lease_lost"):
         raise Stop(reporter.stop_reason)

@@ -1,7 +1,7 @@
 """jobs: error_kind, why a failed job failed, by what resuming it can do
 
 One of service.models.FAILURE_KINDS, written with the failure: `out_of_memory`, `data`,
-`hyperparameters`, `evaluation`, `base_model`, `server_limit`, `abandoned` or `internal`.
+`hyperparameters`, `evaluation`, `diverged`, `base_model`, `server_limit`, `abandoned` or `internal`.
 POST /jobs/{id}/resume refuses a job whose failure would recur (`data`, `hyperparameters`).
 Jobs failed earlier keep NULL (treated as `internal`: resumable).
 

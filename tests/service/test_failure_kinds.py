@@ -41,7 +41,7 @@ def test_anything_else_is_internal_and_named_by_its_type():
 def test_kinds_are_the_known_ones():
     with pytest.raises(ValueError, match="not a failure kind: 'disk'"):
         RunFailure("disk", "full")
-    assert set(FAILURE_KINDS) == {"out_of_memory", "data", "hyperparameters", "evaluation", "base_model", "server_limit", "abandoned", "internal"}
+    assert set(FAILURE_KINDS) == {"out_of_memory", "data", "hyperparameters", "evaluation", "diverged", "base_model", "server_limit", "abandoned", "internal"}
 
 
 def test_finish_job_records_the_kind_of_failures_only(client, key, sessions):
@@ -72,6 +72,7 @@ def test_finish_job_records_the_kind_of_failures_only(client, key, sessions):
         ("data", 4, "no: a resume would fail the same way; create a new job with the cause changed"),
         ("hyperparameters", 4, "no: a resume would fail the same way; create a new job with the cause changed"),
         ("evaluation", 4, "with other eval_generate_rows: `mola jobs resume {id} --hp eval_generate_rows=null` (null: no generated evaluation)"),
+        ("diverged", 4, "from the checkpoint before it without bf16: `mola jobs resume {id} --hp bf16=false` (it may diverge again: a new job with a lower learning_rate is the surer way)"),
         ("base_model", 4, "from its newest checkpoint once the server can load its base model: `mola jobs resume {id}`"),
         ("server_limit", 4, "from its newest checkpoint once the operator raises MOLA_MAX_ADAPTER_PARAMS: `mola jobs resume {id}`"),
         ("abandoned", 4, "from its newest checkpoint after checking the worker logs (its worker stopped without finishing it on every attempt): `mola jobs resume {id}`"),

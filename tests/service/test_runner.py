@@ -336,6 +336,23 @@ def test_an_unexpected_error_fails_the_job_as_internal_and_resumably(client, key
     assert client.post(f"/jobs/{job_id}/resume", headers=auth(key)).json()["status"] == "queued"
 
 
+def test_a_run_whose_loss_turns_nan_fails_as_diverged(client, key, settings, sessions, monkeypatch):
+    build = runner._adapter
+
+    def on_a_base_model_with_a_nan_weight(model, spec):
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+        return build(model, spec)
+
+    monkeypatch.setattr(runner, "_adapter", on_a_base_model_with_a_nan_weight)
+    job_id = _create(client, key, hyperparameters={"max_steps": 4})
+    assert runner.run_job(job_id, settings) == "failed"
+    job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+    assert job["error"].startswith("training diverged at step 1: lm_loss nan") and job["error_kind"] == "diverged"
+    assert _steps(sessions, job_id) == [] and not job["adapter_available"]
+    assert client.post(f"/jobs/{job_id}/resume", headers=auth(key), json={"hyperparameters": {"bf16": False}}).json()["status"] == "queued"
+
+
 def test_a_warmup_longer_than_the_epochs_fails_the_job_before_any_step(client, key, settings, sessions):
     job_id = _create(client, key, hyperparameters={"epochs": 1, "max_steps": None, "warmup_steps": 50})
     assert runner.run_job(job_id, settings) == "failed"
