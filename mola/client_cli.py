@@ -269,6 +269,8 @@ def _show_dataset(dataset: Dataset) -> None:
     print(f"file:        {dataset.filename} ({dataset.size_bytes} bytes, sha256 {dataset.sha256[:16]}...)")
     print(f"rows:        {report.get('valid_rows', dataset.rows)} valid of {dataset.rows}, format {dataset.format or '-'}" + (f" ({formats})" if formats else ""))
     print(f"created:     {_when(dataset.created_at)}")
+    if report.get("empty_targets"):
+        print(f"warning:     {_count(report['empty_targets'], 'row')} with an empty completion (output, completion or final reply): they teach to end the answer at once")
     for error in report.get("errors") or []:
         print(f"  line {error.get('line')}: {error.get('message')}")
     counts = dataset.token_counts or {}

@@ -83,6 +83,26 @@ def _require_str(record: dict, key: str, optional: bool = False) -> None:
         raise ValueError(f"field '{key}' must be a string, got {_type_name(value)}")
 
 
+def _require_some_text(record: dict, keys: tuple[str, ...]) -> None:
+    # A row of empty strings is no example (as `{"text": ""}` is not): most likely a field
+    # lost on the way, better named here than trained as "answer nothing to nothing".
+    if not any(record.get(key) for key in keys):
+        names = [f"'{key}'" for key in keys if key in record]
+        raise ValueError(f"the record has no text: {', '.join(names[:-1])} and {names[-1]} are empty")
+
+
+def empty_target(record: dict, fmt: str) -> bool:
+    """Whether the row's completion (its `output`, `completion` or final assistant reply) is
+    empty: it teaches only to end the answer at once, which a dataset rarely means to."""
+    if fmt == "alpaca":
+        return not record["output"]
+    if fmt == "completion":
+        return not record["completion"]
+    if fmt == "chat":
+        return not record["messages"][-1]["content"]
+    return False
+
+
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"field 'messages' must be a non-empty list, got {_type_name(messages)}")
@@ -101,6 +121,8 @@ def _check_messages(messages: Any) -> None:
         raise ValueError(f"field 'messages[{last}].role' must be 'assistant' (the reply to learn), got {messages[-1]['role']!r}")
     if len(messages) < 2:
         raise ValueError("field 'messages' needs at least one message before the final assistant reply")
+    if not any(message["content"] for message in messages):
+        raise ValueError("the record has no text: every message's 'content' is empty")
 
 
 def detect_format(record: Any) -> str:
@@ -115,10 +137,12 @@ def detect_format(record: Any) -> str:
         _require_str(record, "instruction")
         _require_str(record, "input", optional=True)
         _require_str(record, "output")
+        _require_some_text(record, ("instruction", "input", "output"))
         return "alpaca"
     if "prompt" in record or "completion" in record:
         _require_str(record, "prompt")
         _require_str(record, "completion")
+        _require_some_text(record, ("prompt", "completion"))
         return "completion"
     if "text" in record:
         _require_str(record, "text")
@@ -530,6 +554,7 @@ class DatasetReport:
     ``{"line", "message"}`` and ``error_count`` all of them; ``truncated`` says reading stopped at
     ``max_bytes``. ``over_cutoff`` counts rows longer than ``cutoff_len`` tokens (they are cut),
     ``dropped_at_cutoff`` those that would keep no trainable token (they are dropped).
+    ``empty_targets`` counts valid rows whose completion (output, final reply) is empty.
     """
 
     rows: int = 0
@@ -538,6 +563,7 @@ class DatasetReport:
     formats: dict[str, int] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     error_count: int = 0
+    empty_targets: int = 0
     truncated: bool = False
     total_tokens: int | None = None
     mean_tokens: float | None = None
@@ -614,6 +640,7 @@ def inspect_dataset(
     if max_bytes is not None and not Path(path).is_dir():
         report.truncated = Path(path).stat().st_size > max_bytes
     report.valid_rows = len(good)
+    report.empty_targets = sum(empty_target(record, fmt) for _, record, fmt in good)
     report.formats = dict(Counter(fmt for _, _, fmt in good))
     if tokenizer is not None:
         _token_statistics(report, good, tokenizer, cutoff_len, max_errors)

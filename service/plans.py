@@ -53,10 +53,12 @@ def plan(session: Session, spec: dict[str, Any]) -> dict[str, Any]:
     "warnings": [...]}`` for a job's ``spec`` (`service.jobs.build_spec`)."""
     hp = spec["hyperparameters"]
     data: dict[str, Any] = {"validation": None}
+    empty_targets: dict[str, int] = {}
     for split, field in SPLITS:
         dataset = session.get(Dataset, spec[field]) if spec.get(field) else None
         if dataset is not None:
             data[split] = split_plan(dataset, spec["base_model"], hp)
+            empty_targets[field] = (dataset.report or {}).get("empty_targets") or 0  # absent from older reports
     train = data["train"]
     examples, max_steps = train["examples"], hp.get("max_steps")
     total = schedule.total_steps(examples, hp["batch_size"], hp["epochs"], max_steps)
@@ -79,6 +81,12 @@ def plan(session: Session, spec: dict[str, Any]) -> dict[str, Any]:
             warnings.append(
                 f"{field}: the plan counts all {split['rows']} rows as examples ({split['basis']}); rows that the cut at "
                 f"cutoff_len={hp['cutoff_len']} leaves without a trainable token are dropped when the run starts"
+            )
+    for field, count in empty_targets.items():
+        if count:
+            warnings.append(
+                f"{field}: {count} of its rows have an empty completion (output, completion or final reply): "
+                "they teach the model to end its answer at once"
             )
     return {"data": data, "schedule": steps, "warnings": warnings}
 

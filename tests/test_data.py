@@ -52,6 +52,10 @@ BAD_LINES = [
     ('{"prompt": null, "completion": "y"}', "field 'prompt' must be a string, got null"),
     ('{"prompt": "x", "completion": ["y"]}', "field 'completion' must be a string, got list"),
     ('{"text": ""}', "field 'text' must not be empty"),
+    ('{"instruction": "", "output": ""}', "the record has no text: 'instruction' and 'output' are empty"),
+    ('{"instruction": "", "input": "", "output": ""}', "the record has no text: 'instruction', 'input' and 'output' are empty"),
+    ('{"prompt": "", "completion": ""}', "the record has no text: 'prompt' and 'completion' are empty"),
+    ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}', "the record has no text: every message's 'content' is empty"),
     ('{"text": {"a": 1}}', "field 'text' must be a string, got dict"),
     ('{"question": "q", "answer": "a"}', "accepted formats: {instruction, input?, output}"),
     ("[1, 2]", "expected a JSON object, got list"),
@@ -79,6 +83,22 @@ def bos_tokenizer():
 
 
 # ---- malformed input -------------------------------------------------------------------------
+
+
+def test_rows_with_an_empty_completion_are_valid_and_counted(tmp_path):
+    rows = [
+        {"instruction": "Say nothing.", "output": ""},
+        {"instruction": "", "input": "context", "output": "an answer from the input alone"},
+        {"prompt": "Silence: ", "completion": ""},
+        {"prompt": "", "completion": "a completion with no prompt"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+        {"text": "plain text has no completion of its own"},
+    ]
+    path = write_jsonl(tmp_path / "empty.jsonl", [json.dumps(r) for r in rows])
+    report = inspect_dataset(path, byte_tokenizer())
+    assert (report.valid_rows, report.error_count, report.empty_targets) == (6, 0, 3) and report.ok
+    assert report.to_dict()["empty_targets"] == 3
+    assert len(load_training_data(path, byte_tokenizer())) == 6  # each still teaches where its answer ends
 
 
 @pytest.mark.parametrize("line,expected", BAD_LINES, ids=[b[1][:40] for b in BAD_LINES])

@@ -75,6 +75,12 @@ def create_job(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
 ) -> JobPublic:
+    if idempotency_key is not None:
+        # HTTP servers strip a header value's surrounding whitespace, but not every proxy or
+        # test client does: " k " and "k" are one key, and a blank one is no key.
+        idempotency_key = idempotency_key.strip()
+        if not idempotency_key:
+            raise InvalidRequest(("header", "Idempotency-Key"), "must not be blank")
     request = body.model_dump(mode="json")
     try:
         job, created = job_service.create_job(session, tenant.id, request, idempotency_key, settings.max_adapter_params)

@@ -3,6 +3,8 @@ steps, adapter size), checked the same way, and nothing created or queued."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.service.conftest import auth, job_body, make_dataset
@@ -42,6 +44,21 @@ def test_a_plan_from_the_token_counts_is_exact_and_creates_nothing(client, key, 
     assert (plan["base_model"], plan["method"], plan["allocation"], plan["top_k"]) == ("tiny-llama", "mola", [2, 4, 6, 8], [2, 2, 2, 2])
     assert plan["hyperparameters"] == job["hyperparameters"] and plan["hyperparameters"]["learning_rate"] == 3e-4
     assert plan["adapter_parameters"] == job["adapter_parameters"] > 0
+
+
+def test_rows_with_an_empty_completion_are_a_warning(client, key, capsys):
+    from mola.client import Dataset
+    from mola.client_cli import _show_dataset
+
+    rows = [{"instruction": f"Say {i}.", "output": "" if i < 3 else str(i)} for i in range(8)]
+    uploaded = client.post("/datasets", headers=auth(key), files={"file": ("d.jsonl", "\n".join(map(json.dumps, rows)))})
+    assert uploaded.status_code == 201 and uploaded.json()["report"]["empty_targets"] == 3
+    plan = client.post("/jobs/plan", headers=auth(key), json=job_body(uploaded.json()["id"])).json()
+    assert plan["warnings"][-1:] == [  # after the one saying its token counts are pending
+        "dataset_id: 3 of its rows have an empty completion (output, completion or final reply): they teach the model to end its answer at once"
+    ]
+    _show_dataset(Dataset.from_json(uploaded.json()))
+    assert "warning:     3 rows with an empty completion (output, completion or final reply): they teach to end the answer at once\n" in capsys.readouterr().out
 
 
 def test_without_counts_for_the_cutoff_the_row_count_stands_in_and_a_warning_says_so(client, key, sessions):

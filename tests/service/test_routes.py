@@ -154,6 +154,18 @@ def test_idempotency_key_returns_the_same_job(client, key, queue):
     assert client.post("/jobs", headers={**auth(other), "Idempotency-Key": "abc-123"}, json=job_body(other_ds)).status_code == 201
 
 
+def test_an_idempotency_key_is_read_without_surrounding_whitespace_and_a_blank_one_refused(client, key, queue):
+    dataset_id = make_dataset(client, key)
+    first = client.post("/jobs", headers={**auth(key), "Idempotency-Key": "k-1"}, json=job_body(dataset_id))
+    padded = client.post("/jobs", headers={**auth(key), "Idempotency-Key": "  k-1 "}, json=job_body(dataset_id))
+    assert (first.status_code, padded.status_code, padded.json()["id"]) == (201, 200, first.json()["id"])
+    blank = client.post("/jobs", headers={**auth(key), "Idempotency-Key": "   "}, json=job_body(dataset_id))
+    assert blank.status_code == 422 and blank.json()["errors"] == [
+        {"loc": ["header", "Idempotency-Key"], "field": "header.Idempotency-Key", "msg": "must not be blank"}
+    ]
+    assert queue.enqueued == [first.json()["id"]]
+
+
 def new_key_for_test(client, tenant: str) -> str:
     return new_key(client.app.state.sessionmaker, tenant)
 
