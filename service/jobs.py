@@ -324,7 +324,7 @@ def _check_the_failure_can_pass(job: Job, changes: dict[str, Any]) -> None:
     """Refuse to queue a run that would fail as the last one did: its data or a setting no
     resume can change caused it (recorded as the job's error_kind)."""
     if job.error_kind in RECURRING_FAILURES:
-        what = "its data under its cutoff_len" if job.error_kind == "data" else "a hyperparameter a resume cannot change"
+        what = "its data" if job.error_kind == "data" else "a hyperparameter a resume cannot change"
         raise Conflict(
             f"job {job.id} failed on {what} ({job.error}): a resume would fail the same way; "
             "create a new job with the cause changed"

@@ -58,9 +58,9 @@ from service.db import make_engine, make_sessionmaker, session_scope
 from service.models import Checkpoint, Dataset, Job
 from service.queue import CeleryQueue
 from service.settings import Settings
-from worker.failures import RunFailure, describe_error, failing_as, failure_kind
 from service.storage import Storage, make_storage
 from worker.expert_analysis import analyse_experts, card_section
+from worker.failures import RunFailure, describe_error, failing_as, failure_kind
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
