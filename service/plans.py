@@ -91,14 +91,34 @@ def plan(session: Session, spec: dict[str, Any]) -> dict[str, Any]:
     return {"data": data, "schedule": steps, "warnings": warnings}
 
 
+def _refuse_unrenderable_rows(session: Session, field: str, counted: dict[str, Any] | None, base_model: str) -> None:
+    """A 422 for a dataset with rows that this model's tokenizer cannot render (its chat template
+    refuses a conversation, say): the upload's token counts for the model count fewer valid rows
+    than its validation did, and the run would fail on the first of them."""
+    dataset = session.get(Dataset, counted["dataset_id"]) if counted else None
+    if dataset is None or dataset.token_counts_status != "ready":
+        return
+    counts = (dataset.token_counts or {}).get(base_model) or {}
+    valid, rendered = (dataset.report or {}).get("valid_rows"), counts.get("valid_rows")
+    if isinstance(valid, int) and isinstance(rendered, int) and rendered < valid:
+        raise InvalidRequest(
+            ("body", field),
+            f"{dataset.id}: {valid - rendered} of its {valid} rows cannot be rendered with {base_model}'s tokenizer "
+            "(its chat template refuses them, say) and the run would fail on the first: upload the data without them, "
+            "or train another base model",
+        )
+
+
 def refuse_doomed(session: Session, spec: dict[str, Any], planned: dict[str, Any] | None = None) -> None:
     """A 422 for a job that the plan shows would fail at its start, as the worker would find
-    after tokenizing: a dataset of which no row keeps a trainable token within `cutoff_len`, or
-    (with epochs) a `warmup_steps` longer than the run. Only what the plan knows exactly."""
+    after tokenizing: a dataset with rows the model's tokenizer cannot render, a dataset of which
+    no row keeps a trainable token within `cutoff_len`, or (with epochs) a `warmup_steps` longer
+    than the run. Only what the plan knows exactly."""
     planned = planned or plan(session, spec)
     hp = spec["hyperparameters"]
     for split, field in SPLITS:
         counted = planned["data"].get(split)
+        _refuse_unrenderable_rows(session, field, counted, spec["base_model"])
         if counted and counted["exact"] and counted["rows"] and counted["examples"] == 0:
             dataset = session.get(Dataset, counted["dataset_id"])
             counts = (dataset.token_counts or {}).get(spec["base_model"]) or {} if dataset is not None else {}

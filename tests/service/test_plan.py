@@ -93,8 +93,8 @@ def test_train_on_inputs_keeps_every_row_whatever_the_cutoff(client, key, sessio
     count(sessions, dataset_id, ALL_DROPPED)
     plan = client.post("/jobs/plan", headers=auth(key), json=epochs_body(dataset_id, cutoff_len=64, train_on_inputs=True)).json()
     train = plan["data"]["train"]
-    assert (train["examples"], train["exact"], train["dropped_at_cutoff"], train["over_cutoff"]) == (20, True, 0, None)
-    assert plan["schedule"]["total_steps"] == 15 and plan["warnings"] == []
+    assert (train["examples"], train["exact"], train["dropped_at_cutoff"], train["over_cutoff"]) == (24, True, 0, None)
+    assert plan["schedule"]["total_steps"] == 18 and plan["warnings"] == []
 
 
 def test_a_lora_plan_has_no_allocation(client, key):
