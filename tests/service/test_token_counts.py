@@ -73,7 +73,7 @@ def test_the_quick_task_fills_counts_equal_to_inspect_dataset(client, key, run_t
         assert counts["models"]["tiny-llama"]["over_cutoff"] > 0
 
 
-REPORT_KEYS = {"rows", "valid_rows", "format", "formats", "errors", "error_count", "ok"}
+REPORT_KEYS = {"rows", "valid_rows", "format", "formats", "errors", "error_count", "empty_targets", "ok"}
 
 
 def test_the_report_says_what_validation_found_and_the_counts_say_the_tokens(client, key, run_task, sessions):
