@@ -121,15 +121,20 @@ def prompt(text: str, tokenizer: Any, template: str = "alpaca", input: str | Non
     rendered a row of the matching format (see `TEMPLATES`; ``input`` is the Alpaca input)."""
     if template == "alpaca":
         record: dict[str, Any] = {"instruction": text, "input": input or "", "output": ""}
+        fmt = "alpaca"
     elif input is not None:
         raise ValueError(f"an input goes with the alpaca template only, not {template!r}")
     elif template == "chat":
         record = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}
+        fmt = "chat"
     elif template == "raw":
         record = {"prompt": text, "completion": ""}
+        fmt = "completion"
     else:
         raise ValueError(f"unknown template {template!r}; one of {', '.join(TEMPLATES)}")
-    rendered, _, special = render(record, tokenizer)
+    # The format is known: the record is built here, not a data row to check (an empty prompt
+    # is no malformed row, and its empty completion is the one to generate).
+    rendered, _, special = render(record, tokenizer, fmt)
     return rendered, special
 
 

@@ -59,6 +59,10 @@ def test_prompts_are_rendered_as_training_rendered_their_format():
         prompt("x", tokenizer, "jinja")
     with pytest.raises(ValueError, match="alpaca template only"):
         prompt("x", tokenizer, "chat", input="y")
+    # An empty prompt is no malformed data row: each template still renders its frame.
+    assert prompt("", tokenizer, "raw") == ("", False)
+    assert prompt("", tokenizer, "chat")[0] == "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt("", tokenizer)[0].endswith("### Response:\n")
 
 
 @pytest.mark.parametrize("kind", ["mola", "lora"])

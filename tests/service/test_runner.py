@@ -8,6 +8,7 @@ import re
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import event, select
@@ -38,6 +39,20 @@ def _create(client, key, **overrides) -> str:
 def _steps(sessions, job_id: str, kind: str = "train") -> list[int]:
     with sessions() as session:
         return list(session.scalars(select(JobMetric.step).where(JobMetric.job_id == job_id, JobMetric.kind == kind).order_by(JobMetric.step)))
+
+
+def _failing_at_train_step(monkeypatch, step: int, error: Exception) -> Callable[[], None]:
+    """The run raises ``error`` when it reports training step ``step``; returns what puts the
+    reporter back."""
+    report = runner.Reporter.__call__
+
+    def failing(self, event):
+        if event["kind"] == "train" and event["step"] == step:
+            raise error
+        return report(self, event)
+
+    monkeypatch.setattr(runner.Reporter, "__call__", failing)
+    return lambda: monkeypatch.setattr(runner.Reporter, "__call__", report)
 
 
 def _when_step(sessions, job_id: str, step: int, action, timeout: float = 120.0) -> threading.Thread:
@@ -270,16 +285,9 @@ def test_a_cancelled_job_resumed_ends_as_an_uninterrupted_one(client, key, setti
 
 def test_a_job_failed_out_of_memory_resumes_with_a_smaller_micro_batch(client, key, settings, sessions, monkeypatch):
     job_id = _create(client, key, hyperparameters={"max_steps": 6, "checkpoint_every": 2, "batch_size": 4, "micro_batch_size": 4})
-    report = runner.Reporter.__call__
-
-    def out_of_memory_at_step_5(self, event):
-        if event["kind"] == "train" and event["step"] == 5:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return report(self, event)
-
-    monkeypatch.setattr(runner.Reporter, "__call__", out_of_memory_at_step_5)
+    restore = _failing_at_train_step(monkeypatch, 5, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert runner.run_job(job_id, settings) == "failed"
-    monkeypatch.setattr(runner.Reporter, "__call__", report)
+    restore()
     failed = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert "CUDA out of memory" in failed["error"] and "hint: lower micro_batch_size" in failed["error"]
     assert failed["error_kind"] == "out_of_memory"
@@ -322,14 +330,7 @@ def test_a_base_model_the_worker_cannot_load_fails_the_job_resumably(client, key
 
 def test_an_unexpected_error_fails_the_job_as_internal_and_resumably(client, key, settings, monkeypatch):
     job_id = _create(client, key, hyperparameters={"max_steps": 4})
-    report = runner.Reporter.__call__
-
-    def fails_at_step_2(self, event):
-        if event["kind"] == "train" and event["step"] == 2:
-            raise KeyError("surprise")
-        return report(self, event)
-
-    monkeypatch.setattr(runner.Reporter, "__call__", fails_at_step_2)
+    _failing_at_train_step(monkeypatch, 2, KeyError("surprise"))
     assert runner.run_job(job_id, settings) == "failed"
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert (job["error"], job["error_kind"]) == ("KeyError: 'surprise'", "internal")
