@@ -613,6 +613,11 @@ class MolaClient:
     def get_generation(self, job_id: str, generation_id: str) -> Generation:
         return Generation.from_json(self._json("GET", f"/jobs/{_segment(job_id)}/generations/{_segment(generation_id)}"))
 
+    def delete_generation(self, job_id: str, generation_id: str) -> None:
+        """Delete a generation: a queued one is never run; a running one's completions are
+        dropped when they come; a finished one's are gone."""
+        self._request("DELETE", f"/jobs/{_segment(job_id)}/generations/{_segment(generation_id)}")
+
     def generations(self, job_id: str, limit: int = 20, after: str | None = None) -> Page:
         params = {"limit": limit, **({"after": after} if after else {})}
         return Page.of(self._json("GET", f"/jobs/{_segment(job_id)}/generations", params=params), Generation.from_json, "last_id")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from mola.client import Dataset, Job, Metric, MolaAPIError, MolaClient
+from mola.client import Dataset, Generation, Job, Metric, MolaAPIError, MolaClient
 
 HYPERPARAMETER_FLAGS = {
     # flag: (hyperparameter, type)
@@ -534,14 +534,20 @@ def cmd_jobs_generate(args: argparse.Namespace) -> int:
         _print_json(generation.raw)
         return 0
     if args.no_wait:
-        print(f"{generation.id} {generation.status}: see it with mola jobs generation {args.id} {generation.id}")
+        print(f"{generation.id} {generation.status}: see it with mola jobs generation {args.id} {generation.id} (--delete cancels it)")
         return 0
     return _print_generation(generation)
 
 
 def cmd_jobs_generation(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        generation = client.get_generation(args.id, args.generation_id)
+        if args.delete:
+            client.delete_generation(args.id, args.generation_id)
+        else:
+            generation = client.get_generation(args.id, args.generation_id)
+    if args.delete:  # the API answers 204 without a body, as for a job
+        _print_json({"id": args.generation_id, "deleted": True}) if args.json else print(f"deleted {args.generation_id}")
+        return 0
     if args.json:
         _print_json(generation.raw)
         return 0
@@ -551,7 +557,7 @@ def cmd_jobs_generation(args: argparse.Namespace) -> int:
     return _print_generation(generation)
 
 
-def _print_generation(generation: Any) -> int:
+def _print_generation(generation: Generation) -> int:
     if generation.status == "failed":
         print(f"generation {generation.id} failed: {generation.error}", file=sys.stderr)
         return 1
@@ -785,6 +791,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = jobs.add_parser("generation", help="one generation of a job: its status, or its completions")
     p.add_argument("id", type=_id_arg)
     p.add_argument("generation_id", type=_id_arg)
+    p.add_argument("--delete", action="store_true", help="delete it instead (a queued one is never run)")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_generation))
     p = jobs.add_parser("download", help="download a job's adapter")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -56,6 +57,14 @@ def get(session: Session, tenant_id: str, job_id: str, generation_id: str) -> Ge
     if generation is None or generation.job_id != job_id:
         raise NotFound(f"generation {generation_id!r} of job {job_id} not found")
     return generation
+
+
+def forget(session: Session, tenant_id: str, job_id: str, generation_id: str) -> None:
+    """Delete a generation in any state. A queued one is never run (the worker's claim finds no
+    row) and frees its place among the tenant's waiting ones; a running one finishes on the GPU,
+    but its completions are dropped (the worker's `finish` finds no row). Flushes only."""
+    generation = get(session, tenant_id, job_id, generation_id)
+    session.execute(sql_delete(Generation).where(Generation.id == generation.id))
 
 
 def list_for_job(session: Session, tenant_id: str, job_id: str, limit: int = 20, after: str | None = None) -> tuple[list[Generation], bool]:

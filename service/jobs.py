@@ -32,6 +32,7 @@ from service.models import (
     BaseModelEntry,
     Checkpoint,
     Dataset,
+    Generation,
     Job,
     JobMetric,
     utcnow,
@@ -401,8 +402,8 @@ def resume_job(session: Session, job: Job, changes: dict[str, Any]) -> tuple[Job
 # ---- deleting a job ----------------------------------------------------------------------
 # In three steps, so that nothing is left orphaned and nothing is seen half deleted:
 # 1. `start_deletion`, one transaction: the job is marked (`deleted_at`, from then on it answers
-#    404 everywhere) and its metric and checkpoint rows are deleted (rows before files, as when
-#    checkpoints are pruned: a row never names a file that is gone);
+#    404 everywhere) and its metric, checkpoint and generation rows are deleted (rows before
+#    files, as when checkpoints are pruned: a row never names a file that is gone);
 # 2. the caller deletes the stored files under `job_storage_prefix` (checkpoints, adapter);
 # 3. `finish_deletion` deletes the row.
 # Interrupted after 1, the marked row still names the files: a repeated DELETE or the next
@@ -430,6 +431,8 @@ def start_deletion(session: Session, job: Job) -> None:
         )
     session.execute(delete(JobMetric).where(JobMetric.job_id == job.id))
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id))
+    # Its queued generations are never run and stop counting among the tenant's waiting ones.
+    session.execute(delete(Generation).where(Generation.job_id == job.id))
     session.refresh(job)
 
 

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def run_generation(generation_id: str, settings: Settings) -> str:
     """"succeeded", "failed", or "skipped" (not queued: a duplicate message, or a generation
-    the reconciler gave up)."""
+    the reconciler gave up; or deleted while it ran)."""
     from worker.runner import Resources
 
     res = Resources.of(settings)
@@ -44,8 +44,8 @@ def run_generation(generation_id: str, settings: Settings) -> str:
     except Exception as exc:  # noqa: BLE001 - whatever went wrong is the generation's answer
         logger.warning("generation %s failed: %s", generation_id, exc, exc_info=True)
         with session_scope(res.sessions) as session:
-            generation_service.finish(session, generation_id, error=f"{type(exc).__name__}: {exc}")
-        return "failed"
+            recorded = generation_service.finish(session, generation_id, error=f"{type(exc).__name__}: {exc}")
+        return "failed" if recorded else "skipped"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     with session_scope(res.sessions) as session:

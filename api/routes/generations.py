@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from api.deps import CurrentTenant, QueueDep, SessionDep
 from api.schemas import ErrorResponse, GenerationCreate, GenerationList, GenerationPublic, Text
@@ -62,3 +62,19 @@ def list_generations(
 @router.get("/{generation_id}", response_model=GenerationPublic, summary="One generation: its status and completions")
 def get_generation(job_id: Text, generation_id: Text, tenant: CurrentTenant, session: SessionDep) -> GenerationPublic:
     return GenerationPublic.of(generation_service.get(session, tenant.id, job_id, generation_id))
+
+
+@router.delete(
+    "/{generation_id}",
+    status_code=204,
+    summary="Delete a generation (cancel it while it waits)",
+    description=(
+        "Deletes the generation in any state. A queued one is never run and no longer counts "
+        "among the tenant's 16 waiting; a running one finishes on the worker (seconds to minutes) "
+        "but its completions are dropped; a finished one's completions are gone."
+    ),
+)
+def delete_generation(job_id: Text, generation_id: Text, tenant: CurrentTenant, session: SessionDep) -> Response:
+    generation_service.forget(session, tenant.id, job_id, generation_id)
+    session.commit()
+    return Response(status_code=204)

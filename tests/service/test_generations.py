@@ -10,7 +10,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from service import generations as generation_service
 from service.db import session_scope
@@ -88,6 +88,54 @@ def test_a_tenant_has_at_most_16_generations_waiting(client, key, sessions, queu
     assert [g["id"] for g in listed["data"]] == queue.generations[::-1][:10] and listed["has_more"]
     rest = client.get(f"/jobs/{job_id}/generations?after={listed['last_id']}", headers=auth(key)).json()
     assert [g["id"] for g in rest["data"]] == queue.generations[::-1][10:] and not rest["has_more"]
+
+
+def test_a_generation_can_be_deleted_whatever_its_state(client, key, other_key, settings, sessions, queue, monkeypatch):
+    from worker import generation as worker_generation
+
+    job_id = _finished_job(sessions, client, key)
+    ids = [_post(client, key, job_id).json()["id"] for _ in range(generation_service.MAX_WAITING_PER_TENANT)]
+    assert _post(client, key, job_id).status_code == 409
+    url = f"/jobs/{job_id}/generations/{ids[0]}"
+    assert client.delete(url, headers=auth(other_key)).status_code == 404  # another tenant's
+    assert client.delete(f"/jobs/{job_id}/generations/gen_nope", headers=auth(key)).status_code == 404
+    response = client.delete(url, headers=auth(key))
+    assert (response.status_code, response.content) == (204, b"")
+    assert client.get(url, headers=auth(key)).status_code == 404
+    assert client.delete(url, headers=auth(key)).status_code == 404
+    assert _post(client, key, job_id).status_code == 202  # its place among the waiting is free
+    # Its message is still on the queue: the worker finds no row and does nothing.
+    monkeypatch.setattr(worker_generation, "_generate", lambda *a: pytest.fail("a deleted generation ran"))
+    assert worker_generation.run_generation(ids[0], settings) == "skipped"
+
+    # Deleted while running: the worker's answer, completions or error, is dropped.
+    def deleted_meanwhile(outcome):
+        def generate(job, upload_format, request, work, res, settings):
+            assert client.delete(f"/jobs/{job_id}/generations/{running}", headers=auth(key)).status_code == 204
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        return generate
+
+    for outcome in ({"template": "raw", "completions": [], "seconds": 0.1}, RuntimeError("the GPU fell over")):
+        running = ids.pop()
+        monkeypatch.setattr(worker_generation, "_generate", deleted_meanwhile(outcome))
+        assert worker_generation.run_generation(running, settings) == "skipped"
+        with sessions() as session:
+            assert session.get(Generation, running) is None
+
+
+def test_deleting_a_job_deletes_its_generations(client, key, sessions, queue):
+    job_id = _finished_job(sessions, client, key)
+    other_job = _finished_job(sessions, client, key)
+    for _ in range(generation_service.MAX_WAITING_PER_TENANT):
+        assert _post(client, key, job_id).status_code == 202
+    assert _post(client, key, other_job).status_code == 409
+    assert client.delete(f"/jobs/{job_id}", headers=auth(key)).status_code == 204
+    with sessions() as session:
+        assert session.scalars(select(Generation).where(Generation.job_id == job_id)).all() == []
+    assert _post(client, key, other_job).status_code == 202  # the deleted job's no longer wait
 
 
 def test_a_lost_message_is_sent_again_and_an_abandoned_run_fails(client, key, settings, sessions, queue):
@@ -205,6 +253,13 @@ def test_the_client_and_cli_wait_for_the_completions(client, key, settings, queu
                 time.sleep(0.05)
         code, out, err = mola(capsys, live, key, "jobs", "generation", job_id, generation_id)
         assert code == 1 and "leaves no room in the model's 512 positions" in err
+        code, out, err = mola(capsys, live, key, "jobs", "generation", job_id, generation_id, "--delete")
+        assert (code, out, err) == (0, f"deleted {generation_id}\n", "")
+        with MolaClient(live.url, key) as api:
+            listed = [g.id for g in api.generations(job_id)]
+            assert len(listed) == 3 and generation_id not in listed and generation.id in listed
+            api.delete_generation(job_id, generation.id)
+            assert [g.id for g in api.generations(job_id)] == [g for g in listed if g != generation.id]
         code, out, err = mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", "x", "--template", "chat", "--input", "y")
         assert code != 0 and "input" in err and "an input goes with the alpaca template, not chat" in err
     finally:
