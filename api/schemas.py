@@ -92,7 +92,8 @@ class TokenCounts(BaseModel):
     models: dict[str, dict[str, Any]] = Field(
         description=(
             "per base model of GET /models: total_tokens, mean_tokens, max_tokens, cutoff_len (the "
-            "default of a job), over_cutoff (rows a job would cut), dropped_at_cutoff, valid_rows"
+            "default of a job), over_cutoff (rows a job would cut), dropped_at_cutoff, valid_rows, "
+            "unrenderable (the first rows the model's tokenizer cannot render, as {line, message})"
         )
     )
     error: str | None = Field(None, description="why counting failed, for all models or the ones named")

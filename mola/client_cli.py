@@ -286,6 +286,8 @@ def _show_dataset(dataset: Dataset) -> None:
             f"  {model}: {c.get('total_tokens')} tokens, mean {mean}, max {c.get('max_tokens')}; "
             f"{_count(c.get('over_cutoff'), 'row')} over cutoff_len {c.get('cutoff_len')}{lost}"
         )
+        for row in c.get("unrenderable") or []:  # a job on this model is refused until they go
+            print(f"    line {row.get('line')}: {row.get('message')}")
     for model, stats in (dataset.token_stats or {}).items():  # measured by jobs that trained on it
         print(f"  {model} (from a job): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
 

@@ -555,6 +555,9 @@ class DatasetReport:
     ``max_bytes``. ``over_cutoff`` counts rows longer than ``cutoff_len`` tokens (they are cut),
     ``dropped_at_cutoff`` those that would keep no trainable token (they are dropped).
     ``empty_targets`` counts valid rows whose completion (output, final reply) is empty.
+    ``unrenderable`` (with a tokenizer) lists the first ``max_errors`` rows the tokenizer could
+    not render, its chat template refusing a conversation say, as ``{"line", "message"}``; they
+    are errors too, and not among ``valid_rows``.
     """
 
     rows: int = 0
@@ -571,6 +574,7 @@ class DatasetReport:
     cutoff_len: int | None = None
     over_cutoff: int | None = None
     dropped_at_cutoff: int | None = None
+    unrenderable: list[dict[str, Any]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -589,13 +593,16 @@ def _add_error(report: DatasetReport, line: int, message: str, max_errors: int) 
 
 def _token_statistics(report: DatasetReport, rows: list[tuple[int, dict, str]], tokenizer: Any, cutoff_len: int, max_errors: int) -> None:
     """Fill the token fields of ``report``; rows the tokenizer cannot render become errors."""
-    pairs, lines = [], []
+    pairs = []
+    report.unrenderable = []
     for line, record, fmt in rows:
         try:
             pairs.append(render(record, tokenizer, fmt))
-            lines.append(line)
         except Exception as e:  # noqa: BLE001 - a template error is a bad row, reported
-            _add_error(report, line, f"cannot render the record: {e}", max_errors)
+            message = f"cannot render the record: {e}"
+            _add_error(report, line, message, max_errors)
+            if len(report.unrenderable) < max_errors:
+                report.unrenderable.append({"line": line, "message": message})
             report.valid_rows -= 1
             report.formats[fmt] -= 1
     lengths, dropped = [], 0

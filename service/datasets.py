@@ -26,7 +26,7 @@ MAX_REPORTED_ERRORS = 20
 # statistics need a tokenizer (the API has none; per model they are the dataset's
 # `token_counts`), and `truncated` needs a `max_bytes` (an upload is read whole). They would
 # only ever be null and false beside the real counts, so the report leaves them out.
-NOT_REPORTED = ("total_tokens", "mean_tokens", "max_tokens", "cutoff_len", "over_cutoff", "dropped_at_cutoff", "truncated")
+NOT_REPORTED = ("total_tokens", "mean_tokens", "max_tokens", "cutoff_len", "over_cutoff", "dropped_at_cutoff", "unrenderable", "truncated")
 
 
 def inspect_file(path: Path, max_row_bytes: int | None = None, max_errors: int = MAX_REPORTED_ERRORS) -> dict[str, Any]:
@@ -169,7 +169,9 @@ def delete_dataset(session: Session, dataset: Dataset) -> str:
 
 
 # ---- token counts (the quick task `mola.count_tokens`, see worker/token_counts.py) ----------
-TOKEN_COUNT_FIELDS = ("total_tokens", "mean_tokens", "max_tokens", "cutoff_len", "over_cutoff", "dropped_at_cutoff", "valid_rows")
+TOKEN_COUNT_FIELDS = (
+    "total_tokens", "mean_tokens", "max_tokens", "cutoff_len", "over_cutoff", "dropped_at_cutoff", "valid_rows", "unrenderable",
+)  # fmt: skip
 
 
 def record_token_counts(

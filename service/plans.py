@@ -101,11 +101,13 @@ def _refuse_unrenderable_rows(session: Session, field: str, counted: dict[str, A
     counts = (dataset.token_counts or {}).get(base_model) or {}
     valid, rendered = (dataset.report or {}).get("valid_rows"), counts.get("valid_rows")
     if isinstance(valid, int) and isinstance(rendered, int) and rendered < valid:
+        # Counts taken before they named the rows only say how many.
+        named = [row for row in counts.get("unrenderable") or [] if isinstance(row, dict)][:3]
+        which = "; ".join(f"line {row.get('line')}: {row.get('message')}" for row in named) or "its chat template refuses them, say"
         raise InvalidRequest(
             ("body", field),
             f"{dataset.id}: {valid - rendered} of its {valid} rows cannot be rendered with {base_model}'s tokenizer "
-            "(its chat template refuses them, say) and the run would fail on the first: upload the data without them, "
-            "or train another base model",
+            f"({which}) and the run would fail on the first: upload the data without them, or train another base model",
         )
 
 

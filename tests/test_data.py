@@ -365,6 +365,32 @@ def test_inspect_dataset_counts_formats_errors_and_tokens(tmp_path):
     assert as_dict["ok"] is False and as_dict["errors"][0]["message"].startswith("not valid JSON")
 
 
+# A strict chat template, as some models ship: it refuses a conversation whose turns do not
+# alternate between the user and the assistant (a system turn first is allowed).
+STRICT_CHAT_TEMPLATE = (
+    "{% set offset = 1 if messages[0]['role'] == 'system' else 0 %}"
+    "{% for m in messages %}{% if m['role'] != 'system' and (m['role'] == 'user') != ((loop.index0 - offset) % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_rows_the_chat_template_refuses_are_named_by_line(tmp_path):
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = STRICT_CHAT_TEMPLATE
+    twice = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "user", "content": "Hi??"}, {"role": "assistant", "content": "Yes."}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [json.dumps(CHAT), json.dumps(twice), "{broken", json.dumps(twice), json.dumps(GOOD[0])])
+    report = inspect_dataset(path, tokenizer)
+    refused = "cannot render the record: Conversation roles must alternate user/assistant"
+    assert report.unrenderable == [{"line": 2, "message": refused}, {"line": 4, "message": refused}]
+    assert (report.rows, report.valid_rows, report.error_count, report.formats) == (5, 2, 3, {"chat": 1, "alpaca": 1})
+    assert [e["line"] for e in report.errors] == [3, 2, 4]  # what reading found, then what rendering did
+    assert inspect_dataset(path, tokenizer, max_errors=1).unrenderable == [{"line": 2, "message": refused}]
+    assert inspect_dataset(path).unrenderable is None  # no tokenizer, no rendering
+    assert inspect_dataset(write_jsonl(tmp_path / "ok.jsonl", [json.dumps(CHAT)]), tokenizer).unrenderable == []
+
+
 def test_inspect_dataset_without_tokenizer_caps_errors_and_bytes(tmp_path):
     path = write_jsonl(tmp_path / "many.jsonl", [json.dumps(GOOD[1])] + ["{bad"] * 30)
     report = inspect_dataset(path, max_errors=5)

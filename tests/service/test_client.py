@@ -22,6 +22,7 @@ from mola.client import MolaAPIError, MolaClient
 from service import cli
 from service import jobs as job_service
 from service.db import session_scope
+from service.models import Dataset
 from tests.service.conftest import ALPACA_ROWS, jsonl
 
 pytestmark = pytest.mark.timeout(120)
@@ -223,9 +224,10 @@ def test_datasets_show_is_text_without_json(capsys, live, key, dataset_id):
     assert "rows:        24 valid of 24, format alpaca" in out and not out.lstrip().startswith("{")
 
 
-def test_datasets_show_writes_counts_a_person_reads(capsys, live, key, api, settings, monkeypatch, tmp_path):
+def test_datasets_show_writes_counts_a_person_reads(capsys, live, key, api, settings, sessions, monkeypatch, tmp_path):
     """Token counts as the quick task writes them (here one whose mean is 8/3): the mean
-    rounded, a count of one in the singular, the creation time in UTC like `jobs show`."""
+    rounded, a count of one in the singular, the creation time in UTC like `jobs show`; the
+    rows a model's tokenizer cannot render, by line."""
     from worker import tasks
 
     path = tmp_path / "thirds.jsonl"
@@ -250,6 +252,13 @@ def test_datasets_show_writes_counts_a_person_reads(capsys, live, key, api, sett
     assert "; 1 row over cutoff_len 256" in out
     code, out, _ = mola(capsys, live, key, "datasets", "list")
     assert re.search(rf"^{one}  thirds.jsonl +1 row  ", out, re.M) and re.search(rf"^{dataset_id}  thirds.jsonl +3 rows  ", out, re.M), out
+
+    refused = {"line": 2, "message": "cannot render the record: Conversation roles must alternate user/assistant"}
+    with session_scope(sessions) as session:
+        dataset = session.get(Dataset, dataset_id)
+        dataset.token_counts = {"tiny-llama": {**dataset.token_counts["tiny-llama"], "valid_rows": 2, "unrenderable": [refused]}}
+    code, out, _ = mola(capsys, live, key, "datasets", "show", dataset_id)
+    assert "over cutoff_len 256\n    line 2: cannot render the record: Conversation roles must alternate user/assistant\n" in out, out
 
 
 def _work_when_queued(queue, sessions, metrics: list[tuple[int, str]]) -> threading.Thread:

@@ -11,7 +11,7 @@ from service import cli
 from service.models import Dataset
 from service.queue import COUNT_TOKENS_TASK, TRAIN_TASK, CeleryQueue
 from service.settings import get_settings
-from tests.service.conftest import ALPACA_ROWS, auth, jsonl, upload
+from tests.service.conftest import ALPACA_ROWS, auth, job_body, jsonl, upload
 
 torch = pytest.importorskip("torch")
 
@@ -45,6 +45,7 @@ def _expected(content: bytes, model: str, tmp_path) -> dict:
         "over_cutoff": report.over_cutoff,
         "dropped_at_cutoff": report.dropped_at_cutoff,
         "valid_rows": report.valid_rows,
+        "unrenderable": report.unrenderable,
     }
 
 
@@ -97,6 +98,37 @@ def test_the_report_says_what_validation_found_and_the_counts_say_the_tokens(cli
         session.commit()
     assert client.get(f"/datasets/{dataset_id}", headers=auth(key)).json()["report"] == body["report"]
     assert client.get("/datasets", headers=auth(key)).json()["data"][0]["report"] == body["report"]
+
+
+def test_rows_a_models_chat_template_refuses_are_named_and_its_jobs_refused(client, key, run_task, monkeypatch, queue):
+    """tiny-llama given a strict chat template (turns must alternate): the count for it names the
+    row it cannot render, and a job on it is refused naming the row; tiny-gpt2 renders it."""
+    import mola.models
+    from tests.test_data import STRICT_CHAT_TEMPLATE
+
+    real = mola.models.load_tokenizer
+
+    def strict_for_tiny_llama(name, *args, **kwargs):
+        tokenizer = real(name, *args, **kwargs)
+        if name == "tiny-llama":
+            tokenizer.chat_template = STRICT_CHAT_TEMPLATE
+        return tokenizer
+
+    monkeypatch.setattr(mola.models, "load_tokenizer", strict_for_tiny_llama)
+    user_twice = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "user", "content": "Hi??"}, {"role": "assistant", "content": "Yes."}]}
+    dataset_id = upload(client, key, jsonl([*CHAT_ROWS[:3], user_twice, *CHAT_ROWS[3:]])).json()["id"]
+    assert run_task(dataset_id) == "ready"
+    counts = client.get(f"/datasets/{dataset_id}", headers=auth(key)).json()["token_counts"]["models"]
+    refused = "cannot render the record: Conversation roles must alternate user/assistant"
+    assert (counts["tiny-llama"]["valid_rows"], counts["tiny-llama"]["unrenderable"]) == (11, [{"line": 4, "message": refused}])
+    assert (counts["tiny-gpt2"]["valid_rows"], counts["tiny-gpt2"]["unrenderable"]) == (12, [])
+
+    response = client.post("/jobs", headers=auth(key), json=job_body(dataset_id))
+    assert response.status_code == 422 and response.json()["errors"][0]["msg"] == (
+        f"{dataset_id}: 1 of its 12 rows cannot be rendered with tiny-llama's tokenizer (line 4: {refused}) "
+        "and the run would fail on the first: upload the data without them, or train another base model"
+    )
+    assert client.post("/jobs", headers=auth(key), json=job_body(dataset_id, base_model="tiny-gpt2")).status_code == 201
 
 
 def test_models_sharing_a_tokenizer_share_one_pass(client, key, run_task, monkeypatch):

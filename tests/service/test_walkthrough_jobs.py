@@ -96,7 +96,8 @@ def test_an_upload_that_is_not_a_file_part_says_what_an_upload_is(client, key, k
 
 def test_rows_the_models_tokenizer_cannot_render_are_refused_naming_how_many(client, key, sessions, queue):
     # The quick task counted 22 of the upload's 24 valid rows: the model's chat template refused
-    # two, and the run would fail on the first of them.
+    # two, and the run would fail on the first of them. Counts from before they named the rows
+    # (no `unrenderable`, as here) only say how many; test_token_counts has the rows named.
     train, validation = make_dataset(client, key), make_dataset(client, key)
     count(sessions, validation, {**ALL_DROPPED, "dropped_at_cutoff": 0, "valid_rows": 22})
     response = client.post("/jobs", headers=auth(key), json=job_body(train, validation_dataset_id=validation))
