@@ -596,7 +596,8 @@ class MolaClient:
     ) -> Generation:
         """Have the job's adapter complete ``prompts`` on the server (each dressed as the
         training rows were, unless ``template``); with ``wait``, polls until it is done (or
-        ``timeout`` seconds pass: `TimeoutError`). It runs on a training worker between jobs."""
+        ``timeout`` seconds pass: `TimeoutError`). It runs on a training worker between jobs
+        (unless the server gives generations workers of their own)."""
         body: dict[str, Any] = {"prompts": list(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
         body.update({k: v for k, v in {"template": template, "input": input, "seed": seed}.items() if v is not None})
         generation = Generation.from_json(self._json("POST", f"/jobs/{_segment(job_id)}/generations", json=body))

@@ -379,19 +379,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     # Two children: the training worker (MOLA_QUEUE) and a quick worker (MOLA_QUICK_QUEUE, one
-    # task at a time: an upload's token counts), so a quick task never waits behind training.
-    workers = (
-        [WorkerProcess(), WorkerProcess(["--queues", settings.quick_queue], name="quick worker")]
-        if settings.embedded_worker
-        else []
-    )
+    # task at a time: an upload's token counts), so a quick task never waits behind training;
+    # and a generation worker when MOLA_GENERATION_QUEUE names a queue of its own.
+    workers = [WorkerProcess(), WorkerProcess(["--queues", settings.quick_queue], name="quick worker")]
+    if settings.generations_queue not in (settings.queue, settings.quick_queue):
+        workers.append(WorkerProcess(["--queues", settings.generations_queue], name="generation worker"))
+    if not settings.embedded_worker:
+        workers = []
     for worker in workers:
         worker.start()
     print(f"  mola serving on http://{settings.host}:{settings.port} (API docs at /docs)\n", flush=True)
     try:
         started = _run_api(settings, workers)
     finally:
-        for worker in reversed(workers):  # the quick one first: it stops at once
+        for worker in reversed(workers):  # the training worker last: the others stop sooner
             worker.stop()
     return 0 if started else 1
 
@@ -448,7 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     _server_options(p)
     p.add_argument("--pool", default="solo", choices=("solo", "prefork", "threads"), help="Celery pool (solo: jobs run in this process)")
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--queues", help="comma-separated queues to consume (default MOLA_QUEUE, the training queue; MOLA_QUICK_QUEUE for a quick worker)")
+    p.add_argument(
+        "--queues",
+        help="comma-separated queues to consume (default MOLA_QUEUE, the training queue; MOLA_QUICK_QUEUE for a quick worker; "
+        "MOLA_GENERATION_QUEUE, when set, for a generation worker)",
+    )
     p.add_argument("--quiet", action="store_true", help="no Celery start-up banner (the embedded workers of mola serve)")
     p.set_defaults(func=cmd_worker)
 

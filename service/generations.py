@@ -2,7 +2,8 @@
 (POST /jobs/{id}/generations), so a user can try it without downloading it.
 
 The API stores the request and queues its id on the training queue: generating needs the
-base model on a GPU, which the training worker has. The worker claims the row (a conditional
+base model on a GPU, which the training worker has (`MOLA_GENERATION_QUEUE` names another
+queue, for workers of their own, so generations never wait behind training). The worker claims the row (a conditional
 UPDATE, so a duplicate message does nothing), generates with `mola.generate` and records the
 completions or the error. The reconciler sends a queued generation again when its message
 may be lost, and fails one whose worker stopped while it ran (`ABANDONED_AFTER_SECONDS`).

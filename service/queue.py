@@ -49,18 +49,19 @@ class CeleryQueue:
         logger.info("enqueued the token count of %s on %s", dataset_id, self.settings.quick_queue)
 
     def enqueue_generation(self, generation_id: str) -> None:
-        """Sends `mola.generate(generation_id)` to the training queue: it needs the base model
-        on the worker's GPU, and runs there between jobs."""
-        self.app.send_task(GENERATE_TASK, args=[generation_id], queue=self.settings.queue)
-        logger.info("enqueued generation %s on %s", generation_id, self.settings.queue)
+        """Sends `mola.generate(generation_id)` to the generation queue: by default the training
+        queue (it needs the base model on the worker's GPU, and runs there between jobs)."""
+        self.app.send_task(GENERATE_TASK, args=[generation_id], queue=self.settings.generations_queue)
+        logger.info("enqueued generation %s on %s", generation_id, self.settings.generations_queue)
 
-    def waiting(self) -> int:
-        """Messages waiting in the broker's queue (not those a worker has taken); 0 when the
-        broker does not know the queue, e.g. after a restart without persistence."""
+    def waiting(self, queue: str | None = None) -> int:
+        """Messages waiting in the broker's ``queue`` (default the training queue; not those a
+        worker has taken); 0 when the broker does not know the queue, e.g. after a restart
+        without persistence."""
         from kombu.exceptions import ChannelError
 
         with self.app.connection_for_read() as connection:
             try:
-                return connection.default_channel.queue_declare(self.settings.queue, passive=True).message_count
+                return connection.default_channel.queue_declare(queue or self.settings.queue, passive=True).message_count
             except ChannelError:
                 return 0

@@ -2,7 +2,8 @@
 
 Two things go wrong between them, and one pass of `reconcile` repairs both (and re-sends the
 token counts of uploads whose quick-queue message was lost, see the end of `reconcile`; and
-does the same for generations, `service/generations.py`, which share the training queue):
+does the same for generations, `service/generations.py`, on the training queue unless
+`MOLA_GENERATION_QUEUE` names another):
 
 - A running job whose lease expired lost its worker (killed, out of memory, machine gone, or
   hung past its heartbeats). It goes back to `queued` and is enqueued again, and the next worker
@@ -64,21 +65,25 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], queue: Celery
 
     after = settings.requeue_after_seconds if requeue_after_seconds is None else requeue_after_seconds
     with session_scope(sessions) as session:
-        # Generations share the training queue (they need its GPU), so its messages count both.
-        queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) - len(to_send)
-        queued += generation_service.queued_count(session)
-    if queued > 0:
-        waiting = queue.waiting()
-        if waiting < queued:
-            with session_scope(sessions) as session:
-                stale = job_service.touch_stale_queued(session, after)
-                report.generations = generation_service.touch_stale(session, after)
-            to_send += [job_id for job_id in stale if job_id not in to_send]
-            if stale or report.generations:
-                logger.warning(
-                    "%d queued job(s) and generation(s), %d message(s) waiting: enqueuing %d job(s) and %d generation(s) again",
-                    queued, waiting, len(stale), len(report.generations),
-                )  # fmt: skip
+        queued_jobs = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) - len(to_send)
+        queued_generations = generation_service.queued_count(session)
+    if settings.generations_queue == settings.queue:
+        # Generations share the training queue (by default: they need its GPU), so its
+        # messages count both.
+        jobs_lost = generations_lost = _messages_lost(queue, settings.queue, queued_jobs + queued_generations)
+    else:
+        jobs_lost = _messages_lost(queue, settings.queue, queued_jobs)
+        generations_lost = _messages_lost(queue, settings.generations_queue, queued_generations)
+    if jobs_lost or generations_lost:
+        with session_scope(sessions) as session:
+            stale = job_service.touch_stale_queued(session, after) if jobs_lost else []
+            report.generations = generation_service.touch_stale(session, after) if generations_lost else []
+        to_send += [job_id for job_id in stale if job_id not in to_send]
+        if stale or report.generations:
+            logger.warning(
+                "%d queued job(s) and %d generation(s), fewer messages waiting: enqueuing %d job(s) and %d generation(s) again",
+                queued_jobs, queued_generations, len(stale), len(report.generations),
+            )  # fmt: skip
 
     for job_id in to_send:  # after the commits, like the API
         queue.enqueue_training(job_id)
@@ -101,6 +106,12 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], queue: Celery
     if report.requeued:
         logger.warning("re-queued %d job(s) whose worker stopped: %s", len(report.requeued), ", ".join(report.requeued))
     return report
+
+
+def _messages_lost(queue: CeleryQueue, name: str, queued: int) -> bool:
+    """Whether the broker's queue ``name`` holds fewer messages than the ``queued`` rows that
+    go there: some were lost (a message a worker has taken is not counted, nor is its row)."""
+    return queued > 0 and queue.waiting(name) < queued
 
 
 class ReconcilerThread(threading.Thread):

@@ -32,6 +32,14 @@ class Settings(BaseSettings):
         5.0, gt=0, description="how long a broker that does not answer may hold a send (POST /jobs, the reconciler) before it fails"
     )
     quick_queue: str = Field("mola.quick", description="Celery queue of quick tasks (token counts of an upload), so they never wait behind training")
+    generation_queue: str | None = Field(
+        None,
+        description=(
+            "Celery queue of generations (POST /jobs/{id}/generations); default MOLA_QUEUE, where a training worker runs them "
+            "between jobs. Another name gives them workers of their own (`mola worker --queues NAME`), so trying an "
+            "adapter never waits behind a training run"
+        ),
+    )
     storage: Literal["local", "s3"] = Field("local", description="artifact storage backend: a local folder or an S3-compatible object store")
     storage_dir: Path | None = Field(None, description="folder of the local storage; default DATA_DIR/artifacts")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, SeaweedFS, ...); unset for AWS S3")
@@ -102,6 +110,10 @@ class Settings(BaseSettings):
         return self
 
     # ---- derived values --------------------------------------------------------------------
+    @property
+    def generations_queue(self) -> str:
+        return self.generation_queue or self.queue
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'mola.db').resolve()}"

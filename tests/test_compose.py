@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-APP_SERVICES = ("api", "worker", "quick-worker", "migrate")  # the ones running the mola image
+APP_SERVICES = ("api", "worker", "quick-worker", "generation-worker", "migrate")  # the ones running the mola image
 INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -66,8 +66,13 @@ def one_shot(service: dict) -> bool:
 
 
 def test_the_services(services) -> None:
-    assert set(services) == {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "quick-worker"}
+    assert set(services) == {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "quick-worker", "generation-worker"}
     assert services["quick-worker"]["command"][:3] == ["worker", "--queues", "${MOLA_QUICK_QUEUE:-mola.quick}"]
+    # Started only with its profile; it consumes the queue the API sends generations to then.
+    generation = services["generation-worker"]
+    assert generation["profiles"] == ["generation"] and "profiles" not in services["worker"]
+    assert generation["command"][:3] == ["worker", "--queues", "${MOLA_GENERATION_QUEUE:-mola.generate}"]
+    assert environment(generation)["MOLA_GENERATION_QUEUE"] == "${MOLA_GENERATION_QUEUE:-}"
     assert services["api"]["command"] == ["serve", "--no-worker"]
     assert "mola migrate" in services["migrate"]["command"][0] and "mola models sync" in services["migrate"]["command"][0]
     assert "mc mb" in services["minio-init"]["command"][0]
@@ -109,16 +114,19 @@ def test_data_lives_in_named_volumes(compose, services) -> None:
 
 
 def test_the_worker_reserves_one_nvidia_gpu(services) -> None:
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    for name in ("worker", "generation-worker"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
     assert services["worker"]["command"] == ["worker", "--concurrency", "1"]
     assert "devices" not in str(services["api"].get("deploy", {}))
 
 
-def test_the_cpu_override_drops_the_reservation() -> None:
-    worker = load(CPU_OVERRIDE)["services"]["worker"]
-    assert worker["deploy"]["resources"]["reservations"]["devices"] == ("!reset", [])
-    assert worker["environment"]["CUDA_VISIBLE_DEVICES"] == ""
+def test_the_cpu_override_drops_the_reservation(services) -> None:
+    override = load(CPU_OVERRIDE)["services"]
+    assert set(override) == {name for name, service in services.items() if "deploy" in service}
+    for worker in override.values():
+        assert worker["deploy"]["resources"]["reservations"]["devices"] == ("!reset", [])
+        assert worker["environment"]["CUDA_VISIBLE_DEVICES"] == ""
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)

@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery
 
-from service.queue import COUNT_TOKENS_TASK, TRAIN_TASK
+from service.queue import COUNT_TOKENS_TASK, GENERATE_TASK, TRAIN_TASK
 from service.settings import Settings, get_settings
 
 
@@ -45,7 +45,11 @@ def create_celery_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=settings.queue,
-        task_routes={TRAIN_TASK: {"queue": settings.queue}, COUNT_TOKENS_TASK: {"queue": settings.quick_queue}},
+        task_routes={
+            TRAIN_TASK: {"queue": settings.queue},
+            COUNT_TOKENS_TASK: {"queue": settings.quick_queue},
+            GENERATE_TASK: {"queue": settings.generations_queue},
+        },
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,

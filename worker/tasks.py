@@ -43,7 +43,8 @@ def train_job(job_id: str) -> str:
 
 @shared_task(name=GENERATE_TASK, acks_late=True, ignore_result=True)
 def generate(generation_id: str) -> str:
-    """Completions of a finished job's adapter (the training queue: it needs the GPU)."""
+    """Completions of a finished job's adapter (the training queue, which has the GPU, unless
+    MOLA_GENERATION_QUEUE names another)."""
     from worker import runner
     from worker.generation import run_generation
 

@@ -31,7 +31,8 @@ router = APIRouter(
         "one per prompt, in order) or `failed` (`error`). Each prompt is dressed as the job's "
         "training rows were (`template`: the one its adapter records) unless `template` says "
         "otherwise. Generation runs on a training worker, between jobs: it waits for the job "
-        "that worker is running. Greedy unless `temperature` > 0. 409 while the job has no "
+        "that worker is running (unless the server gives generations workers of their own, "
+        "MOLA_GENERATION_QUEUE). Greedy unless `temperature` > 0. 409 while the job has no "
         "adapter (queued, running, or failed before saving one) and while the tenant has 16 "
         "generations waiting."
     ),

@@ -45,6 +45,8 @@ class Server:
             "MOLA_HOST": "127.0.0.1",
             "MOLA_METRICS_FLUSH_SECONDS": "0.5",
             "MOLA_CANCEL_POLL_SECONDS": "0.2",
+            # Generations on a queue of their own: `mola serve` starts a third worker for them.
+            "MOLA_GENERATION_QUEUE": "mola.generate",
             "OMP_NUM_THREADS": "1",  # steady steps on a shared 2-core machine (no thread oversubscription)
         }
         self.proc = subprocess.Popen(
@@ -166,6 +168,22 @@ def test_token_counts_do_not_wait_behind_a_training_job(server, client, dataset_
         assert client.wait(job.id, timeout=60, poll=0.2).status == "cancelled", server.log()
 
 
+def test_a_generation_does_not_wait_behind_a_training_job(server, client, dataset_id):
+    short = client.create_job("tiny-llama", dataset_id, hyperparameters={**FAST, "max_steps": 2})
+    assert client.wait(short.id, timeout=120, poll=0.2).status == "succeeded", server.log()
+    job = client.create_job("tiny-llama", dataset_id, hyperparameters={**FAST, "max_steps": 5000})
+    try:
+        for event, data in client.events(job.id):
+            if event == "metric" and data.step >= 1:
+                break
+        generation = client.generate(short.id, ["Say the number 3: "], max_new_tokens=4, poll=0.2, timeout=90)
+        assert generation.status == "succeeded" and len(generation.texts) == 1, (generation.error, server.log())
+        assert client.get_job(job.id).status == "running"  # generated while the training ran
+    finally:
+        client.cancel_job(job.id)
+        assert client.wait(job.id, timeout=60, poll=0.2).status == "cancelled", server.log()
+
+
 def test_train_follow_download_load_generate(server, client, dataset_id, tmp_path):
     assert [m.name for m in client.list_models()] == ["tiny-llama"]
     assert client.get_model("tiny-llama").max_positions == 512  # migrated, synced, described
@@ -233,7 +251,7 @@ def test_a_dead_worker_is_replaced_and_its_job_resumes(server, client, dataset_i
     children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
     if not children.exists():
         pytest.skip("needs /proc")
-    # The training worker, not the quick worker (`mola worker --queues MOLA_QUICK_QUEUE`).
+    # The training worker, not the quick or generation worker (`mola worker --queues ...`).
     worker_pid = next(int(p) for p in children.read_text().split() if b"--queues" not in Path(f"/proc/{p}/cmdline").read_bytes())
     os.kill(worker_pid, signal.SIGKILL)
     # `mola serve` ends the dead worker's lease; the restarted worker re-queues the job and

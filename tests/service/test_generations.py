@@ -163,6 +163,33 @@ def test_a_lost_message_is_sent_again_and_an_abandoned_run_fails(client, key, se
         assert not generation_service.finish(session, running, result={})  # the late worker's answer is not recorded
 
 
+def test_generations_on_a_queue_of_their_own_are_counted_apart(client, key, settings, sessions, queue):
+    """With MOLA_GENERATION_QUEUE, a lost generation message is found by that queue's count and
+    a lost job's by the training queue's: a message waiting on one says nothing of the other."""
+    from service.queue import GENERATE_TASK, CeleryQueue
+
+    settings = settings.model_copy(update={"requeue_after_seconds": 60, "generation_queue": "mola.generate"})
+    assert CeleryQueue(settings).app.conf.task_routes[GENERATE_TASK] == {"queue": "mola.generate"}
+    finished = _finished_job(sessions, client, key)
+    waiting_job = client.post("/jobs", headers=auth(key), json=job_body(make_dataset(client, key))).json()["id"]
+    lost = _post(client, key, finished).json()["id"]
+    long_ago = utcnow() - timedelta(seconds=120)
+    with session_scope(sessions) as session:
+        session.execute(update(Generation).values(requested_at=long_ago))
+        session.execute(update(Job).where(Job.id == waiting_job).values(updated_at=long_ago))
+    broker = Broker(waiting=1, generation_queue="mola.generate")  # the job's message waits; none for the generation
+    report = reconcile(settings, sessions, broker)
+    assert (report.generations, report.enqueued) == ([lost], [])
+    assert broker.generation_messages == 1
+
+    with session_scope(sessions) as session:
+        session.execute(update(Generation).values(requested_at=long_ago))
+        session.execute(update(Job).where(Job.id == waiting_job).values(updated_at=long_ago))
+    broker.messages = 0  # now the job's message is the lost one; the generation's waits
+    report = reconcile(settings, sessions, broker)
+    assert (report.generations, report.enqueued) == ([], [waiting_job])
+
+
 @pytest.mark.slow
 def test_a_finished_job_completes_prompts_as_its_downloaded_adapter_does(client, key, settings, sessions, storage, queue, tmp_path):
     pytest.importorskip("torch")

@@ -16,16 +16,18 @@ from tests.service.conftest import auth, job_body, make_dataset
 
 
 class Broker:
-    """The broker as the reconciler sees it: messages waiting, and what it sends."""
+    """The broker as the reconciler sees it: messages waiting, and what it sends. Generations
+    share the training queue's messages unless ``generation_queue`` names a queue of their own."""
 
-    def __init__(self, waiting: int = 0) -> None:
+    def __init__(self, waiting: int = 0, generation_queue: str | None = None) -> None:
         self.messages = waiting
+        self.generation_queue, self.generation_messages = generation_queue, 0
         self.enqueued: list[str] = []
         self.counted: list[str] = []
         self.generations: list[str] = []
 
-    def waiting(self) -> int:
-        return self.messages
+    def waiting(self, queue: str | None = None) -> int:
+        return self.generation_messages if queue is not None and queue == self.generation_queue else self.messages
 
     def enqueue_training(self, job_id: str) -> None:
         self.enqueued.append(job_id)
@@ -36,7 +38,10 @@ class Broker:
 
     def enqueue_generation(self, generation_id: str) -> None:
         self.generations.append(generation_id)
-        self.messages += 1
+        if self.generation_queue:
+            self.generation_messages += 1
+        else:
+            self.messages += 1
 
 
 def _jobs(client, key, n: int = 1) -> list[str]:
