@@ -42,6 +42,7 @@ __all__ = [
     "Checkpoint",
     "JobAnalysis",
     "Generation",
+    "GenerationTimeout",
     "Page",
     "TERMINAL_STATUSES",
 ]
@@ -269,6 +270,7 @@ class Generation:
     completions: list[dict[str, str]] | None = None
     seconds: float | None = None
     error: str | None = None
+    created_at: datetime | None = None
     raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
 
     @property
@@ -282,7 +284,16 @@ class Generation:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Generation":
-        return _from_json(cls, data)
+        return _from_json(cls, data, created_at=_parse_time(data.get("created_at")))
+
+
+class GenerationTimeout(TimeoutError):
+    """`MolaClient.generate` stopped waiting; ``generation`` is the last state it saw. The
+    generation stays on the server: poll it, or delete it to cancel it."""
+
+    def __init__(self, generation: Generation, timeout: float) -> None:
+        super().__init__(f"generation {generation.id} is still {generation.status} after {timeout} s")
+        self.generation = generation
 
 
 class Page(list):  # type: ignore[type-arg]
@@ -596,8 +607,8 @@ class MolaClient:
     ) -> Generation:
         """Have the job's adapter complete ``prompts`` on the server (each dressed as the
         training rows were, unless ``template``); with ``wait``, polls until it is done (or
-        ``timeout`` seconds pass: `TimeoutError`). It runs on a training worker between jobs
-        (unless the server gives generations workers of their own)."""
+        ``timeout`` seconds pass: `GenerationTimeout`, a `TimeoutError`). It runs on a training
+        worker between jobs (unless the server gives generations workers of their own)."""
         body: dict[str, Any] = {"prompts": list(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
         body.update({k: v for k, v in {"template": template, "input": input, "seed": seed}.items() if v is not None})
         generation = Generation.from_json(self._json("POST", f"/jobs/{_segment(job_id)}/generations", json=body))
@@ -606,7 +617,7 @@ class MolaClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not generation.done:
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"generation {generation.id} is still {generation.status} after {timeout} s")
+                raise GenerationTimeout(generation, timeout)
             time.sleep(poll)
             generation = self.get_generation(job_id, generation.id)
         return generation

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from mola.client import Dataset, Generation, Job, Metric, MolaAPIError, MolaClient
+from mola.client import Dataset, Generation, GenerationTimeout, Job, Metric, MolaAPIError, MolaClient
 
 HYPERPARAMETER_FLAGS = {
     # flag: (hyperparameter, type)
@@ -528,10 +528,15 @@ def cmd_jobs_generate(args: argparse.Namespace) -> int:
     """Prompts completed by the job's adapter on the server: the texts, one block per prompt."""
     texts = [sys.stdin.read().rstrip("\n") if text == "-" else text for text in args.prompt]
     with _client(args) as client:
-        generation = client.generate(
-            args.id, texts, template=args.template, input=args.input, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, seed=args.seed, wait=not args.no_wait, timeout=args.timeout,
-        )  # fmt: skip
+        try:
+            generation = client.generate(
+                args.id, texts, template=args.template, input=args.input, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, seed=args.seed, wait=not args.no_wait, timeout=args.timeout,
+            )  # fmt: skip
+        except GenerationTimeout as exc:  # it stays on the server: say how to see it or cancel it
+            command = f"mola jobs generation {args.id} {exc.generation.id}"
+            print(f"error: {exc}; see it with `{command}`, or cancel it with `{command} --delete`", file=sys.stderr)
+            return 1
     if args.json:
         _print_json(generation.raw)
         return 0
@@ -557,6 +562,23 @@ def cmd_jobs_generation(args: argparse.Namespace) -> int:
         print(f"{generation.id} is {generation.status}")
         return 0
     return _print_generation(generation)
+
+
+def cmd_jobs_generations(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.generations(args.id, limit=args.limit, after=args.after)
+    if args.json:
+        _print_json(page.raw)
+        return 0
+    for generation in page:
+        prompts = generation.request.get("prompts") or [""]
+        more = f" (+{len(prompts) - 1} more)" if len(prompts) > 1 else ""
+        first = prompts[0].replace("\n", " ")
+        first = first if len(first) <= 40 else first[:39] + "…"
+        print(f"{generation.id}  {generation.status:<9}  {_when(generation.created_at)}  {first!r}{more}")
+    if page.has_more:
+        print(f"(more: --after {page.cursor})")
+    return 0
 
 
 def _print_generation(generation: Generation) -> int:
@@ -796,6 +818,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--delete", action="store_true", help="delete it instead (a queued one is never run)")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_generation))
+    p = jobs.add_parser("generations", help="a job's generations, newest first: id, status, when, first prompt")
+    p.add_argument("id", type=_id_arg)
+    p.add_argument("--limit", type=_int_in(1, 100), default=20, help="generations per page (1-100)")
+    p.add_argument("--after", type=_id_arg, help="the last id of the previous page")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_jobs_generations))
     p = jobs.add_parser("download", help="download a job's adapter")
     p.add_argument("id", type=_id_arg)
     where = p.add_mutually_exclusive_group()

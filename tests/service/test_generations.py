@@ -5,6 +5,7 @@ against `mola.generate` on the downloaded adapter; the reconciler's part on SQLi
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from datetime import timedelta
@@ -161,6 +162,30 @@ def test_a_lost_message_is_sent_again_and_an_abandoned_run_fails(client, key, se
     assert (failed["status"], failed["error"]) == ("failed", "the worker stopped while generating; ask again")
     with session_scope(sessions) as session:
         assert not generation_service.finish(session, running, result={})  # the late worker's answer is not recorded
+
+
+def test_the_cli_lists_generations_and_says_how_to_cancel_one_it_stopped_waiting_for(client, key, sessions, queue, capsys, live):
+    job_id = _finished_job(sessions, client, key)
+    first = _post(client, key, job_id).json()["id"]
+    second = _post(client, key, job_id, prompts=["a\nlong " + "x" * 60]).json()["id"]
+    code, out, err = mola(capsys, live, key, "jobs", "generations", job_id)
+    lines = out.splitlines()
+    assert (code, err, [line.split()[:2] for line in lines]) == (0, "", [[second, "queued"], [first, "queued"]])
+    assert lines[0].endswith(" UTC  'a long " + "x" * 32 + "…'") and lines[1].endswith(" UTC  'Say the number 3: ' (+1 more)")
+    code, out, _ = mola(capsys, live, key, "jobs", "generations", job_id, "--limit", "1")
+    assert out.splitlines() == [lines[0], f"(more: --after {second})"]
+    assert mola(capsys, live, key, "jobs", "generations", job_id, "--after", second)[1].splitlines() == [lines[1]]
+
+    # Stopped waiting (no worker runs here): the generation stays queued, and the error says so.
+    code, out, err = mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", "x", "--timeout", "0")
+    third = queue.generations[-1]
+    command = f"mola jobs generation {job_id} {third}"
+    assert (code, out) == (1, "") and err == (
+        f"error: generation {third} is still queued after 0.0 s; see it with `{command}`, or cancel it with `{command} --delete`\n"
+    )
+    assert mola(capsys, live, key, *command.split()[1:], "--delete")[:2] == (0, f"deleted {third}\n")
+    page = json.loads(mola(capsys, live, key, "jobs", "generations", job_id, "--json")[1])
+    assert [g["id"] for g in page["data"]] == [second, first] and page["has_more"] is False
 
 
 def test_generations_on_a_queue_of_their_own_are_counted_apart(client, key, settings, sessions, queue):
