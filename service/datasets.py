@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from datetime import timedelta
 
@@ -131,12 +131,24 @@ def _first_error(report: dict[str, Any]) -> str:
     return str(first)
 
 
-def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
-    """The tenant's dataset; another tenant's or a deleted one is not found."""
-    dataset = session.get(Dataset, dataset_id)
+def get_dataset(session: Session, tenant_id: str, dataset_id: str, lock: Literal["share", "update"] | None = None) -> Dataset:
+    """The tenant's dataset; another tenant's or a deleted one is not found. ``lock`` reads its
+    row anew and locks it until the transaction ends (see `lock_dataset`)."""
+    dataset = lock_dataset(session, dataset_id, lock) if lock else session.get(Dataset, dataset_id)
     if dataset is None or dataset.tenant_id != tenant_id or dataset.deleted_at is not None:
         raise NotFound(f"dataset {dataset_id!r} not found")
     return dataset
+
+
+def lock_dataset(session: Session, dataset_id: str, mode: Literal["share", "update"]) -> Dataset | None:
+    """The dataset's row as committed now, locked until the transaction ends: "update" by its
+    deletion, "share" by what starts a job on it (creating or resuming one). So a deletion and
+    a job on the dataset take turns: whichever comes second sees the other's commit (the job, or
+    `deleted_at`) instead of both passing their checks. Shared locks do not wait for each other,
+    so jobs naming the same datasets in any order never deadlock. (SQLite has no row locks; it
+    runs one writer at a time.)"""
+    query = select(Dataset).where(Dataset.id == dataset_id).with_for_update(read=mode == "share")
+    return session.scalars(query.execution_options(populate_existing=True)).first()
 
 
 def active_jobs_using(session: Session, dataset_id: str) -> int:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from mola.allocation import expand_allocation, expand_top_k
 from mola.config import MolaConfig
 from mola.sizing import adapter_parameter_count, matches_target
-from service.datasets import get_dataset
+from service.datasets import get_dataset, lock_dataset
 from service.db import mark_each
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.models import (
@@ -62,7 +62,9 @@ def get_base_model(session: Session, name: str) -> BaseModelEntry:
 
 def _dataset_field(session: Session, tenant_id: str, dataset_id: str, field: str) -> Dataset:
     try:
-        return get_dataset(session, tenant_id, dataset_id)
+        # Locked (shared) until the job is committed: a deletion of the dataset waits for it,
+        # then finds the job and refuses; one that came first is seen here as not found.
+        return get_dataset(session, tenant_id, dataset_id, lock="share")
     except NotFound as exc:
         raise InvalidRequest(("body", field), exc.detail) from None
 
@@ -357,7 +359,7 @@ def resume_job(session: Session, job: Job, changes: dict[str, Any]) -> tuple[Job
     if job.status == "failed":
         _check_the_failure_can_pass(job, changes)
     for field, dataset_id in (("dataset_id", job.dataset_id), ("validation_dataset_id", job.validation_dataset_id)):
-        dataset = session.get(Dataset, dataset_id) if dataset_id else None
+        dataset = lock_dataset(session, dataset_id, "share") if dataset_id else None  # as creating a job does
         if dataset is not None and dataset.deleted_at is not None:
             raise Conflict(f"job {job.id} cannot be resumed: its {field} {dataset_id} has been deleted")
     if session.get(BaseModelEntry, job.base_model) is None:

@@ -165,7 +165,9 @@ def get_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep) ->
     responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
 )
 def delete_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Deleted:
-    dataset = dataset_service.get_dataset(session, tenant.id, dataset_id)
+    # Locked first: a job being created or resumed on it commits before the check below sees
+    # it, and one that starts later finds the dataset deleted (`dataset_service.lock_dataset`).
+    dataset = dataset_service.get_dataset(session, tenant.id, dataset_id, lock="update")
     _refuse_while_in_use(session, dataset_id)
     key = dataset_service.delete_dataset(session, dataset)
     session.commit()

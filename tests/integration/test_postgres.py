@@ -4,6 +4,7 @@ from SQLite (JSONB, timezone-aware timestamps) round-tripping."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timezone
 
 import pytest
@@ -118,3 +119,95 @@ def test_input_postgres_cannot_store_gets_a_4xx_not_a_500(pg_url: str, tmp_path)
             assert response.status_code == 422, (method, url, response.status_code, response.text)
         assert client.get(f"/jobs/{job_id}", headers=auth(token)).json()["status"] == "queued"
     app.state.engine.dispose()
+
+
+def _in_thread(work):
+    """Run ``work`` in a thread; returns the thread and a dict that gets its "result" or "error"."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except Exception as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_deleting_a_dataset_and_starting_a_job_on_it_take_turns(pg_url: str, tmp_path) -> None:
+    """A dataset's deletion and a job created or resumed on it at the same moment: the second
+    waits for the first to commit and then sees it (the job: 409 for the deletion; the
+    deletion: the job refused). Without the row locks both passed their checks, and a queued
+    job named a deleted dataset."""
+    from api.schemas import JobCreate  # noqa: PLC0415
+    from service import catalogue  # noqa: PLC0415
+    from service import datasets as dataset_service  # noqa: PLC0415
+    from service import jobs as job_service  # noqa: PLC0415
+    from service.errors import Conflict, InvalidRequest  # noqa: PLC0415
+    from tests.factories import dataset_row, job_row, tenant_row  # noqa: PLC0415
+    from tests.service.conftest import TINY_LLAMA, job_body  # noqa: PLC0415
+
+    settings = Settings(data_dir=tmp_path, database_url=pg_url, models=["tiny-llama"])
+    migrate(settings)
+    engine = make_engine(settings)
+    sessions = make_sessionmaker(engine)
+    report = {"rows": 24, "valid_rows": 24, "ok": True, "errors": [], "error_count": 0}
+    with session_scope(sessions) as session:
+        catalogue.upsert(session, "tiny-llama", TINY_LLAMA)
+        owner = tenant_row(session)
+        first, second, third = (dataset_row(session, owner, rows=24, report=report) for _ in range(3))
+        stopped = job_row(session, third, status="cancelled", spec={"hyperparameters": {}})
+        tenant, ids, stopped_id = owner.id, (first.id, second.id, third.id), stopped.id
+
+    def create(dataset_id: str):
+        with session_scope(sessions) as session:
+            return job_service.create_job(session, tenant, JobCreate.model_validate(job_body(dataset_id)).model_dump(mode="json"))[0].id
+
+    def delete(dataset_id: str):
+        with session_scope(sessions) as session:
+            dataset = dataset_service.get_dataset(session, tenant, dataset_id, lock="update")
+            return dataset_service.delete_dataset(session, dataset)
+
+    def resume():
+        with session_scope(sessions) as session:
+            return job_service.resume_job(session, session.get(Job, stopped_id), {})
+
+    try:
+        # The deletion first: the job waits for its commit, then finds no dataset.
+        deleting = sessions()
+        dataset_service.delete_dataset(deleting, dataset_service.get_dataset(deleting, tenant, ids[0], lock="update"))
+        thread, outcome = _in_thread(lambda: create(ids[0]))
+        thread.join(1.0)
+        assert thread.is_alive(), f"the job did not wait for the deletion: {outcome}"
+        deleting.commit()
+        deleting.close()
+        thread.join(10)
+        assert isinstance(outcome.get("error"), InvalidRequest) and "not found" in outcome["error"].detail, outcome
+
+        # The job first: the deletion waits for its commit, then finds it and refuses.
+        creating = sessions()
+        job_service.create_job(creating, tenant, JobCreate.model_validate(job_body(ids[1])).model_dump(mode="json"))
+        thread, outcome = _in_thread(lambda: delete(ids[1]))
+        thread.join(1.0)
+        assert thread.is_alive(), f"the deletion did not wait for the job: {outcome}"
+        creating.commit()
+        creating.close()
+        thread.join(10)
+        assert isinstance(outcome.get("error"), Conflict) and "used by a queued or running job" in outcome["error"].detail, outcome
+
+        # Resuming takes the same turns as creating.
+        deleting = sessions()
+        dataset_service.delete_dataset(deleting, dataset_service.get_dataset(deleting, tenant, ids[2], lock="update"))
+        thread, outcome = _in_thread(resume)
+        thread.join(1.0)
+        assert thread.is_alive(), f"the resume did not wait for the deletion: {outcome}"
+        deleting.commit()
+        deleting.close()
+        thread.join(10)
+        assert isinstance(outcome.get("error"), Conflict) and "has been deleted" in outcome["error"].detail, outcome
+        with sessions() as session:
+            assert session.get(Job, stopped_id).status == "cancelled"
+    finally:
+        engine.dispose()
