@@ -121,8 +121,9 @@ def test_input_postgres_cannot_store_gets_a_4xx_not_a_500(pg_url: str, tmp_path)
     app.state.engine.dispose()
 
 
-def _in_thread(work):
-    """Run ``work`` in a thread; returns the thread and a dict that gets its "result" or "error"."""
+def _waits_for_the_commit(first, work) -> dict:
+    """Run ``work`` in a thread while the session ``first`` holds its row locks: it must wait
+    until ``first`` commits. Returns what it ended with: {"result": ...} or {"error": ...}."""
     outcome: dict = {}
 
     def run() -> None:
@@ -133,7 +134,12 @@ def _in_thread(work):
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    return thread, outcome
+    thread.join(1.0)
+    assert thread.is_alive(), f"it did not wait for the other transaction: {outcome}"
+    first.commit()
+    first.close()
+    thread.join(10)
+    return outcome
 
 
 def test_deleting_a_dataset_and_starting_a_job_on_it_take_turns(pg_url: str, tmp_path) -> None:
@@ -178,34 +184,19 @@ def test_deleting_a_dataset_and_starting_a_job_on_it_take_turns(pg_url: str, tmp
         # The deletion first: the job waits for its commit, then finds no dataset.
         deleting = sessions()
         dataset_service.delete_dataset(deleting, dataset_service.get_dataset(deleting, tenant, ids[0], lock="update"))
-        thread, outcome = _in_thread(lambda: create(ids[0]))
-        thread.join(1.0)
-        assert thread.is_alive(), f"the job did not wait for the deletion: {outcome}"
-        deleting.commit()
-        deleting.close()
-        thread.join(10)
+        outcome = _waits_for_the_commit(deleting, lambda: create(ids[0]))
         assert isinstance(outcome.get("error"), InvalidRequest) and "not found" in outcome["error"].detail, outcome
 
         # The job first: the deletion waits for its commit, then finds it and refuses.
         creating = sessions()
         job_service.create_job(creating, tenant, JobCreate.model_validate(job_body(ids[1])).model_dump(mode="json"))
-        thread, outcome = _in_thread(lambda: delete(ids[1]))
-        thread.join(1.0)
-        assert thread.is_alive(), f"the deletion did not wait for the job: {outcome}"
-        creating.commit()
-        creating.close()
-        thread.join(10)
+        outcome = _waits_for_the_commit(creating, lambda: delete(ids[1]))
         assert isinstance(outcome.get("error"), Conflict) and "used by a queued or running job" in outcome["error"].detail, outcome
 
         # Resuming takes the same turns as creating.
         deleting = sessions()
         dataset_service.delete_dataset(deleting, dataset_service.get_dataset(deleting, tenant, ids[2], lock="update"))
-        thread, outcome = _in_thread(resume)
-        thread.join(1.0)
-        assert thread.is_alive(), f"the resume did not wait for the deletion: {outcome}"
-        deleting.commit()
-        deleting.close()
-        thread.join(10)
+        outcome = _waits_for_the_commit(deleting, resume)
         assert isinstance(outcome.get("error"), Conflict) and "has been deleted" in outcome["error"].detail, outcome
         with sessions() as session:
             assert session.get(Job, stopped_id).status == "cancelled"
