@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     # ---- derived values --------------------------------------------------------------------
     @property
     def generations_queue(self) -> str:
+        """Where generations go: MOLA_GENERATION_QUEUE, else (unset or empty) the training queue."""
         return self.generation_queue or self.queue
 
     @property
