@@ -350,13 +350,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from mola.evaluate import score_generations
     from mola.generate import generate, open_adapter
+    from mola.models import bf16_by_default
 
     if args.template not in (None, "alpaca") and args.input is not None:
         raise ValueError(f"--input goes with --template alpaca, not {args.template}")
     device = _device(args.device)
-    bf16 = args.bf16
-    if bf16 is None:
-        bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = bf16_by_default(device) if args.bf16 is None else args.bf16
     with open_adapter(args.adapter, model=args.model, device=device, dtype=torch.bfloat16 if bf16 else None, cache_dir=args.cache_dir) as adapter:
         if args.template is None:
             args.template = adapter.prompt_template or "alpaca"

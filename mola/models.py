@@ -38,6 +38,12 @@ SMOLLM2_EOS = "<|im_end|>"
 TINY_PREFIX = "tiny-"
 
 
+def bf16_by_default(device: str | torch.device) -> bool:
+    """Whether bf16 is the default on ``device`` (training's autocast, generation's weights): on
+    a CUDA GPU that supports it; not on the CPU, where bf16 matmuls are slower than fp32."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "mola" / "models"
 

@@ -36,6 +36,7 @@ from mola.compile import compile_for_training
 from mola.data import IGNORE_INDEX, PROMPT_TEMPLATES, collate
 from mola.evaluate import evaluate_loss
 from mola.logits import forward_logits_at, next_token_positions, to_device
+from mola.models import bf16_by_default
 
 logger = logging.getLogger(__name__)
 
@@ -748,7 +749,7 @@ def train(
     if checkpoint_root is not None:
         _check_checkpoint_dir(checkpoint_root, int(resume_state["step"]) if resume_state else None)
     device = next(p for p in model.parameters()).device
-    use_bf16 = config.bf16 if config.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    use_bf16 = config.bf16 if config.bf16 is not None else bf16_by_default(device)
     autocast_dtype = torch.bfloat16 if use_bf16 else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

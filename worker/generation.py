@@ -59,13 +59,14 @@ def _generate(job: dict[str, Any], upload_format: str | None, request: dict[str,
 
     from mola.data import TEMPLATE_OF_FORMAT
     from mola.generate import generate, open_adapter, prompt
+    from mola.models import bf16_by_default
 
     if job["adapter_key"] is None:  # resumed since it was asked for: the adapter is being replaced
         raise RuntimeError(f"job {job['id']} has no adapter now (resumed?); ask again once it finishes")
     archive = res.storage.get_file(job["adapter_key"], work / "adapter.tar.gz")
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
-    with open_adapter(archive, model=job["base_model"], device=device, dtype=torch.bfloat16 if bf16 else None) as adapter:
+    dtype = torch.bfloat16 if bf16_by_default(device) else None
+    with open_adapter(archive, model=job["base_model"], device=device, dtype=dtype) as adapter:
         template = request.get("template") or adapter.prompt_template or TEMPLATE_OF_FORMAT.get(upload_format or "", "alpaca")
         if request.get("input") is not None and template != "alpaca":
             raise ValueError(f"an input goes with the alpaca template, and the job's training rows were {template}")
