@@ -12,6 +12,7 @@ the model exactly like the prompts it was trained on:
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -96,24 +97,69 @@ def open_adapter(
     """Load the adapter at ``path`` (folder or `.tar.gz`) onto its base model: ``model`` (a
     name `mola.models.load_base_model` knows, or a local folder), by default the one the
     adapter records. The model is moved to ``device`` (and ``dtype``) in eval mode."""
-    from mola.model import load_mola_model, read_adapter_config
     from mola.models import load_base_model
 
     with adapter_folder(path) as folder:
-        kind = adapter_kind(folder)
-        description = read_adapter_config(folder) if kind == "mola" else json.loads((folder / CONFIG_NAME).read_text())
-        base_name = model or description.get("base_model_name_or_path")
+        base_name = model or _describe(folder)[1].get("base_model_name_or_path")
         if not base_name:
             raise ValueError(f"{path}: the adapter does not record its base model; name it (--model)")
         base, tokenizer = load_base_model(base_name, cache_dir=cache_dir)
+        base.to(device=device)
+        with attach_adapter(folder, base, tokenizer, base_name, dtype=dtype) as adapter:
+            yield adapter
+
+
+@contextmanager
+def attach_adapter(path: str | Path, base: nn.Module, tokenizer: Any, base_name: str, dtype: torch.dtype | None = None) -> Iterator[LoadedAdapter]:
+    """The adapter at ``path`` (folder or `.tar.gz`) on an already loaded ``base`` model (named
+    ``base_name``), in eval mode, for the ``with`` block; then taken off again, leaving ``base``
+    as it was (in eval mode) for the next adapter. So a program trying many adapters of one
+    base model loads it once. The adapter goes to the base's device, cast to ``dtype`` (None:
+    as loaded) with the rest of the model."""
+    if carries_adapter(base):
+        raise ValueError("the base model already carries an adapter")
+    with adapter_folder(path) as folder:
+        kind, description = _describe(folder)
         if kind == "mola":
+            from mola.model import load_mola_model
+
             loaded = load_mola_model(base, folder)
         else:
             from peft import PeftModel
 
             loaded = PeftModel.from_pretrained(base, str(folder))
-        loaded.to(device=device, dtype=dtype).eval()
-        yield LoadedAdapter(loaded, tokenizer, kind, base_name, description, recorded_prompt_template(folder))
+        try:
+            device = next(base.parameters()).device
+            loaded.to(device=device, dtype=dtype).eval()
+            yield LoadedAdapter(loaded, tokenizer, kind, base_name, description, recorded_prompt_template(folder))
+        finally:
+            loaded.unload()
+
+
+def carries_adapter(model: nn.Module) -> bool:
+    """Whether MoLA or peft adapter layers are in ``model`` (a base model to reuse must not)."""
+    from mola.layer import MolaLinear
+
+    peft_layer = _peft_layer_type()
+    return any(isinstance(m, MolaLinear) or (peft_layer is not None and isinstance(m, peft_layer)) for m in model.modules())
+
+
+def _peft_layer_type() -> type | None:
+    # peft's layers can only be in a model if peft was imported; do not import it to find out.
+    if "peft" not in sys.modules:
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return BaseTunerLayer
+
+
+def _describe(folder: Path) -> tuple[str, dict[str, Any]]:
+    """(kind, description) of the adapter in ``folder``: its `adapter_config.json` (a MoLA
+    adapter's as `mola.model.read_adapter_config` reads it)."""
+    from mola.model import read_adapter_config
+
+    kind = adapter_kind(folder)
+    return kind, read_adapter_config(folder) if kind == "mola" else json.loads((folder / CONFIG_NAME).read_text())
 
 
 def prompt(text: str, tokenizer: Any, template: str = "alpaca", input: str | None = None) -> tuple[str, bool]:

@@ -84,13 +84,24 @@ class MolaModel(nn.Module):
     ``model.generate(...)`` and ``model.gradient_checkpointing_enable()`` work as usual.
     """
 
-    def __init__(self, base_model: nn.Module, config: MolaConfig, experts: list[int], top_k: list[int], recorder: RoutingRecorder) -> None:
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: MolaConfig,
+        experts: list[int],
+        top_k: list[int],
+        recorder: RoutingRecorder,
+        trainable_before: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__()
         self.base_model = base_model
         self.mola_config = config
         self.experts_per_layer = experts
         self.top_k_per_layer = top_k
         self.recorder = recorder
+        # Names of the base model's parameters that trained before injection froze them:
+        # `unload` gives them their flag back.
+        self.trainable_before = trainable_before
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -195,6 +206,18 @@ class MolaModel(nn.Module):
             "modules": modules,
         }
 
+    def unload(self) -> nn.Module:
+        """Take the adapter off: every `MolaLinear` is replaced by the base module it wraps and
+        the parameters frozen by injection train again, so the base model is as it was and can
+        carry another adapter (`get_mola_model`, `load_mola_model`). Returns the base model;
+        this wrapper is of no further use."""
+        for name, module in self.mola_modules():
+            set_submodule(self.base_model, name, module.base_layer)
+        for name, parameter in self.base_model.named_parameters():
+            if name in self.trainable_before:
+                parameter.requires_grad_(True)
+        return self.base_model
+
     # ---- persistence -----------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
         """Write `adapter_config.json` and `adapter_model.safetensors` into ``directory``.
@@ -256,6 +279,7 @@ def get_mola_model(model: nn.Module, config: MolaConfig) -> MolaModel:
     if config.base_model_name_or_path is None:
         # A copy: one config may serve several models, each recording its own base.
         config = dataclasses.replace(config, base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None)
+    trainable_before = frozenset(name for name, p in model.named_parameters() if p.requires_grad)
     model.requires_grad_(False)
     recorder = RoutingRecorder()
     for target in targets:
@@ -266,7 +290,7 @@ def get_mola_model(model: nn.Module, config: MolaConfig) -> MolaModel:
         layer.train(target.module.training)
         set_submodule(model, target.name, layer)
     logger.info("MoLA: %d modules in %d layers, experts per layer %s", len(targets), num_layers, experts)
-    mola_model = MolaModel(model, config, experts, top_k, recorder)
+    mola_model = MolaModel(model, config, experts, top_k, recorder, trainable_before)
     mola_model.training = model.training  # the wrapper's own flag only: the model's modes stay
     return mola_model
 
@@ -327,7 +351,11 @@ def load_mola_model(model: nn.Module, directory: str | os.PathLike, is_trainable
     if wanted and actual and wanted != actual:
         logger.warning("adapter was trained on %s, loading onto %s", wanted, actual)
     mola_model = get_mola_model(model, config)
-    mola_model.load_adapter_weights(directory)
+    try:
+        mola_model.load_adapter_weights(directory)
+    except Exception:
+        mola_model.unload()  # weights that do not fit leave ``model`` as it came
+        raise
     if not is_trainable:
         mola_model.requires_grad_(False)
         mola_model.eval()

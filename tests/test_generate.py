@@ -14,7 +14,7 @@ from mola import MolaConfig, get_mola_model
 from mola.cli import main
 from mola.data import load_training_data, prompt_template_for, render
 from mola.evaluate import generate_ids, pad_token_id
-from mola.generate import adapter_folder, adapter_kind, encode_prompts, generate, open_adapter, prompt
+from mola.generate import adapter_folder, adapter_kind, attach_adapter, carries_adapter, encode_prompts, generate, open_adapter, prompt
 from mola.lora import get_lora_model
 from mola.models import load_base_model
 from mola.train import TrainConfig, recorded_prompt_template, save_adapter, train
@@ -90,6 +90,44 @@ def test_a_loaded_adapter_generates_what_the_saved_model_generated(tmp_path, kin
             assert (adapter.kind, adapter.base_model) == (kind, "tiny-llama")
             assert not adapter.model.training
             assert generate(adapter.model, adapter.tokenizer, prompts, max_new_tokens=12) == expected
+
+
+def test_one_base_model_carries_one_adapter_after_another(tmp_path):
+    """`attach_adapter` takes each adapter off again: a base model loaded once answers as a
+    freshly loaded one with each adapter, MoLA and LoRA in turn, and as itself in between."""
+    base, tokenizer = load_base_model("tiny-llama")
+    prompts = [prompt("Say the fruit.", tokenizer), prompt("Count to three.", tokenizer)]
+    mola = perturbed(get_mola_model(load_base_model("tiny-llama")[0], MolaConfig(experts="2233", dropout=0.0)), "lora_B")
+    mola.save_pretrained(tmp_path / "mola")
+    lora = perturbed(get_lora_model(load_base_model("tiny-llama")[0], rank=4, dropout=0.0), "lora_B")
+    save_adapter(lora, tmp_path / "lora")
+    expected = {}
+    for name in ("mola", "lora"):
+        with open_adapter(tmp_path / name) as adapter:
+            expected[name] = generate(adapter.model, adapter.tokenizer, prompts, max_new_tokens=10)
+    alone = generate(base, tokenizer, prompts, max_new_tokens=10)
+    assert len({tuple(alone), *(tuple(texts) for texts in expected.values())}) == 3  # each adapter has its say
+
+    archive = pack(tmp_path / "mola", tmp_path / "mola.tar.gz")
+    for path, name in ((archive, "mola"), (tmp_path / "lora", "lora"), (tmp_path / "mola", "mola")):
+        with attach_adapter(path, base, tokenizer, "tiny-llama") as adapter:
+            assert (adapter.kind, adapter.base_model, adapter.tokenizer) == (name, "tiny-llama", tokenizer)
+            assert carries_adapter(base) and not adapter.model.training
+            assert generate(adapter.model, tokenizer, prompts, max_new_tokens=10) == expected[name]
+            with pytest.raises(ValueError, match="already carries an adapter"):
+                with attach_adapter(tmp_path / "lora", base, tokenizer, "tiny-llama"):
+                    pass
+        assert not carries_adapter(base)
+        assert generate(base, tokenizer, prompts, max_new_tokens=10) == alone
+
+
+def test_an_adapter_is_taken_off_when_the_block_fails(tmp_path):
+    base, tokenizer = load_base_model("tiny-llama")
+    get_mola_model(load_base_model("tiny-llama")[0], MolaConfig(experts="2")).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(RuntimeError, match="in the block"):
+        with attach_adapter(tmp_path / "adapter", base, tokenizer, "tiny-llama"):
+            raise RuntimeError("in the block")
+    assert not carries_adapter(base)
 
 
 def test_sampling_is_repeatable_with_a_seed_and_checked():

@@ -6,6 +6,7 @@ import stat
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mola import MolaConfig, MolaLinear, get_mola_model, load_mola_model, read_adapter_config, tiny_model
@@ -157,6 +158,45 @@ def test_loading_onto_a_different_model_fails_clearly(tmp_path):
         load_mola_model(tiny_model("llama", hidden_size=32), tmp_path)
     with pytest.raises(FileNotFoundError):
         load_mola_model(tiny_model("llama"), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unload_gives_back_the_base_model_as_it_was(tmp_path, arch):
+    base = tiny_model(arch)
+    base.lm_head.weight.requires_grad_(False)  # a flag of the caller's, to be kept as it was
+    modules = dict(base.named_modules())
+    trainable = {n for n, p in base.named_parameters() if p.requires_grad}
+    x = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        expected = base(input_ids=x).logits
+    model = get_mola_model(base, MolaConfig(experts="2345" if arch != "gpt2" else "23"))
+    randomise_b(model)
+    model.save_pretrained(tmp_path)
+    assert model.unload() is base
+    assert dict(base.named_modules()) == modules  # the very modules, not copies
+    assert {n for n, p in base.named_parameters() if p.requires_grad} == trainable
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=x).logits, expected, rtol=0, atol=0)
+    # ... and it carries the next adapter like a freshly loaded model would.
+    again = load_mola_model(base, tmp_path)
+    fresh = load_mola_model(tiny_model(arch), tmp_path)
+    torch.testing.assert_close(again(input_ids=x).logits, fresh(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_weights_that_do_not_fit_leave_the_model_as_it_came(tmp_path):
+    get_mola_model(tiny_model("llama"), MolaConfig(experts="2228")).save_pretrained(tmp_path)
+    # Weights without their own description (as written by hand, or by another tool) beside a
+    # description that does not match them: injection happens, then the weights are refused.
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights))
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "experts_per_layer": [2, 2, 2, 2]}))
+    base = tiny_model("llama")
+    modules = dict(base.named_modules())
+    with pytest.raises(ValueError, match="saved shape"):
+        load_mola_model(base, tmp_path)
+    assert dict(base.named_modules()) == modules
+    assert all(p.requires_grad for p in base.parameters())
 
 
 def test_weights_of_other_shapes_are_refused_before_any_is_loaded(tmp_path):
