@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     keep_checkpoints: int = Field(
         2, ge=0, description="checkpoints kept in storage per job, the newest (0 keeps all), and the one with the lowest eval_loss; the others are deleted as new ones arrive"
     )
+    generation_keep_base_seconds: float = Field(
+        300.0,
+        ge=0,
+        description=(
+            "how long a worker keeps the base model of its last generation loaded, idle, so the next generation on that "
+            "model starts at once; a training run in the same worker lets it go first; 0: load it for every generation"
+        ),
+    )
     max_attempts: int = Field(3, ge=1, description="runs of a job whose worker stopped without finishing it (lease expired) before the job fails")
     reconcile_seconds: float = Field(30.0, gt=0, description="how often each worker re-queues jobs with expired leases and re-enqueues queued jobs the broker lost")
     requeue_after_seconds: float = Field(120.0, ge=0, description="a queued job unclaimed this long is enqueued again when the broker holds fewer messages than queued jobs")

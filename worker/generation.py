@@ -1,6 +1,7 @@
 """A queued generation (POST /jobs/{id}/generations), run by a training worker: the job's
-adapter archive onto its base model (`mola.generate.open_adapter`), the prompts dressed as
-the training rows were, the completions recorded on the row.
+adapter archive onto its base model (`mola.generate.attach_adapter`; the base model is kept
+a while for the next generation, `worker.base_models`), the prompts dressed as the training
+rows were, the completions recorded on the row.
 
 The template is the request's, else the one the adapter records, else (an adapter saved
 before adapters recorded it) the one the job's training upload's format implies.
@@ -58,15 +59,17 @@ def _generate(job: dict[str, Any], upload_format: str | None, request: dict[str,
     import torch
 
     from mola.data import TEMPLATE_OF_FORMAT
-    from mola.generate import generate, open_adapter, prompt
+    from mola.generate import attach_adapter, generate, prompt
     from mola.models import bf16_by_default
+    from worker.base_models import BASE_MODELS
 
     if job["adapter_key"] is None:  # resumed since it was asked for: the adapter is being replaced
         raise RuntimeError(f"job {job['id']} has no adapter now (resumed?); ask again once it finishes")
     archive = res.storage.get_file(job["adapter_key"], work / "adapter.tar.gz")
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if bf16_by_default(device) else None
-    with open_adapter(archive, model=job["base_model"], device=device, dtype=dtype) as adapter:
+    keep = settings.generation_keep_base_seconds
+    with BASE_MODELS.lend(job["base_model"], device, dtype, keep) as (base, tokenizer), attach_adapter(archive, base, tokenizer, job["base_model"], dtype) as adapter:
         template = request.get("template") or adapter.prompt_template or TEMPLATE_OF_FORMAT.get(upload_format or "", "alpaca")
         if request.get("input") is not None and template != "alpaca":
             raise ValueError(f"an input goes with the alpaca template, and the job's training rows were {template}")

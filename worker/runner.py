@@ -59,6 +59,7 @@ from service.models import Checkpoint, Dataset, Job
 from service.queue import CeleryQueue
 from service.settings import Settings
 from service.storage import Storage, make_storage
+from worker.base_models import BASE_MODELS
 from worker.expert_analysis import analyse_experts, card_section
 from worker.failures import RunFailure, describe_error, failing_as, failure_kind
 
@@ -422,6 +423,7 @@ def run_job(job_id: str, settings: Settings) -> str:
         replaced = job_service.prepare_resume(session, job_id, checkpoint.step if checkpoint else 0)
         attempt = job.attempts
     logger.info("job %s: running as %s, attempt %d (%s on %s)", job_id, owner, attempt, spec["method"], spec["base_model"])
+    BASE_MODELS.release()  # a base model kept from a generation must not hold memory the run needs
     if resume_prefix or replaced:
         logger.info("job %s: resuming from %s; %d metric rows of later steps replaced", job_id, resume_prefix or "the start", replaced)
 

@@ -256,6 +256,40 @@ def test_a_finished_job_completes_prompts_as_its_downloaded_adapter_does(client,
         assert session.get(Generation, too_long).result is None
 
 
+@pytest.mark.slow
+def test_generations_share_a_loaded_base_model_until_training_needs_the_memory(client, key, settings, storage, queue, monkeypatch):
+    pytest.importorskip("torch")
+    import mola.models
+    from tests.service.test_runner import _create, runner
+    from worker.base_models import BASE_MODELS
+    from worker.generation import run_generation
+
+    first, second, third = (_create(client, key, hyperparameters={"max_steps": 2}) for _ in range(3))
+    for job_id in (first, second):
+        assert runner.run_job(job_id, settings) == "succeeded"
+    loads, real_load = [], mola.models.load_base_model
+    monkeypatch.setattr(mola.models, "load_base_model", lambda name, **kw: loads.append(name) or real_load(name, **kw))
+    BASE_MODELS.release()
+    try:
+        asked = [_post(client, key, job_id, max_new_tokens=4).json()["id"] for job_id in (first, second, first)]
+        assert [run_generation(g, settings) for g in asked] == ["succeeded"] * 3
+        assert loads == ["tiny-llama"] and BASE_MODELS.idle == "tiny-llama"  # one load for two jobs' adapters
+        texts = [client.get(f"/jobs/{j}/generations/{g}", headers=auth(key)).json()["completions"] for j, g in zip((first, second, first), asked)]
+        assert texts[0] == texts[2]  # the same job's adapter answers the same on the shared model
+
+        monkeypatch.setattr(settings, "generation_keep_base_seconds", 0)
+        assert run_generation(_post(client, key, second, max_new_tokens=4).json()["id"], settings) == "succeeded"
+        assert loads == ["tiny-llama"] and BASE_MODELS.idle is None  # used the kept one, and kept nothing
+
+        monkeypatch.setattr(settings, "generation_keep_base_seconds", 300)
+        run_generation(_post(client, key, second, max_new_tokens=4).json()["id"], settings)
+        assert BASE_MODELS.idle == "tiny-llama"
+        assert runner.run_job(third, settings) == "succeeded"
+        assert BASE_MODELS.idle is None  # the training run let it go
+    finally:
+        BASE_MODELS.release()
+
+
 def _worker(queue, settings) -> threading.Thread:
     """Runs each generation the API enqueues, as a training worker would, until stopped."""
     from worker.generation import run_generation
