@@ -343,6 +343,27 @@ class JobProgress(BaseModel):
     eta_seconds: float | None
 
 
+class QueuePlace(BaseModel):
+    """Where a queued job or generation stands."""
+
+    name: str = Field(description="the Celery queue it waits on")
+    workers: int = Field(description="live workers consuming that queue (0: nothing will run it until one starts)")
+    ahead: int = Field(description="queued jobs and generations on that queue created before it, all tenants")
+    running: int = Field(description="jobs and generations of that queue running now")
+
+
+class QueueState(BaseModel):
+    name: str
+    carries: list[Literal["jobs", "generations", "token counts"]] = Field(description="what the service sends to this queue")
+    workers: int = Field(description="live workers consuming it (seen within three reconciler passes)")
+    waiting: int = Field(description="queued jobs, generations or pending token counts, all tenants")
+    running: int | None = Field(description="jobs and generations running now (null for token counts: not recorded)")
+
+
+class QueueList(BaseModel):
+    data: list[QueueState]
+
+
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
@@ -379,9 +400,12 @@ class JobPublic(BaseModel):
     result: dict[str, Any] | None
     adapter_available: bool
     attempts: int
+    queue: QueuePlace | None = Field(
+        None, description="while queued, where it stands (in the answers about this one job: not in lists)"
+    )
 
     @classmethod
-    def of(cls, job: Job) -> "JobPublic":
+    def of(cls, job: Job, queue: dict[str, Any] | None = None) -> "JobPublic":
         spec = job.spec or {}
         total = job.total_steps
         return cls(
@@ -415,6 +439,7 @@ class JobPublic(BaseModel):
             result=job.result,
             adapter_available=job.adapter_key is not None,
             attempts=job.attempts,
+            queue=queue,
         )
 
 
@@ -541,9 +566,10 @@ class GenerationPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    queue: QueuePlace | None = Field(None, description="while queued, where it stands (in the answers about this one generation: not in lists)")
 
     @classmethod
-    def of(cls, row: Generation) -> "GenerationPublic":
+    def of(cls, row: Generation, queue: dict[str, Any] | None = None) -> "GenerationPublic":
         result = row.result or {}
         return cls(
             id=row.id,
@@ -557,6 +583,7 @@ class GenerationPublic(BaseModel):
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,
+            queue=queue,
         )
 
 

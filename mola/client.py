@@ -159,6 +159,39 @@ class JobProgress:
 
 
 @dataclass
+class QueuePlace:
+    """Where a queued job or generation stands: its queue, the live ``workers`` consuming it
+    (0: nothing runs it until one starts), the jobs and generations queued ``ahead`` of it (all
+    tenants), and how many are ``running``."""
+
+    name: str
+    workers: int
+    ahead: int
+    running: int
+
+
+@dataclass
+class QueueState:
+    """A queue of the service (GET /queues): what it ``carries`` ("jobs", "generations", "token
+    counts"), its live ``workers``, what is ``waiting`` and ``running`` (None: not recorded)."""
+
+    name: str
+    carries: list[str]
+    workers: int
+    waiting: int
+    running: int | None
+    raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "QueueState":
+        return _from_json(cls, data)
+
+
+def _place(data: dict[str, Any]) -> QueuePlace | None:
+    return _build(QueuePlace, data["queue"]) if data.get("queue") else None
+
+
+@dataclass
 class Job:
     id: str
     status: str
@@ -191,6 +224,9 @@ class Job:
     # "hyperparameters", "evaluation", "diverged", "base_model", "server_limit", "abandoned", "internal");
     # None otherwise, or from an older server.
     error_kind: str | None = None
+    # While queued, in the answers about this one job (get_job, create_job, resume_job): where
+    # it stands. None otherwise, in lists, or from an older server.
+    queue: QueuePlace | None = None
     raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
     # `create_job` only: True when the server answered with the job an earlier request with the
     # same Idempotency-Key created (200, `Idempotent-Replayed: true`) instead of a new one.
@@ -203,7 +239,7 @@ class Job:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Job":
         times = {k: _parse_time(data.get(k)) for k in ("created_at", "updated_at", "started_at", "finished_at")}
-        return _from_json(cls, data, **times, progress=_build(JobProgress, data.get("progress") or {}))
+        return _from_json(cls, data, **times, progress=_build(JobProgress, data.get("progress") or {}), queue=_place(data))
 
 
 @dataclass
@@ -271,6 +307,7 @@ class Generation:
     seconds: float | None = None
     error: str | None = None
     created_at: datetime | None = None
+    queue: QueuePlace | None = None  # while queued (not in lists): where it stands
     raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
 
     @property
@@ -284,7 +321,7 @@ class Generation:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Generation":
-        return _from_json(cls, data, created_at=_parse_time(data.get("created_at")))
+        return _from_json(cls, data, created_at=_parse_time(data.get("created_at")), queue=_place(data))
 
 
 class GenerationTimeout(TimeoutError):
@@ -479,6 +516,10 @@ class MolaClient:
 
     def get_model(self, name: str) -> BaseModelInfo:
         return BaseModelInfo.from_json(self._json("GET", f"/models/{_segment(name)}"))
+
+    def queues(self) -> list[QueueState]:
+        """The service's queues, their live workers and what waits and runs on them."""
+        return [QueueState.from_json(q) for q in self._json("GET", "/queues")["data"]]
 
     # ---- datasets ------------------------------------------------------------------------
     def upload_dataset(self, path: str | os.PathLike) -> Dataset:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from mola.client import Dataset, Generation, GenerationTimeout, Job, Metric, MolaAPIError, MolaClient
+from mola.client import Dataset, Generation, GenerationTimeout, Job, Metric, MolaAPIError, MolaClient, QueuePlace
 
 HYPERPARAMETER_FLAGS = {
     # flag: (hyperparameter, type)
@@ -191,9 +191,24 @@ def _data_line(stats: dict[str, Any]) -> str:
     return line + f" at cutoff_len {stats.get('cutoff_len')}"
 
 
+def _place_line(place: QueuePlace) -> str:
+    """Where a queued job or generation stands, in words."""
+    ahead = f"{place.ahead} ahead of it, {place.running} running"
+    if place.workers == 0:
+        return f"{ahead}; no worker consumes queue {place.name}: nothing runs it until one starts (`mola queues`)"
+    return f"{ahead}; {place.workers} worker{'s' if place.workers > 1 else ''} on queue {place.name}"
+
+
+def _warn_without_workers(place: QueuePlace | None, what: str) -> None:
+    if place is not None and place.workers == 0:
+        print(f"warning: no worker consumes queue {place.name}: the {what} waits until one starts (`mola queues`)", file=sys.stderr)
+
+
 def _show_job(job: Job) -> None:
     print(f"id:          {job.id}")
     print(f"status:      {job.status}{' (cancel requested)' if job.cancel_requested and not job.done else ''}")
+    if job.queue is not None:
+        print(f"waiting:     {_place_line(job.queue)}")
     print(f"base model:  {job.base_model} ({job.method})")
     print(f"dataset:     {job.dataset_id}" + (f", validation {job.validation_dataset_id}" if job.validation_dataset_id else ""))
     if job.allocation:
@@ -379,6 +394,7 @@ def cmd_jobs_create(args: argparse.Namespace) -> int:
                   f"{job.method} on {job.base_model}, {_adapter_shape(job)}")
         else:
             print(f"created {job.id}: {job.method} on {job.base_model}, {_adapter_shape(job)}")
+        _warn_without_workers(job.queue, "job")
         if args.follow:  # with --json, stdout keeps the one JSON answer above: progress goes to stderr
             return _follow(client, job.id, _text_out(args))
     return 0
@@ -542,6 +558,7 @@ def cmd_jobs_generate(args: argparse.Namespace) -> int:
         return 0
     if args.no_wait:
         print(f"{generation.id} {generation.status}: see it with mola jobs generation {args.id} {generation.id} (--delete cancels it)")
+        _warn_without_workers(generation.queue, "generation")
         return 0
     return _print_generation(generation)
 
@@ -559,7 +576,7 @@ def cmd_jobs_generation(args: argparse.Namespace) -> int:
         _print_json(generation.raw)
         return 0
     if not generation.done:
-        print(f"{generation.id} is {generation.status}")
+        print(f"{generation.id} is {generation.status}" + (f": {_place_line(generation.queue)}" if generation.queue else ""))
         return 0
     return _print_generation(generation)
 
@@ -688,6 +705,19 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queues(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        queues = client.queues()
+    if args.json:
+        _print_json({"data": [q.raw for q in queues]})
+        return 0
+    for q in queues:
+        running = "" if q.running is None else f", {q.running} running"
+        idle = "  <- no worker: what waits here does not run" if q.workers == 0 and q.waiting else ""
+        print(f"{q.name:<16} {' + '.join(q.carries):<20} {q.workers} worker{'s' if q.workers != 1 else ' '}  {q.waiting} waiting{running}{idle}")
+    return 0
+
+
 # ---- wiring ----------------------------------------------------------------------------------
 def _wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
@@ -726,7 +756,10 @@ def add_model_list_command(models_subparsers: argparse._SubParsersAction) -> Non
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `jobs ...` and `datasets ...` to a CLI's subcommands."""
+    """Add `jobs ...`, `datasets ...` and `queues` to a CLI's subcommands."""
+    p = subparsers.add_parser("queues", help="the server's queues: their live workers, what waits and runs")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_queues))
     datasets = subparsers.add_parser("datasets", help="upload and manage datasets on a server").add_subparsers(dest="datasets_command", required=True)
     p = datasets.add_parser("upload", help="upload a JSONL file (validated by the server)")
     p.add_argument("file")

@@ -96,7 +96,8 @@ def open_adapter(
 ) -> Iterator[LoadedAdapter]:
     """Load the adapter at ``path`` (folder or `.tar.gz`) onto its base model: ``model`` (a
     name `mola.models.load_base_model` knows, or a local folder), by default the one the
-    adapter records. The model is moved to ``device`` (and ``dtype``) in eval mode."""
+    adapter records. The model is moved to ``device`` (and ``dtype``) in eval mode. It stays
+    usable after the ``with`` block, which only removes an unpacked archive's folder."""
     from mola.models import load_base_model
 
     with adapter_folder(path) as folder:
@@ -104,9 +105,7 @@ def open_adapter(
         if not base_name:
             raise ValueError(f"{path}: the adapter does not record its base model; name it (--model)")
         base, tokenizer = load_base_model(base_name, cache_dir=cache_dir)
-        base.to(device=device)
-        with attach_adapter(folder, base, tokenizer, base_name, dtype=dtype) as adapter:
-            yield adapter
+        yield _put_on(folder, base.to(device=device), tokenizer, base_name, dtype)
 
 
 @contextmanager
@@ -119,21 +118,31 @@ def attach_adapter(path: str | Path, base: nn.Module, tokenizer: Any, base_name:
     if carries_adapter(base):
         raise ValueError("the base model already carries an adapter")
     with adapter_folder(path) as folder:
-        kind, description = _describe(folder)
-        if kind == "mola":
-            from mola.model import load_mola_model
-
-            loaded = load_mola_model(base, folder)
-        else:
-            from peft import PeftModel
-
-            loaded = PeftModel.from_pretrained(base, str(folder))
+        adapter = _put_on(folder, base, tokenizer, base_name, dtype)
         try:
-            device = next(base.parameters()).device
-            loaded.to(device=device, dtype=dtype).eval()
-            yield LoadedAdapter(loaded, tokenizer, kind, base_name, description, recorded_prompt_template(folder))
+            yield adapter
         finally:
-            loaded.unload()
+            adapter.model.unload()
+
+
+def _put_on(folder: Path, base: nn.Module, tokenizer: Any, base_name: str, dtype: torch.dtype | None) -> LoadedAdapter:
+    """The adapter in ``folder`` injected into ``base`` (MoLA, or peft for LoRA), on the base's
+    device in ``dtype``, in eval mode."""
+    kind, description = _describe(folder)
+    if kind == "mola":
+        from mola.model import load_mola_model
+
+        loaded = load_mola_model(base, folder)
+    else:
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(base, str(folder))
+    try:
+        loaded.to(device=next(base.parameters()).device, dtype=dtype).eval()
+    except BaseException:
+        loaded.unload()
+        raise
+    return LoadedAdapter(loaded, tokenizer, kind, base_name, description, recorded_prompt_template(folder))
 
 
 def carries_adapter(model: nn.Module) -> bool:

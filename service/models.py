@@ -287,3 +287,18 @@ class Generation(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index(None, "job_id", "id"), Index(None, "status", "requested_at"))
+
+
+class Worker(Base):
+    """A worker process that is (or was lately) consuming queues. Each worker writes its row at
+    every reconciler pass and deletes it when it stops; a row not seen for a while is a worker
+    that died (see service.workers)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # "host:pid"
+    queues: Mapped[list[str]] = mapped_column(JSONType)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index(None, "seen_at"),)

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import datasets as dataset_service
 from service import generations as generation_service
 from service import jobs as job_service
+from service import workers
 from service.db import session_scope
 from service.models import Job
 from service.queue import CeleryQueue
@@ -116,16 +117,32 @@ def _messages_lost(queue: CeleryQueue, name: str, queued: int) -> bool:
 
 class ReconcilerThread(threading.Thread):
     """Runs `reconcile` every `reconcile_seconds`, the first pass at once, until stopped. A
-    failed pass (database or broker down) is logged and retried at the next one."""
+    failed pass (database or broker down) is logged and retried at the next one. Given a
+    ``worker_id``, each pass also records that worker as alive on its ``queues``
+    (`service.workers`), and `stop` deletes the record."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], queue: CeleryQueue | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        queue: CeleryQueue | None = None,
+        worker_id: str | None = None,
+        queues: list[str] | None = None,
+    ) -> None:
         super().__init__(name="mola-reconciler", daemon=True)
         self.settings, self.sessions = settings, sessions
         self.queue = queue or CeleryQueue(settings)
+        self.worker_id, self.queues = worker_id, list(queues or [])
         self.done = threading.Event()
 
     def run(self) -> None:
         while True:
+            if self.worker_id is not None:
+                try:
+                    with session_scope(self.sessions) as session:
+                        workers.beat(session, self.worker_id, self.queues)
+                except Exception:
+                    logger.warning("could not record worker %s as alive; retrying in %.0f s", self.worker_id, self.settings.reconcile_seconds, exc_info=True)
             try:
                 reconcile(self.settings, self.sessions, self.queue)
             except Exception:
@@ -135,3 +152,11 @@ class ReconcilerThread(threading.Thread):
 
     def stop(self) -> None:
         self.done.set()
+        if self.worker_id is not None:
+            if self.is_alive() and threading.current_thread() is not self:
+                self.join(timeout=5)  # a pass under way would write the row again after its deletion
+            try:
+                with session_scope(self.sessions) as session:
+                    workers.forget(session, self.worker_id)
+            except Exception:  # noqa: BLE001 - the row expires by itself; stopping goes on
+                logger.warning("could not delete worker %s's record; it expires unseen", self.worker_id, exc_info=True)

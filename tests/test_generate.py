@@ -315,3 +315,12 @@ def test_cli_an_adapter_without_a_recorded_template_is_prompted_as_alpaca_saying
     assert main(["generate", str(tmp_path / "adapter"), "--prompt", "x", "--max-new-tokens", "2", "--json", str(tmp_path / "g.json")]) == 0
     assert "does not record how its training prompts looked" in capsys.readouterr().err
     assert json.loads((tmp_path / "g.json").read_text())["settings"]["template"] == "alpaca"
+
+
+def test_an_opened_adapters_model_outlives_the_block(tmp_path):
+    """`open_adapter` owns the base model it loads: leaving the block removes the unpacked
+    archive, not the adapter (`mola analyze` works with the model after it)."""
+    get_mola_model(load_base_model("tiny-llama")[0], MolaConfig(experts="2")).save_pretrained(tmp_path / "adapter")
+    with open_adapter(pack(tmp_path / "adapter", tmp_path / "a.tar.gz")) as adapter:
+        pass
+    assert carries_adapter(adapter.model) and adapter.model.mola_modules()

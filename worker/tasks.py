@@ -64,18 +64,30 @@ def count_tokens(dataset_id: str) -> str:
     return count(dataset_id, settings, res.sessions, res.storage)
 
 
+def consumed_queues(consumer) -> list[str]:
+    """The names of the queues a worker's consumer takes tasks from (its `--queues`)."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    queues = getattr(task_consumer, "queues", None)
+    if queues is None:  # not consuming yet: the queues the app was told to consume from
+        queues = consumer.app.amqp.queues.consume_from.values()
+    return sorted({queue.name for queue in queues})
+
+
 @worker_ready.connect
-def _start_reconciler(**_kwargs) -> None:
+def _start_reconciler(sender=None, **_kwargs) -> None:
     """Every worker reconciles the broker with the database (`service/reconcile.py`): jobs of
-    dead workers are re-queued, queued jobs the broker lost are enqueued again."""
+    dead workers are re-queued, queued jobs the broker lost are enqueued again. Each pass also
+    records this worker as alive on its queues (`service/workers.py`, GET /queues)."""
     global _reconciler
     from service.reconcile import ReconcilerThread
-    from worker.runner import Resources
+    from worker.runner import Resources, worker_prefix
 
     settings = get_settings()
-    _reconciler = ReconcilerThread(settings, Resources.of(settings).sessions)
+    queues = consumed_queues(sender) if sender is not None else []
+    worker_id = worker_prefix().rstrip(":")
+    _reconciler = ReconcilerThread(settings, Resources.of(settings).sessions, worker_id=worker_id, queues=queues)
     _reconciler.start()
-    logger.info("reconciler started (every %.0f s)", settings.reconcile_seconds)
+    logger.info("reconciler started (every %.0f s); worker %s consumes %s", settings.reconcile_seconds, worker_id, ", ".join(queues) or "nothing")
 
 
 @worker_shutdown.connect

@@ -7,9 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from api.deps import CurrentTenant, QueueDep, SessionDep
+from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep
 from api.schemas import ErrorResponse, GenerationCreate, GenerationList, GenerationPublic, Text
 from service import generations as generation_service
+from service import workers
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +39,16 @@ router = APIRouter(
     ),
     responses={409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
 )
-def create_generation(job_id: Text, body: GenerationCreate, tenant: CurrentTenant, session: SessionDep, queue: QueueDep) -> GenerationPublic:
+def create_generation(
+    job_id: Text, body: GenerationCreate, tenant: CurrentTenant, session: SessionDep, queue: QueueDep, settings: SettingsDep
+) -> GenerationPublic:
     generation = generation_service.create(session, tenant.id, job_id, body.model_dump(mode="json"))
     session.commit()
     try:
         queue.enqueue_generation(generation.id)
     except Exception:  # the row is the truth; the reconciler sends queued generations again
         logger.exception("could not enqueue generation %s; it stays queued", generation.id)
-    return GenerationPublic.of(generation)
+    return GenerationPublic.of(generation, workers.place_in_queue(session, settings, generation))
 
 
 @router.get("", response_model=GenerationList, summary="The job's generations, newest first")
@@ -61,8 +64,9 @@ def list_generations(
 
 
 @router.get("/{generation_id}", response_model=GenerationPublic, summary="One generation: its status and completions")
-def get_generation(job_id: Text, generation_id: Text, tenant: CurrentTenant, session: SessionDep) -> GenerationPublic:
-    return GenerationPublic.of(generation_service.get(session, tenant.id, job_id, generation_id))
+def get_generation(job_id: Text, generation_id: Text, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep) -> GenerationPublic:
+    generation = generation_service.get(session, tenant.id, job_id, generation_id)
+    return GenerationPublic.of(generation, workers.place_in_queue(session, settings, generation))
 
 
 @router.delete(

@@ -31,7 +31,7 @@ from api.schemas import (
     Text,
 )
 from service import jobs as job_service
-from service import plans
+from service import plans, workers
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.models import TERMINAL_STATUSES, Job
 
@@ -104,7 +104,7 @@ def create_job(
     else:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    return JobPublic.of(job)
+    return JobPublic.of(job, workers.place_in_queue(session, settings, job))
 
 
 @router.post(
@@ -140,8 +140,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
-    return JobPublic.of(job_service.get_job(session, tenant.id, job_id))
+def get_job(job_id: Text, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep) -> JobPublic:
+    job = job_service.get_job(session, tenant.id, job_id)
+    return JobPublic.of(job, workers.place_in_queue(session, settings, job))
 
 
 @router.post(
@@ -177,7 +178,13 @@ def cancel_job(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> JobP
     responses={409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
 )
 def resume_job(
-    job_id: Text, tenant: CurrentTenant, session: SessionDep, queue: QueueDep, storage: StorageDep, body: JobResume | None = None
+    job_id: Text,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    queue: QueueDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    body: JobResume | None = None,
 ) -> JobPublic:
     changes = body.changes() if body is not None else {}
     job, stopped_adapter = job_service.resume_job(session, job_service.get_job(session, tenant.id, job_id), changes)
@@ -191,7 +198,7 @@ def resume_job(
             storage.delete(stopped_adapter)
         except Exception:  # left under the job's prefix: deleted with the job
             logger.warning("job %s: could not delete the stopped run's adapter %s", job.id, stopped_adapter, exc_info=True)
-    return JobPublic.of(job)
+    return JobPublic.of(job, workers.place_in_queue(session, settings, job))
 
 
 @router.delete(

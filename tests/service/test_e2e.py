@@ -134,6 +134,16 @@ def test_the_first_key_stays_in_sight(server):
     assert not any("[queues]" in line or "[config]" in line for line in after), "".join(after[:60])
 
 
+def test_each_worker_reports_itself_on_its_queue(server, client):
+    """`mola serve`'s three workers, as GET /queues counts them from what each reports."""
+    deadline = time.monotonic() + 60
+    while (workers := {q.name: q.workers for q in client.queues()}) != {"mola.train": 1, "mola.quick": 1, "mola.generate": 1}:
+        assert time.monotonic() < deadline, (workers, server.log())
+        time.sleep(0.3)
+    carries = {q.name: q.carries for q in client.queues()}
+    assert carries == {"mola.train": ["jobs"], "mola.generate": ["generations"], "mola.quick": ["token counts"]}
+
+
 def _token_counts_when_done(client, dataset_id: str, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
     while (counts := client.get_dataset(dataset_id).token_counts)["status"] == "pending":
