@@ -5,11 +5,14 @@ Only torch (and the standard library) here, so the benchmarks run on a bare GPU 
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import re
 import statistics
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -213,3 +216,11 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     for state in optimizer.state.values():
         total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
     return total
+
+
+def write_result(result: dict, path: "os.PathLike | str") -> None:
+    """Write a benchmark's JSON result to ``path`` (folders made as needed) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {os.path.relpath(path)}")

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
 import platform
 import sys
 import tarfile
@@ -165,9 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output) if args.output else (
         ROOT / "bench" / "results" / f"{benchlib.slug(device_info['name'])}-generation-{benchlib.slug(args.model)}-{now:%Y-%m-%d}.json"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {os.path.relpath(out)}")
+    benchlib.write_result(result, out)
     return result
 
 

@@ -28,8 +28,6 @@ import argparse
 import copy
 import datetime as dt
 import gc
-import json
-import os
 import platform
 import statistics
 import sys
@@ -447,9 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output) if args.output else (
         ROOT / "bench" / "results" / f"{benchlib.slug(device_info['name'])}-{args.label}-{now:%Y-%m-%d}.json"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {os.path.relpath(out)}")
+    benchlib.write_result(result, out)
     return result
 
 
