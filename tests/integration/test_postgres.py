@@ -19,7 +19,7 @@ from tests.servers import pg_url  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"tenants", "api_keys", "base_models", "datasets", "jobs", "job_metrics", "checkpoints", "generations"}
+TABLES = {"tenants", "api_keys", "base_models", "datasets", "jobs", "job_metrics", "checkpoints", "generations", "workers"}
 
 
 def _diff(url: str) -> list:
@@ -72,6 +72,33 @@ def test_jsonb_and_utc_timestamps_round_trip(pg_url: str, tmp_path) -> None:
             assert column_type == "jsonb"
             # JSONB can be queried inside: what the JSON text of SQLite cannot do.
             assert session.execute(text("SELECT spec->'nested'->>'ok' FROM jobs")).scalar_one() == "true"
+    finally:
+        engine.dispose()
+
+
+def test_workers_report_themselves_and_the_queues_count_them(pg_url: str, tmp_path) -> None:
+    from datetime import timedelta  # noqa: PLC0415
+
+    from service import workers  # noqa: PLC0415
+    from service.models import utcnow  # noqa: PLC0415
+    from tests.factories import job_row  # noqa: PLC0415
+
+    settings = Settings(data_dir=tmp_path, database_url=pg_url)
+    migrate(settings)
+    engine = make_engine(settings)
+    sessions = make_sessionmaker(engine)
+    try:
+        with session_scope(sessions) as session:
+            workers.beat(session, "gpu-1:7", ["mola.train"])
+            workers.beat(session, "cpu-1:8", ["mola.quick", "mola.train"])
+            workers.beat(session, "gone:9", ["mola.train"], now=utcnow() - timedelta(hours=1))
+            first, second = job_row(session), job_row(session)
+        with session_scope(sessions) as session:
+            workers.beat(session, "gpu-1:7", ["mola.train"])  # again: the row is updated, not doubled
+            assert workers.consumers(session, settings) == {"mola.train": 2, "mola.quick": 1}
+            place = workers.place_in_queue(session, settings, session.get(Job, second.id))
+            assert place == {"name": "mola.train", "workers": 2, "ahead": 1, "running": 0}
+            assert workers.place_in_queue(session, settings, session.get(Job, first.id))["ahead"] == 0
     finally:
         engine.dispose()
 
