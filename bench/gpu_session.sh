@@ -14,6 +14,8 @@
 # compiled:  torch.compile of MoLA and matched LoRA on the ~1.1B shape (whole model, as training does)
 # compiled-layers: the same, 8642 only, with each decoder layer compiled on its own beside the whole
 #            model (the choice mola.compile made on the CPU; not in the default list)
+# checkpointing: the ~1.1B shape, 8642, with activation checkpointing (training's gradient_checkpointing),
+#            MoLA against matched LoRA and LoRA r=8 (not in the default list)
 #
 # Each part has its own time limit and a failing part does not stop the next. Output: $OUT/
 # bench.log, $OUT/cuda-tests.log and one JSON per benchmark (at most 6 files; the device tool
@@ -62,6 +64,7 @@ for part in "${parts[@]}"; do
         smollm2) bench smollm2-135m 300 --preset smollm2-135m --allocations 8642,2468 --repeats 2 ;;
         compiled) bench tinyllama-1b-compiled 420 --preset tinyllama-1b --allocations 8642,2468 --repeats 1 --variants mola,lora-matched --compile ;;
         compiled-layers) bench tinyllama-1b-compiled-scopes 540 --preset tinyllama-1b --allocations 8642 --repeats 1 --variants mola,lora-matched --compile --compile-scope model,layers ;;
-        *) echo "unknown part $part: choose from quick tests tinyllama smollm2 compiled compiled-layers" >&2; exit 2 ;;
+        checkpointing) bench tinyllama-1b-checkpointing 420 --preset tinyllama-1b --allocations 8642 --repeats 2 --variants mola,lora-matched,lora-r8 --gradient-checkpointing ;;
+        *) echo "unknown part $part: choose from quick tests tinyllama smollm2 compiled compiled-layers checkpointing" >&2; exit 2 ;;
     esac
 done

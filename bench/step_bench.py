@@ -53,6 +53,7 @@ from mola.model import get_mola_model  # noqa: E402
 from mola.architectures import set_submodule  # noqa: E402
 from mola.architectures import find_decoder_layers  # noqa: E402
 from mola.compile import compile_for_training  # noqa: E402
+from mola.train import enable_activation_checkpointing  # noqa: E402
 from tests.oracle import LoopMolaLinear  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
@@ -151,6 +152,8 @@ def build_variants(args, base: nn.Module, batch: dict, device, autocast) -> list
 
     def add(name: str, kind: str, allocation: str | None, model: nn.Module) -> None:
         model.train()
+        if args.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=3e-4)
         runner = model
@@ -345,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time torch.compile of MoLA and matched LoRA")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--compile-scope", default="model", help="with --compile: model, layers or model,layers (what is compiled)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="activation checkpointing of every decoder layer in every variant, as training's gradient_checkpointing")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="base weights; bfloat16 also turns on bf16 autocast (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--repeats", type=int, default=2)
@@ -358,6 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     preset = PRESETS[args.preset]
     # A run whose shape differs from its preset's is labelled so (results file, JSON "preset").
     args.label = args.preset if all(getattr(args, k) is None for k in SHAPE_KEYS) else f"{args.preset}-custom"
+    if args.gradient_checkpointing:
+        args.label += "-checkpointing"
     args.shape = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in SHAPE_KEYS}
     args.shape["tie"] = preset.get("tie", False)
     for key in RUN_KEYS:
@@ -430,7 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
         "run": {"warmup": args.warmup, "steps_per_round": args.steps, "rounds": args.rounds,
                 "repeats": args.repeats, "order": "round-robin, rotated every round", "seed": args.seed,
                 "compile_mode": args.compile_mode if args.compile else None,
-                "compile_scope": args.compile_scope if args.compile else None},
+                "compile_scope": args.compile_scope if args.compile else None,
+                "gradient_checkpointing": args.gradient_checkpointing},
         "precision": "bf16 base weights, bf16 autocast, fp32 adapter weights" if bf16 else "fp32",
         "attention": getattr(variants[0].model.config, "_attn_implementation", None) if variants else None,
         "tokens_per_step": tokens,

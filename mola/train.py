@@ -639,8 +639,9 @@ def _restore_checkpointing_state(state: list[tuple[nn.Module, dict[str, Any]]]) 
                 delattr(module, key)
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing, without the input-require-grads hooks that
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of each decoder layer, as ``TrainConfig(gradient_checkpointing=True)``
+    runs it (bench/step_bench.py uses it too), without the input-require-grads hooks that
     transformers adds with it (only reentrant checkpointing needs them, and torch.compile would
     break its graph there); hooks the user had enabled stay."""
     options = {"use_reentrant": False}
@@ -666,7 +667,7 @@ def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[N
     checkpointing = _checkpointing_state(model)
     try:
         if gradient_checkpointing:
-            _enable_checkpointing(model)
+            enable_activation_checkpointing(model)
             model_config.use_cache = False
         model.train()
         yield

@@ -110,3 +110,29 @@ def test_compiled_variants_train(step_bench, tmp_path):
     assert {"mola-compiled/lora-matched-compiled", "mola/mola-compiled"} <= set(report["ratios"]["42"])
     eager, compiled = report["variants"]["mola[42]"], report["variants"]["mola-compiled[42]"]
     assert compiled["trainable_params"] == eager["trainable_params"] and compiled["last_loss"] == compiled["last_loss"]
+
+
+def test_gradient_checkpointing_recomputes_every_variants_layers(step_bench, tmp_path):
+    common = [*TINY, "--allocations", "42", "--gradient-checkpointing"]
+    args = step_bench.parse_args([*common, "--variants", "mola,loop,lora-matched,lora-r8"])
+    assert args.label == "cpu-small-custom-checkpointing"  # never the same file as the run without it
+    base = step_bench.build_base(args.shape, torch.device("cpu"), torch.float32, 0)
+    ids = torch.randint(0, args.shape["vocab"], (2, args.shape["seq_len"]))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    variants = step_bench.build_variants(args, base, batch, torch.device("cpu"), None)
+    assert [v.kind for v in variants] == ["mola", "loop", "lora-matched", "lora-r8"]
+    for v in variants:
+        # The outermost module at that path: MolaLinear, the loop oracle, or peft's LoRA layer.
+        adapted = next(m for name, m in v.model.named_modules() if name.endswith("layers.0.self_attn.q_proj"))
+        calls = []
+        handle = adapted.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            v.step()
+        finally:
+            handle.remove()
+        assert len(calls) == 2, v.name  # the forward, and its recomputation in the backward pass
+
+    flags = ["--variants", "mola,lora-matched", "--repeats", "1", "--rounds", "1", "--output", str(tmp_path / "ckpt.json")]
+    report = step_bench.main([*common, *flags])
+    assert report["preset"] == "cpu-small-custom-checkpointing" and report["run"]["gradient_checkpointing"] is True
+    assert "--gradient-checkpointing" in report["command"] and "mola/lora-matched" in report["ratios"]["42"]
