@@ -348,7 +348,7 @@ class QueuePlace(BaseModel):
 
     name: str = Field(description="the Celery queue it waits on")
     workers: int = Field(description="live workers consuming that queue (0: nothing will run it until one starts)")
-    ahead: int = Field(description="queued jobs and generations on that queue created before it, all tenants")
+    ahead: int = Field(description="queued jobs and generations that went to that queue before it, all tenants (a resumed job goes to the back)")
     running: int = Field(description="jobs and generations of that queue running now")
 
 

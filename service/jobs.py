@@ -212,7 +212,10 @@ def create_job(
                 raise Conflict("Idempotency-Key was already used with a different request")
             return existing, False
     spec = build_spec(session, tenant_id, request, max_adapter_params)
+    now = utcnow()
     job = Job(
+        created_at=now,
+        queued_at=now,
         tenant_id=tenant_id,
         base_model=spec["base_model"],
         dataset_id=spec["dataset_id"],
@@ -383,7 +386,7 @@ def resume_job(session: Session, job: Job, changes: dict[str, Any]) -> tuple[Job
             status="queued", spec=spec, error=None, error_kind=None, result=None, analysis=None, adapter_key=None,
             finished_at=None, cancel_requested_at=None, lease_owner=None, lease_expires_at=None,
             # A fresh budget of attempts: a job failed for running out of them is the case for resuming.
-            attempts=0, updated_at=now,
+            attempts=0, updated_at=now, queued_at=now,
         )
     ).rowcount
     if not resumed:  # resumed, or deleted, by a concurrent request
@@ -603,6 +606,7 @@ def heartbeat(
 def release_job(session: Session, job_id: str, owner: str) -> bool:
     """Give a running job back to the queue (its worker is shutting down, after a checkpoint).
     The run does not count against `max_attempts`: nothing was lost."""
+    now = utcnow()
     return bool(
         session.execute(
             update(Job)
@@ -612,7 +616,8 @@ def release_job(session: Session, job_id: str, owner: str) -> bool:
                 lease_owner=None,
                 lease_expires_at=None,
                 attempts=Job.attempts - 1,  # a running job was claimed, so this stays >= 0
-                updated_at=utcnow(),
+                updated_at=now,
+                queued_at=now,
             )
         ).rowcount
     )
@@ -777,7 +782,7 @@ def recover_expired_leases(session: Session, max_attempts: int, job_id: str | No
             if session.execute(update(Job).where(*still_expired).values(status="failed", error=abandoned_error(attempts, max_attempts), error_kind="abandoned", **end)).rowcount:
                 failed.append(id_)
         elif session.execute(
-            update(Job).where(*still_expired).values(status="queued", lease_owner=None, lease_expires_at=None, updated_at=now)
+            update(Job).where(*still_expired).values(status="queued", lease_owner=None, lease_expires_at=None, updated_at=now, queued_at=now)
         ).rowcount:
             requeued.append(id_)
     return requeued, failed

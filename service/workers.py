@@ -68,14 +68,17 @@ def _count(session: Session, model: Any, *where: Any) -> int:
 
 
 def _waiting(session: Session, what: str, before: tuple[datetime, str] | None = None) -> int:
-    """Queued ``what`` across tenants; with ``before`` (created_at, id), only those created earlier."""
+    """Queued ``what`` across tenants; with ``before`` (time, id), only those that went to the
+    queue earlier: jobs by `Job.queued_at` (a resumed job goes to the back), generations by
+    their creation (they go to the queue once)."""
     if what == "token counts":
         return _count(session, Dataset, Dataset.token_counts_status == "pending", Dataset.deleted_at.is_(None))
     model = Job if what == "jobs" else Generation
     where = [model.status == "queued"] + ([Job.deleted_at.is_(None)] if model is Job else [])
     if before is not None:
-        created_at, row_id = before
-        where.append(or_(model.created_at < created_at, and_(model.created_at == created_at, model.id < row_id)))
+        at, row_id = before
+        queued_at = Job.queued_at if model is Job else Generation.created_at
+        where.append(or_(queued_at < at, and_(queued_at == at, model.id < row_id)))
     return _count(session, model, *where)
 
 
@@ -102,9 +105,13 @@ def queue_states(session: Session, settings: Settings) -> list[dict[str, Any]]:
     return states
 
 
+def _queued_at(row: Job | Generation) -> datetime:
+    return row.queued_at if isinstance(row, Job) else row.created_at
+
+
 def place_in_queue(session: Session, settings: Settings, row: Job | Generation) -> dict[str, Any] | None:
     """Where a queued job or generation stands: its queue's name and live workers, how many
-    queued jobs and generations there were created before it (all tenants; the broker serves
+    queued jobs and generations went to that queue before it (all tenants; the broker serves
     about in that order), and how many run now. None once it is not queued."""
     if row.status != "queued":
         return None
@@ -113,6 +120,6 @@ def place_in_queue(session: Session, settings: Settings, row: Job | Generation) 
     return {
         "name": name,
         "workers": consumers(session, settings).get(name, 0),
-        "ahead": sum(_waiting(session, what, (row.created_at, row.id)) for what in carries),
+        "ahead": sum(_waiting(session, what, (_queued_at(row), row.id)) for what in carries),
         "running": sum(_running(session, what) or 0 for what in carries),
     }

@@ -73,8 +73,11 @@ def test_a_queued_job_says_what_is_ahead_of_it_and_who_will_run_it(client, key, 
     assert all(job["queue"] is None for job in client.get("/jobs", headers=auth(key)).json()["data"])  # lists: never
     cancelled = client.post(f"/jobs/{third}/cancel", headers=auth(key)).json()
     assert cancelled["queue"] is None
+    fourth = client.post("/jobs", headers=auth(key), json=job_body(dataset)).json()["id"]
+    # A resumed job goes to the back of the queue: behind the job created after it.
     resumed = client.post(f"/jobs/{third}/resume", headers=auth(key))
-    assert resumed.status_code == 200 and resumed.json()["queue"]["ahead"] == 1, resumed.text
+    assert resumed.status_code == 200 and resumed.json()["queue"]["ahead"] == 2, resumed.text
+    assert client.get(f"/jobs/{fourth}", headers=auth(key)).json()["queue"]["ahead"] == 1
 
 
 def test_a_generation_on_the_training_queue_waits_behind_its_jobs(client, key, sessions, queue):

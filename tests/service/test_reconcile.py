@@ -106,10 +106,12 @@ def test_a_pending_cancel_ends_an_abandoned_job(client, key, settings, sessions)
 def test_a_warm_shutdown_gives_the_attempt_back(client, key, sessions):
     (job_id,) = _jobs(client, key)
     _run(sessions, job_id, "w1")
+    before = _job(sessions, job_id).queued_at
     with session_scope(sessions) as session:
         assert job_service.release_job(session, job_id, "w1")
     job = _job(sessions, job_id)
     assert job.status == "queued" and job.attempts == 0
+    assert job.queued_at > before  # back to the queue: behind what went there meanwhile
 
 
 def test_a_delivery_takes_over_a_stale_lease_only(client, key, settings, sessions):
@@ -119,7 +121,10 @@ def test_a_delivery_takes_over_a_stale_lease_only(client, key, settings, session
         assert job_service.recover_expired_leases(session, 3, job_id) == ([], [])
         assert job_service.claim_job(session, job_id, "w2", 60) is None
         session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        first_queued = session.get(Job, job_id).queued_at
         assert job_service.recover_expired_leases(session, 3, job_id) == ([job_id], [])
+        session.expire_all()
+        assert session.get(Job, job_id).queued_at > first_queued
         assert job_service.claim_job(session, job_id, "w2", 60).lease_owner == "w2"
         assert not job_service.heartbeat(session, job_id, "w1", 60)  # the old owner can write nothing
 

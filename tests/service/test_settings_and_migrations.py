@@ -49,3 +49,36 @@ def test_migrations_match_the_models_and_downgrade(tmp_path):
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     migrate(settings)
     engine.dispose()
+
+
+def test_jobs_there_before_queued_at_keep_their_place(tmp_path):
+    """0013 gives each existing job its created_at as queued_at: the queue's order stays."""
+    from datetime import datetime
+
+    from sqlalchemy import MetaData, insert, select
+
+    settings = Settings(data_dir=tmp_path)
+    migrate(settings, "0012")
+    engine = create_engine(settings.resolved_database_url)
+    tables = MetaData()
+    tables.reflect(engine)
+    created = datetime(2026, 1, 2, 3, 4, 5)
+    with engine.begin() as connection:
+        connection.execute(insert(tables.tables["tenants"]).values(id="ten_1", name="t", created_at=created))
+        connection.execute(insert(tables.tables["datasets"]).values(
+            id="ds_1", tenant_id="ten_1", filename="d.jsonl", rows=1, size_bytes=1, sha256="0" * 64,
+            storage_key="k", report={}, token_stats={}, created_at=created,
+        ))  # fmt: skip
+        connection.execute(insert(tables.tables["jobs"]).values(
+            id="job_1", tenant_id="ten_1", base_model="tiny-llama", dataset_id="ds_1", method="mola", spec={},
+            status="queued", step=0, attempts=0, created_at=created, updated_at=datetime(2026, 1, 3),
+        ))  # fmt: skip
+    migrate(settings)
+    tables = MetaData()
+    tables.reflect(engine)
+    with engine.connect() as connection:
+        jobs = tables.tables["jobs"]
+        assert connection.execute(select(jobs.c.queued_at, jobs.c.created_at)).one() == (created, created)
+    downgrade(settings, "0012")
+    assert "queued_at" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    engine.dispose()
