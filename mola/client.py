@@ -653,8 +653,11 @@ class MolaClient:
         body: dict[str, Any] = {"prompts": list(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
         body.update({k: v for k, v in {"template": template, "input": input, "seed": seed}.items() if v is not None})
         generation = Generation.from_json(self._json("POST", f"/jobs/{_segment(job_id)}/generations", json=body))
-        if not wait:
-            return generation
+        return self.wait_for_generation(job_id, generation, timeout, poll) if wait else generation
+
+    def wait_for_generation(self, job_id: str, generation: Generation, timeout: float | None = None, poll: float = 1.0) -> Generation:
+        """Poll ``generation`` (one `generate` returned with ``wait=False``) until it is done, or
+        raise `GenerationTimeout` once ``timeout`` seconds pass (it stays queued or running)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not generation.done:
             if deadline is not None and time.monotonic() > deadline:

@@ -544,21 +544,24 @@ def cmd_jobs_generate(args: argparse.Namespace) -> int:
     """Prompts completed by the job's adapter on the server: the texts, one block per prompt."""
     texts = [sys.stdin.read().rstrip("\n") if text == "-" else text for text in args.prompt]
     with _client(args) as client:
-        try:
-            generation = client.generate(
-                args.id, texts, template=args.template, input=args.input, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_p=args.top_p, seed=args.seed, wait=not args.no_wait, timeout=args.timeout,
-            )  # fmt: skip
-        except GenerationTimeout as exc:  # it stays on the server: say how to see it or cancel it
-            command = f"mola jobs generation {args.id} {exc.generation.id}"
-            print(f"error: {exc}; see it with `{command}`, or cancel it with `{command} --delete`", file=sys.stderr)
-            return 1
+        generation = client.generate(
+            args.id, texts, template=args.template, input=args.input, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, wait=False,
+        )  # fmt: skip
+        # Before any wait: with no worker on its queue, waiting would only run into --timeout.
+        _warn_without_workers(generation.queue, "generation")
+        if not args.no_wait:
+            try:
+                generation = client.wait_for_generation(args.id, generation, timeout=args.timeout)
+            except GenerationTimeout as exc:  # it stays on the server: say how to see it or cancel it
+                command = f"mola jobs generation {args.id} {exc.generation.id}"
+                print(f"error: {exc}; see it with `{command}`, or cancel it with `{command} --delete`", file=sys.stderr)
+                return 1
     if args.json:
         _print_json(generation.raw)
         return 0
     if args.no_wait:
         print(f"{generation.id} {generation.status}: see it with mola jobs generation {args.id} {generation.id} (--delete cancels it)")
-        _warn_without_workers(generation.queue, "generation")
         return 0
     return _print_generation(generation)
 

@@ -176,11 +176,13 @@ def test_the_cli_lists_generations_and_says_how_to_cancel_one_it_stopped_waiting
     assert out.splitlines() == [lines[0], f"(more: --after {second})"]
     assert mola(capsys, live, key, "jobs", "generations", job_id, "--after", second)[1].splitlines() == [lines[1]]
 
-    # Stopped waiting (no worker runs here): the generation stays queued, and the error says so.
+    # Stopped waiting (no worker runs here): the generation stays queued, and the error says so,
+    # after the warning, given before the wait, that no worker consumes its queue.
     code, out, err = mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", "x", "--timeout", "0")
     third = queue.generations[-1]
     command = f"mola jobs generation {job_id} {third}"
     assert (code, out) == (1, "") and err == (
+        "warning: no worker consumes queue mola.train: the generation waits until one starts (`mola queues`)\n"
         f"error: generation {third} is still queued after 0.0 s; see it with `{command}`, or cancel it with `{command} --delete`\n"
     )
     assert mola(capsys, live, key, *command.split()[1:], "--delete")[:2] == (0, f"deleted {third}\n")
@@ -290,9 +292,14 @@ def test_generations_share_a_loaded_base_model_until_training_needs_the_memory(c
         BASE_MODELS.release()
 
 
-def _worker(queue, settings) -> threading.Thread:
-    """Runs each generation the API enqueues, as a training worker would, until stopped."""
+def _worker(queue, settings, sessions) -> threading.Thread:
+    """Runs each generation the API enqueues, as a training worker would, until stopped; it
+    reports itself on the queue as a worker's reconciler does (`service.workers.beat`)."""
+    from service import workers
     from worker.generation import run_generation
+
+    with session_scope(sessions) as session:
+        workers.beat(session, "test-worker:1", [settings.generations_queue])
 
     def work() -> None:
         done = 0
@@ -310,20 +317,22 @@ def _worker(queue, settings) -> threading.Thread:
 
 
 @pytest.mark.slow
-def test_the_client_and_cli_wait_for_the_completions(client, key, settings, queue, capsys, live, monkeypatch):
+def test_the_client_and_cli_wait_for_the_completions(client, key, settings, sessions, queue, capsys, live, monkeypatch):
     pytest.importorskip("torch")
     from mola.client import MolaClient
     from tests.service.test_runner import _create, runner
 
     job_id = _create(client, key, hyperparameters={"max_steps": 2})
     assert runner.run_job(job_id, settings) == "succeeded"
-    worker = _worker(queue, settings)
+    worker = _worker(queue, settings, sessions)
     try:
         with MolaClient(live.url, key) as api:
             generation = api.generate(job_id, PROMPTS, max_new_tokens=6, poll=0.05, timeout=120)
             assert generation.status == "succeeded" and generation.template == "raw" and len(generation.texts) == 2
             assert api.get_generation(job_id, generation.id).texts == generation.texts
             assert [g.id for g in api.generations(job_id)] == [generation.id]
+            pending = api.generate(job_id, PROMPTS[:1], max_new_tokens=6, wait=False)  # returns at once
+            assert api.wait_for_generation(job_id, pending, timeout=120, poll=0.05).texts == generation.texts[:1]
 
         code, out, err = mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "6")
         assert (code, err) == (0, "") and out == "".join(f"### {i + 1}\n{text}\n" for i, text in enumerate(generation.texts))
@@ -343,7 +352,7 @@ def test_the_client_and_cli_wait_for_the_completions(client, key, settings, queu
         assert (code, out, err) == (0, f"deleted {generation_id}\n", "")
         with MolaClient(live.url, key) as api:
             listed = [g.id for g in api.generations(job_id)]
-            assert len(listed) == 3 and generation_id not in listed and generation.id in listed
+            assert len(listed) == 4 and generation_id not in listed and generation.id in listed
             api.delete_generation(job_id, generation.id)
             assert [g.id for g in api.generations(job_id)] == [g for g in listed if g != generation.id]
         code, out, err = mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", "x", "--template", "chat", "--input", "y")
