@@ -22,6 +22,23 @@ pytestmark = pytest.mark.integration
 TABLES = {"tenants", "api_keys", "base_models", "datasets", "jobs", "job_metrics", "checkpoints", "generations", "workers"}
 
 
+@pytest.fixture
+def migrated(pg_url: str, tmp_path):
+    """``migrated(**settings)``: Settings on this test's database, migrated to head, and a
+    sessionmaker on it; its engine is disposed after the test."""
+    engines = []
+
+    def make(**overrides):
+        settings = Settings(data_dir=tmp_path, database_url=pg_url, **overrides)
+        migrate(settings)
+        engines.append(make_engine(settings))
+        return settings, make_sessionmaker(engines[-1])
+
+    yield make
+    for engine in engines:
+        engine.dispose()
+
+
 def _diff(url: str) -> list:
     engine = create_engine(url)
     try:
@@ -52,58 +69,46 @@ def test_migrations_upgrade_downgrade_and_match_the_models(pg_url: str, tmp_path
     assert _diff(pg_url) == []
 
 
-def test_jsonb_and_utc_timestamps_round_trip(pg_url: str, tmp_path) -> None:
+def test_jsonb_and_utc_timestamps_round_trip(migrated) -> None:
     from tests.factories import job_row  # noqa: PLC0415
 
-    settings = Settings(data_dir=tmp_path, database_url=pg_url)
-    migrate(settings)
-    engine = make_engine(settings)
-    sessions = make_sessionmaker(engine)
-    try:
-        with session_scope(sessions) as session:
-            job = job_row(session, spec={"allocation": [2, 4, 6, 8], "nested": {"ok": True}})
-        with sessions() as session:
-            loaded = session.get(Job, job.id)
-            assert loaded.spec == {"allocation": [2, 4, 6, 8], "nested": {"ok": True}}
-            assert loaded.created_at.tzinfo is not None and loaded.created_at.utcoffset() == timezone.utc.utcoffset(None)
-            column_type = session.execute(
-                text("SELECT data_type FROM information_schema.columns WHERE table_name = 'jobs' AND column_name = 'spec'")
-            ).scalar_one()
-            assert column_type == "jsonb"
-            # JSONB can be queried inside: what the JSON text of SQLite cannot do.
-            assert session.execute(text("SELECT spec->'nested'->>'ok' FROM jobs")).scalar_one() == "true"
-    finally:
-        engine.dispose()
+    _, sessions = migrated()
+    with session_scope(sessions) as session:
+        job = job_row(session, spec={"allocation": [2, 4, 6, 8], "nested": {"ok": True}})
+    with sessions() as session:
+        loaded = session.get(Job, job.id)
+        assert loaded.spec == {"allocation": [2, 4, 6, 8], "nested": {"ok": True}}
+        assert loaded.created_at.tzinfo is not None and loaded.created_at.utcoffset() == timezone.utc.utcoffset(None)
+        column_type = session.execute(
+            text("SELECT data_type FROM information_schema.columns WHERE table_name = 'jobs' AND column_name = 'spec'")
+        ).scalar_one()
+        assert column_type == "jsonb"
+        # JSONB can be queried inside: what the JSON text of SQLite cannot do.
+        assert session.execute(text("SELECT spec->'nested'->>'ok' FROM jobs")).scalar_one() == "true"
 
 
-def test_workers_report_themselves_and_the_queues_count_them(pg_url: str, tmp_path) -> None:
+def test_workers_report_themselves_and_the_queues_count_them(migrated) -> None:
     from datetime import timedelta  # noqa: PLC0415
 
     from service import workers  # noqa: PLC0415
     from service.models import utcnow  # noqa: PLC0415
     from tests.factories import job_row  # noqa: PLC0415
 
-    settings = Settings(data_dir=tmp_path, database_url=pg_url)
-    migrate(settings)
-    engine = make_engine(settings)
-    sessions = make_sessionmaker(engine)
-    try:
-        with session_scope(sessions) as session:
-            workers.beat(session, "gpu-1:7", ["mola.train"])
-            workers.beat(session, "cpu-1:8", ["mola.quick", "mola.train"])
-            workers.beat(session, "gone:9", ["mola.train"], now=utcnow() - timedelta(hours=1))
-            first, second = job_row(session), job_row(session)
-        with session_scope(sessions) as session:
-            workers.beat(session, "gpu-1:7", ["mola.train"])  # again: the row is updated, not doubled
-            assert workers.consumers(session, settings) == {"mola.train": 2, "mola.quick": 1}
-            place = workers.place_in_queue(session, settings, session.get(Job, second.id))
-            assert place == {"name": "mola.train", "workers": 2, "ahead": 1, "running": 0}
-            assert workers.place_in_queue(session, settings, session.get(Job, first.id))["ahead"] == 0
-    finally:
-        engine.dispose()
+    settings, sessions = migrated()
+    with session_scope(sessions) as session:
+        workers.beat(session, "gpu-1:7", ["mola.train"])
+        workers.beat(session, "cpu-1:8", ["mola.quick", "mola.train"])
+        workers.beat(session, "gone:9", ["mola.train"], now=utcnow() - timedelta(hours=1))
+        first, second = job_row(session), job_row(session)
+    with session_scope(sessions) as session:
+        workers.beat(session, "gpu-1:7", ["mola.train"])  # again: the row is updated, not doubled
+        assert workers.consumers(session, settings) == {"mola.train": 2, "mola.quick": 1}
+        place = workers.place_in_queue(session, settings, session.get(Job, second.id))
+        assert place == {"name": "mola.train", "workers": 2, "ahead": 1, "running": 0}
+        assert workers.place_in_queue(session, settings, session.get(Job, first.id))["ahead"] == 0
 
 
-def test_input_postgres_cannot_store_gets_a_4xx_not_a_500(pg_url: str, tmp_path) -> None:
+def test_input_postgres_cannot_store_gets_a_4xx_not_a_500(migrated, tmp_path) -> None:
     """NUL characters and infinite numbers: SQLite stores them, PostgreSQL's text and JSONB
     refuse them, so on PostgreSQL they once surfaced as 500s."""
     from fastapi.testclient import TestClient  # noqa: PLC0415
@@ -113,9 +118,7 @@ def test_input_postgres_cannot_store_gets_a_4xx_not_a_500(pg_url: str, tmp_path)
     from service.storage import LocalStorage  # noqa: PLC0415
     from tests.service.conftest import TINY_LLAMA, RecordingQueue, auth, job_body, jsonl  # noqa: PLC0415
 
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, models=["tiny-llama"])
-    migrate(settings)
-    sessions = make_sessionmaker(make_engine(settings))
+    settings, sessions = migrated(models=["tiny-llama"])
     with session_scope(sessions) as session:
         catalogue.upsert(session, "tiny-llama", TINY_LLAMA)
         _, token = security.create_api_key(session, "acme")
@@ -169,7 +172,7 @@ def _waits_for_the_commit(first, work) -> dict:
     return outcome
 
 
-def test_deleting_a_dataset_and_starting_a_job_on_it_take_turns(pg_url: str, tmp_path) -> None:
+def test_deleting_a_dataset_and_starting_a_job_on_it_take_turns(migrated) -> None:
     """A dataset's deletion and a job created or resumed on it at the same moment: the second
     waits for the first to commit and then sees it (the job: 409 for the deletion; the
     deletion: the job refused). Without the row locks both passed their checks, and a queued
@@ -182,10 +185,7 @@ def test_deleting_a_dataset_and_starting_a_job_on_it_take_turns(pg_url: str, tmp
     from tests.factories import dataset_row, job_row, tenant_row  # noqa: PLC0415
     from tests.service.conftest import TINY_LLAMA, job_body  # noqa: PLC0415
 
-    settings = Settings(data_dir=tmp_path, database_url=pg_url, models=["tiny-llama"])
-    migrate(settings)
-    engine = make_engine(settings)
-    sessions = make_sessionmaker(engine)
+    _, sessions = migrated(models=["tiny-llama"])
     report = {"rows": 24, "valid_rows": 24, "ok": True, "errors": [], "error_count": 0}
     with session_scope(sessions) as session:
         catalogue.upsert(session, "tiny-llama", TINY_LLAMA)
@@ -207,25 +207,22 @@ def test_deleting_a_dataset_and_starting_a_job_on_it_take_turns(pg_url: str, tmp
         with session_scope(sessions) as session:
             return job_service.resume_job(session, session.get(Job, stopped_id), {})
 
-    try:
-        # The deletion first: the job waits for its commit, then finds no dataset.
-        deleting = sessions()
-        dataset_service.delete_dataset(deleting, dataset_service.get_dataset(deleting, tenant, ids[0], lock="update"))
-        outcome = _waits_for_the_commit(deleting, lambda: create(ids[0]))
-        assert isinstance(outcome.get("error"), InvalidRequest) and "not found" in outcome["error"].detail, outcome
+    # The deletion first: the job waits for its commit, then finds no dataset.
+    deleting = sessions()
+    dataset_service.delete_dataset(deleting, dataset_service.get_dataset(deleting, tenant, ids[0], lock="update"))
+    outcome = _waits_for_the_commit(deleting, lambda: create(ids[0]))
+    assert isinstance(outcome.get("error"), InvalidRequest) and "not found" in outcome["error"].detail, outcome
 
-        # The job first: the deletion waits for its commit, then finds it and refuses.
-        creating = sessions()
-        job_service.create_job(creating, tenant, JobCreate.model_validate(job_body(ids[1])).model_dump(mode="json"))
-        outcome = _waits_for_the_commit(creating, lambda: delete(ids[1]))
-        assert isinstance(outcome.get("error"), Conflict) and "used by a queued or running job" in outcome["error"].detail, outcome
+    # The job first: the deletion waits for its commit, then finds it and refuses.
+    creating = sessions()
+    job_service.create_job(creating, tenant, JobCreate.model_validate(job_body(ids[1])).model_dump(mode="json"))
+    outcome = _waits_for_the_commit(creating, lambda: delete(ids[1]))
+    assert isinstance(outcome.get("error"), Conflict) and "used by a queued or running job" in outcome["error"].detail, outcome
 
-        # Resuming takes the same turns as creating.
-        deleting = sessions()
-        dataset_service.delete_dataset(deleting, dataset_service.get_dataset(deleting, tenant, ids[2], lock="update"))
-        outcome = _waits_for_the_commit(deleting, resume)
-        assert isinstance(outcome.get("error"), Conflict) and "has been deleted" in outcome["error"].detail, outcome
-        with sessions() as session:
-            assert session.get(Job, stopped_id).status == "cancelled"
-    finally:
-        engine.dispose()
+    # Resuming takes the same turns as creating.
+    deleting = sessions()
+    dataset_service.delete_dataset(deleting, dataset_service.get_dataset(deleting, tenant, ids[2], lock="update"))
+    outcome = _waits_for_the_commit(deleting, resume)
+    assert isinstance(outcome.get("error"), Conflict) and "has been deleted" in outcome["error"].detail, outcome
+    with sessions() as session:
+        assert session.get(Job, stopped_id).status == "cancelled"
