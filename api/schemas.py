@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationInfo, field_validator
 
+from service import generations as generation_service
 from service import jobs as job_service
 from service.models import FAILURE_KINDS, BaseModelEntry, Checkpoint, Dataset, Generation, Job, JobMetric
 
@@ -517,6 +518,7 @@ class JobAnalysis(BaseModel):
 
 
 MAX_PROMPTS = 16
+MAX_DATASET_ROWS = generation_service.MAX_DATASET_ROWS
 MAX_PROMPT_CHARS = 16_000
 MAX_NEW_TOKENS = 2048
 Prompt = text_of_length(1, MAX_PROMPT_CHARS)
@@ -525,7 +527,26 @@ Prompt = text_of_length(1, MAX_PROMPT_CHARS)
 class GenerationCreate(BaseModel):
     model_config = REQUEST_CONFIG
 
-    prompts: list[Prompt] = Field(min_length=1, max_length=MAX_PROMPTS, description=f"1 to {MAX_PROMPTS} prompts, each a bare text (formatted by `template`)")
+    prompts: list[Prompt] | None = Field(
+        None, min_length=1, max_length=MAX_PROMPTS, description=f"1 to {MAX_PROMPTS} prompts, each a bare text (formatted by `template`); or a `dataset_id`"
+    )
+    dataset_id: Text | None = Field(
+        None,
+        description=(
+            "instead of prompts: one of your datasets (a test set, say) whose rows are completed, each "
+            "prompt dressed as training dressed that row, and scored against the row's own completion "
+            "(`scores`); text rows have no prompt and are left out"
+        ),
+    )
+    rows: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_DATASET_ROWS,
+        description=f"with `dataset_id`: its first N rows (default: all of them; a dataset of more than {MAX_DATASET_ROWS} rows needs it)",
+    )
+    step: int | None = Field(
+        None, ge=0, le=MAX_STEP, description="the adapter of the job's checkpoint at this step (GET /jobs/{id}/checkpoints; a running job's too) instead of its final one"
+    )
     template: Literal["alpaca", "chat", "raw"] | None = Field(
         None,
         description=(
@@ -552,6 +573,16 @@ class GenerationCreate(BaseModel):
 class Completion(BaseModel):
     prompt: str = Field(description="the prompt as the model saw it, template applied")
     text: str = Field(description="what the model generated")
+    row: int | None = Field(None, description="a dataset's row: its number in the upload (1 for the first)")
+    reference: str | None = Field(None, description="a dataset's row: its own completion, which `text` is scored against")
+
+
+class GenerationScores(BaseModel):
+    n: int = Field(description="the dataset's rows completed and scored")
+    exact_match: float = Field(description="share of completions equal to their reference (runs of whitespace counted as one space)")
+    answers_expected: int = Field(description='references that say "the answer is X" (the paper\'s format)')
+    answer_accuracy: float | None = Field(None, description="share of those whose completion gives the same answer; null when no reference gives one")
+    without_prompt: int = Field(0, description="rows left out for having no prompt (text rows)")
 
 
 class GenerationPublic(BaseModel):
@@ -559,8 +590,9 @@ class GenerationPublic(BaseModel):
     job_id: str
     status: Literal["queued", "running", "succeeded", "failed"]
     request: dict[str, Any] = Field(description="the prompts and settings asked for, defaults filled in")
-    template: str | None = Field(None, description="the template the prompts were dressed in, once running")
-    completions: list[Completion] | None = Field(None, description="one per prompt, in order, once succeeded")
+    template: str | None = Field(None, description="the template the prompts were dressed in, once done (null for a dataset's rows: each as training dressed it)")
+    completions: list[Completion] | None = Field(None, description="one per prompt (or dataset row), in order, once succeeded")
+    scores: GenerationScores | None = Field(None, description="a dataset's generation: how its completions compare with the rows' own")
     seconds: float | None = Field(None, description="time spent generating (the model's loading excluded)")
     error: str | None = None
     created_at: datetime
@@ -578,6 +610,7 @@ class GenerationPublic(BaseModel):
             request=row.request,
             template=result.get("template"),
             completions=result.get("completions"),
+            scores=result.get("scores"),
             seconds=result.get("seconds"),
             error=row.error,
             created_at=row.created_at,

@@ -315,10 +315,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _generation_requests(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
-    """``[{"prompt", "special", "reference"?}]``: the --prompt texts in --template, or the
-    --data rows with a prompt, rendered as training rendered them (a text row has none)."""
-    from mola.data import read_records, render
-    from mola.generate import prompt
+    """``[{"prompt", "special", "reference"?, "name"?}]``: the --prompt texts in --template, or
+    the --data rows with a prompt, rendered as training rendered them (a text row has none)."""
+    from mola.data import read_records
+    from mola.generate import prompt, reference_rows
 
     if args.prompt:
         # A piped prompt (`echo ... |`) ends with a newline that is not part of it.
@@ -330,19 +330,15 @@ def _generation_requests(args: argparse.Namespace, tokenizer: Any) -> list[dict[
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     _check_split("--data", args.data, "--split", args.split)
     records = read_records(args.data, split=args.split)[: args.limit]
-    rows = []
-    for number, record in enumerate(records, start=1):
-        try:
-            text, reference, special = render(record, tokenizer)
-        except Exception as error:  # a chat template may refuse a conversation (a role, say)
-            raise ValueError(f"--data {args.data}: row {number}: cannot render the record: {error}") from error
-        if text:
-            rows.append({"prompt": text, "special": special, "reference": reference})
+    try:
+        rows = reference_rows(records, tokenizer)
+    except ValueError as error:
+        raise ValueError(f"--data {args.data}: {error}") from error
     if not rows:
         raise ValueError(f"--data {args.data}: no row with a prompt to generate from (text rows have none)")
     if len(rows) < len(records):
         print(f"--data {args.data}: {len(records) - len(rows)} of {len(records)} rows have no prompt (text rows) and are left out", file=sys.stderr)
-    return rows
+    return [{"prompt": row.prompt, "special": row.special, "reference": row.reference, "name": f"--data row {row.row}"} for row in rows]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -373,6 +369,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             seed=args.seed,
             batch_size=args.batch_size,
+            names=[row["name"] for row in rows] if args.data else None,
         )
     report: dict[str, Any] = {
         "adapter": str(args.adapter),
@@ -385,17 +382,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(rows) > 1 or "reference" in row:
             print(f"### {i + 1}")
         if "reference" in row:
-            print(f"prompt:    {_one_line(row['prompt'], keep_end=True)}\nreference: {_one_line(row['reference'])}\ngenerated: {_one_line(row['generated'])}")
+            print(scored_row(row["prompt"], row["reference"], row["generated"]))
         else:
             print(row["generated"])
     if args.data:
         scores = score_generations(generations, [row["reference"] for row in rows])
         report["scores"] = scores
-        answers = "" if scores["answer_accuracy"] is None else f"; answer accuracy {scores['answer_accuracy']:.1%} of {scores['answers_expected']} rows that give one"
-        print(f"\nexact match {scores['exact_match']:.1%} of {scores['n']} rows{answers}")
+        print(f"\n{scores_line(scores)}")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def scored_row(prompt: str, reference: str, generated: str) -> str:
+    """A scored row on three lines (`mola generate --data`, `mola jobs generate --dataset`)."""
+    return f"prompt:    {_one_line(prompt, keep_end=True)}\nreference: {_one_line(reference)}\ngenerated: {_one_line(generated)}"
+
+
+def scores_line(scores: dict[str, Any]) -> str:
+    """`mola.evaluate.score_generations`'s scores in words."""
+    answers = "" if scores["answer_accuracy"] is None else f"; answer accuracy {scores['answer_accuracy']:.1%} of {scores['answers_expected']} rows that give one"
+    return f"exact match {scores['exact_match']:.1%} of {scores['n']} rows{answers}"
 
 
 def _one_line(text: str, width: int = 200, keep_end: bool = False) -> str:

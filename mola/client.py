@@ -295,15 +295,18 @@ class JobAnalysis:
 @dataclass
 class Generation:
     """Completions of a finished job's adapter (POST /jobs/{id}/generations): ``status``
-    queued, running, succeeded (``completions``: ``[{"prompt", "text"}]``, one per prompt, the
-    prompt as the model saw it) or failed (``error``)."""
+    queued, running, succeeded (``completions``: ``[{"prompt", "text", "row", "reference"}]``,
+    one per prompt or dataset row, the prompt as the model saw it) or failed (``error``). A
+    dataset's generation has ``scores``: ``{"n", "exact_match", "answers_expected",
+    "answer_accuracy", "without_prompt"}``."""
 
     id: str
     job_id: str
     status: str
     request: dict[str, Any] = field(default_factory=dict)
     template: str | None = None
-    completions: list[dict[str, str]] | None = None
+    completions: list[dict[str, Any]] | None = None
+    scores: dict[str, Any] | None = None
     seconds: float | None = None
     error: str | None = None
     created_at: datetime | None = None
@@ -635,7 +638,7 @@ class MolaClient:
     def generate(
         self,
         job_id: str,
-        prompts: list[str],
+        prompts: list[str] | None = None,
         template: str | None = None,
         input: str | None = None,
         max_new_tokens: int = 128,
@@ -645,13 +648,23 @@ class MolaClient:
         wait: bool = True,
         timeout: float | None = None,
         poll: float = 1.0,
+        *,
+        dataset_id: str | None = None,
+        rows: int | None = None,
+        step: int | None = None,
     ) -> Generation:
         """Have the job's adapter complete ``prompts`` on the server (each dressed as the
-        training rows were, unless ``template``); with ``wait``, polls until it is done (or
-        ``timeout`` seconds pass: `GenerationTimeout`, a `TimeoutError`). It runs on a training
-        worker between jobs (unless the server gives generations workers of their own)."""
-        body: dict[str, Any] = {"prompts": list(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-        body.update({k: v for k, v in {"template": template, "input": input, "seed": seed}.items() if v is not None})
+        training rows were, unless ``template``), or instead the first ``rows`` rows (default
+        all, at most 1000) of the uploaded dataset ``dataset_id``, scored against their own
+        completions (``Generation.scores``); ``step``: a checkpoint's adapter instead of the
+        final one. With ``wait``, polls until it is done (or ``timeout`` seconds pass:
+        `GenerationTimeout`, a `TimeoutError`). It runs on a training worker between jobs
+        (unless the server gives generations workers of their own)."""
+        body: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        if prompts is not None:
+            body["prompts"] = list(prompts)
+        optional = {"template": template, "input": input, "seed": seed, "dataset_id": dataset_id, "rows": rows, "step": step}
+        body.update({k: v for k, v in optional.items() if v is not None})
         generation = Generation.from_json(self._json("POST", f"/jobs/{_segment(job_id)}/generations", json=body))
         return self.wait_for_generation(job_id, generation, timeout, poll) if wait else generation
 

@@ -541,12 +541,14 @@ def cmd_jobs_analysis(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_generate(args: argparse.Namespace) -> int:
-    """Prompts completed by the job's adapter on the server: the texts, one block per prompt."""
-    texts = [sys.stdin.read().rstrip("\n") if text == "-" else text for text in args.prompt]
+    """Prompts (or a dataset's rows) completed by the job's adapter on the server: the texts,
+    one block per prompt (per row, with its reference, and the scores)."""
+    texts = [sys.stdin.read().rstrip("\n") if text == "-" else text for text in args.prompt] if args.prompt else None
     with _client(args) as client:
         generation = client.generate(
             args.id, texts, template=args.template, input=args.input, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, wait=False,
+            dataset_id=args.dataset, rows=args.rows, step=args.step,
         )  # fmt: skip
         # Before any wait: with no worker on its queue, waiting would only run into --timeout.
         _warn_without_workers(generation.queue, "generation")
@@ -591,20 +593,39 @@ def cmd_jobs_generations(args: argparse.Namespace) -> int:
         _print_json(page.raw)
         return 0
     for generation in page:
-        prompts = generation.request.get("prompts") or [""]
-        more = f" (+{len(prompts) - 1} more)" if len(prompts) > 1 else ""
-        first = prompts[0].replace("\n", " ")
-        first = first if len(first) <= 40 else first[:39] + "…"
-        print(f"{generation.id}  {generation.status:<9}  {_when(generation.created_at)}  {first!r}{more}")
+        print(f"{generation.id}  {generation.status:<9}  {_when(generation.created_at)}  {_asked(generation)}")
     if page.has_more:
         print(f"(more: --after {page.cursor})")
     return 0
 
 
+def _asked(generation: Generation) -> str:
+    """What a generation was asked to complete, in a few words: its first prompt, or its dataset."""
+    request = generation.request
+    step = f" (checkpoint {request['step']})" if request.get("step") is not None else ""
+    if request.get("dataset_id"):
+        rows = f"first {request['rows']} rows" if request.get("rows") else "rows"
+        scores = f": {generation.scores['exact_match']:.1%} exact" if generation.scores else ""
+        return f"{rows} of {request['dataset_id']}{step}{scores}"
+    prompts = request.get("prompts") or [""]
+    more = f" (+{len(prompts) - 1} more)" if len(prompts) > 1 else ""
+    first = prompts[0].replace("\n", " ")
+    first = first if len(first) <= 40 else first[:39] + "…"
+    return f"{first!r}{more}{step}"
+
+
 def _print_generation(generation: Generation) -> int:
+    from mola.cli import scored_row, scores_line
+
     if generation.status == "failed":
         print(f"generation {generation.id} failed: {generation.error}", file=sys.stderr)
         return 1
+    if generation.scores is not None:  # a dataset's rows
+        for completion in generation.completions or []:
+            print(f"### row {completion['row']}\n{scored_row(completion['prompt'], completion['reference'], completion['text'])}")
+        left_out = generation.scores.get("without_prompt")
+        print(f"\n{scores_line(generation.scores)}" + (f" ({left_out} without a prompt left out)" if left_out else ""))
+        return 0
     for i, text in enumerate(generation.texts):
         if len(generation.texts) > 1:
             print(f"### {i + 1}")
@@ -835,9 +856,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--modules", action="store_true", help="one row per adapted module instead of per layer")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_analysis))
-    p = jobs.add_parser("generate", help="complete prompts with a finished job's adapter, on the server")
+    p = jobs.add_parser("generate", help="complete prompts, or score a dataset's rows, with a finished job's adapter, on the server")
     p.add_argument("id", type=_id_arg)
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several, up to 16; - reads one from stdin)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", action="append", help="a prompt (repeat for several, up to 16; - reads one from stdin)")
+    what.add_argument("--dataset", type=_id_arg, help="an uploaded dataset (a test set) whose rows are completed and scored against their own completions")
+    p.add_argument("--rows", type=_int_in(1, 1000), help="with --dataset: its first N rows (default: all; at most 1000)")
+    p.add_argument("--step", type=_int_in(0), help="the adapter of the job's checkpoint at this step (`mola jobs checkpoints ID`) instead of its final one")
     p.add_argument("--template", choices=("alpaca", "chat", "raw"), help="how a prompt is dressed (default: as the job's training rows were)")
     p.add_argument("--input", help="with the alpaca template: the Alpaca input that goes with every prompt")
     p.add_argument("--max-new-tokens", type=_int_in(1, 2048), default=128)

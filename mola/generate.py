@@ -193,6 +193,34 @@ def prompt(text: str, tokenizer: Any, template: str = "alpaca", input: str | Non
     return rendered, special
 
 
+@dataclass
+class ReferenceRow:
+    """A data row to generate from and score: ``prompt`` rendered as training rendered it
+    (``special``: it holds its special tokens), ``reference`` the completion it was given, and
+    ``row`` its number among the records (1 for the first)."""
+
+    row: int
+    prompt: str
+    special: bool
+    reference: str
+
+
+def reference_rows(records: Sequence[dict], tokenizer: Any) -> list[ReferenceRow]:
+    """The records (`mola.data.read_records`) that have a prompt, each rendered as training
+    rendered it, with its reference completion. Text rows have no prompt and are left out (the
+    count left out is ``len(records) - len(rows)``). A record the tokenizer's chat template
+    refuses raises ``ValueError("row N: cannot render the record: ...")``."""
+    rows = []
+    for number, record in enumerate(records, start=1):
+        try:
+            text, reference, special = render(record, tokenizer)
+        except Exception as error:  # a chat template may refuse a conversation (a role, say)
+            raise ValueError(f"row {number}: cannot render the record: {error}") from error
+        if text:
+            rows.append(ReferenceRow(number, text, special, reference))
+    return rows
+
+
 def encode_prompts(prompts: Sequence[tuple[str, bool]], tokenizer: Any) -> list[list[int]]:
     """Token ids of rendered prompts, tokenized by training's own code: special tokens added
     as it added them (not to a prompt that already holds them: a rendered chat template)."""
@@ -208,10 +236,13 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     batch_size: int = 8,
+    names: Sequence[str] | None = None,
 ) -> list[str]:
     """The completions of rendered ``prompts`` (`prompt`, or `mola.data.render` of a record):
     greedy by default, sampled with ``temperature`` > 0 (``seed`` makes it repeatable). A
-    completion ends at EOS, after ``max_new_tokens``, or where the model's positions end."""
+    completion ends at EOS, after ``max_new_tokens``, or where the model's positions end.
+    A prompt that fills the model's positions raises ``ValueError`` naming it by ``names``
+    (default "prompt 0", "prompt 1", ...)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     encoded = encode_prompts(prompts, tokenizer)
@@ -219,7 +250,8 @@ def generate(
     budgets = [max_new_tokens if positions is None else min(max_new_tokens, positions - len(ids)) for ids in encoded]
     for i, budget in enumerate(budgets):
         if budget < 1:
-            raise ValueError(f"prompt {i} has {len(encoded[i])} tokens: it leaves no room in the model's {positions} positions")
+            name = names[i] if names is not None else f"prompt {i}"
+            raise ValueError(f"{name} has {len(encoded[i])} tokens: it leaves no room in the model's {positions} positions")
     if seed is not None:
         torch.manual_seed(seed)
     new = generate_ids(model, encoded, budgets, pad_token_id(tokenizer), tokenizer.eos_token_id, batch_size, temperature=temperature, top_p=top_p)

@@ -1,5 +1,6 @@
 """Generations: a finished job's adapter completing a few prompts on the server
-(POST /jobs/{id}/generations), so a user can try it without downloading it.
+(POST /jobs/{id}/generations), so a user can try it without downloading it, or the rows of an
+upload (a test set), scored against their own completions; a checkpoint's adapter on request.
 
 The API stores the request and queues its id on the training queue: generating needs the
 base model on a GPU, which the training worker has (`MOLA_GENERATION_QUEUE` names another
@@ -20,21 +21,33 @@ from sqlalchemy.orm import Session
 
 from service import jobs as job_service
 from service.db import mark_each
-from service.errors import Conflict, NotFound
+from service.datasets import get_dataset
+from service.errors import Conflict, InvalidRequest, NotFound
 from service.models import Generation, Job, utcnow
 
 # Generations of one tenant queued or running at once: each takes the GPU between jobs, so a
 # client looping on POST cannot hold the worker.
 MAX_WAITING_PER_TENANT = 16
+# The rows of a dataset one generation completes: a test set of this size takes minutes on a
+# GPU, well inside ABANDONED_AFTER_SECONDS.
+MAX_DATASET_ROWS = 1000
 # A generation running this long lost its worker (a few prompts take seconds to minutes).
 ABANDONED_AFTER_SECONDS = 3600.0
 
 
 def create(session: Session, tenant_id: str, job_id: str, request: dict[str, Any]) -> Generation:
-    """A queued generation of the tenant's job; `Conflict` while the job has no adapter to try
-    (not finished, or failed before saving one) or when the tenant has too many waiting."""
+    """A queued generation of the tenant's job: of ``request["prompts"]``, or of the rows of
+    ``request["dataset_id"]``, by its final adapter or (``step``) a checkpoint's. `Conflict`
+    while the job has no adapter to try (not finished, or failed before saving one) or when the
+    tenant has too many waiting; `InvalidRequest` for a request that does not fit."""
     job = job_service.get_job(session, tenant_id, job_id)
-    if job.adapter_key is None:
+    _check_source(session, tenant_id, request)
+    if request.get("step") is not None:
+        try:
+            job_service.get_checkpoint(session, job_id, request["step"])
+        except NotFound as exc:
+            raise InvalidRequest(("body", "step"), exc.detail) from None
+    elif job.adapter_key is None:
         if job.status in ("queued", "running"):
             raise Conflict(f"job {job_id} is {job.status}: its adapter can be tried once it finishes")
         raise Conflict(f"job {job_id} {job.status} without an adapter: there is nothing to generate with")
@@ -50,6 +63,32 @@ def create(session: Session, tenant_id: str, job_id: str, request: dict[str, Any
     session.add(generation)
     session.flush()
     return generation
+
+
+def _check_source(session: Session, tenant_id: str, request: dict[str, Any]) -> None:
+    """Prompts or a dataset's rows, one of the two, each with the settings that go with it."""
+    if request.get("dataset_id") is None:
+        if request.get("prompts") is None:
+            raise InvalidRequest(("body", "prompts"), "give prompts, or a dataset_id whose rows to complete")
+        if request.get("rows") is not None:
+            raise InvalidRequest(("body", "rows"), "rows goes with a dataset_id (the first rows of it to complete)")
+        return
+    if request.get("prompts") is not None:
+        raise InvalidRequest(("body", "dataset_id"), "give prompts or a dataset_id, not both")
+    for field in ("template", "input"):
+        if request.get(field) is not None:
+            raise InvalidRequest(("body", field), f"{field} goes with prompts: a dataset's rows are dressed as training dressed them")
+    try:
+        dataset = get_dataset(session, tenant_id, request["dataset_id"])
+    except NotFound as exc:
+        raise InvalidRequest(("body", "dataset_id"), exc.detail) from None
+    formats = (dataset.report or {}).get("formats") or {}
+    if formats and not any(count for fmt, count in formats.items() if fmt != "text"):
+        raise InvalidRequest(("body", "dataset_id"), f"dataset {dataset.id} has only text rows: none has a prompt to complete")
+    if request.get("rows") is None and dataset.rows > MAX_DATASET_ROWS:
+        raise InvalidRequest(
+            ("body", "rows"), f"dataset {dataset.id} has {dataset.rows} rows, more than the {MAX_DATASET_ROWS} one generation completes: give rows (at most {MAX_DATASET_ROWS})"
+        )
 
 
 def get(session: Session, tenant_id: str, job_id: str, generation_id: str) -> Generation:

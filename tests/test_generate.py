@@ -14,7 +14,7 @@ from mola import MolaConfig, get_mola_model
 from mola.cli import main
 from mola.data import load_training_data, prompt_template_for, render
 from mola.evaluate import generate_ids, pad_token_id
-from mola.generate import adapter_folder, adapter_kind, attach_adapter, carries_adapter, encode_prompts, generate, open_adapter, prompt
+from mola.generate import adapter_folder, adapter_kind, attach_adapter, carries_adapter, encode_prompts, generate, open_adapter, prompt, reference_rows
 from mola.lora import get_lora_model
 from mola.models import load_base_model
 from mola.train import TrainConfig, recorded_prompt_template, save_adapter, train
@@ -150,6 +150,20 @@ def test_generation_stops_where_the_models_positions_end():
     assert len(generate(base, tokenizer, long, max_new_tokens=50)[0]) <= 2  # a byte per token, a character per byte at most
     with pytest.raises(ValueError, match="prompt 0 has 512 tokens: it leaves no room in the model's 512 positions"):
         generate(base, tokenizer, [prompt("a" * 512, tokenizer, "raw")])
+    with pytest.raises(ValueError, match="row 7 has 512 tokens"):  # named as the caller knows it
+        generate(base, tokenizer, [long[0], prompt("a" * 512, tokenizer, "raw")], names=["row 3", "row 7"])
+
+
+def test_reference_rows_are_the_records_with_a_prompt_rendered_as_training_renders_them():
+    _, tokenizer = load_base_model("tiny-llama")
+    records = [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "The answer is 5"},
+        {"text": "a story without a prompt"},
+        {"prompt": "Say 3: ", "completion": "3"},
+    ]
+    rows = reference_rows(records, tokenizer)
+    assert [(r.row, r.reference) for r in rows] == [(1, "The answer is 5"), (3, "3")]
+    assert [(r.prompt, r.special) for r in rows] == [render(records[0], tokenizer)[::2], render(records[2], tokenizer)[::2]]
 
 
 def test_archives_that_are_not_an_adapters_files_are_refused(tmp_path):
@@ -245,7 +259,7 @@ def test_cli_errors_name_the_flag(tmp_path, capsys, monkeypatch):
         raise RuntimeError("Conversation roles must alternate")  # what a strict chat template raises
 
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
-    monkeypatch.setattr("mola.data.render", refusing_template)
+    monkeypatch.setattr("mola.generate.render", refusing_template)  # what reference_rows renders with
     assert main(["generate", adapter, "--data", str(tmp_path / "chat.jsonl")]) == 2
     assert f"--data {tmp_path / 'chat.jsonl'}: row 1: cannot render the record: Conversation roles must alternate" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: a prompt or a dataset, not both

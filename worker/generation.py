@@ -1,7 +1,9 @@
 """A queued generation (POST /jobs/{id}/generations), run by a training worker: the job's
-adapter archive onto its base model (`mola.generate.attach_adapter`; the base model is kept
-a while for the next generation, `worker.base_models`), the prompts dressed as the training
-rows were, the completions recorded on the row.
+adapter archive (its final one, or a checkpoint's) onto its base model
+(`mola.generate.attach_adapter`; the base model is kept a while for the next generation,
+`worker.base_models`), the prompts dressed as the training rows were, or a dataset's rows
+dressed as training dresses them and their completions scored against the rows' own; the
+completions recorded on the row.
 
 The template is the request's, else the one the adapter records, else (an adapter saved
 before adapters recorded it) the one the job's training upload's format implies.
@@ -14,9 +16,12 @@ import shutil
 import time
 from typing import Any
 
+from sqlalchemy import select
+
 from service import generations as generation_service
+from service import jobs as job_service
 from service.db import session_scope
-from service.models import Dataset, Job
+from service.models import Checkpoint, Dataset, Job
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -35,9 +40,12 @@ def run_generation(generation_id: str, settings: Settings) -> str:
             return "skipped"
         request = dict(generation.request)
         job = session.get(Job, generation.job_id)
-        job_facts = {"id": job.id, "base_model": job.base_model, "adapter_key": job.adapter_key}
+        job_facts = {"id": job.id, "base_model": job.base_model, **_adapter_of(session, job, request.get("step"))}
         dataset = session.get(Dataset, job.dataset_id)
         upload_format = dataset.format if dataset is not None else None
+        if request.get("dataset_id") is not None:
+            rows_from = session.get(Dataset, request["dataset_id"])
+            job_facts["rows_key"] = rows_from.storage_key if rows_from is not None and rows_from.deleted_at is None else None
 
     work = settings.scratch_dir / generation_id
     try:
@@ -55,38 +63,90 @@ def run_generation(generation_id: str, settings: Settings) -> str:
     return "succeeded" if recorded else "skipped"
 
 
+def _adapter_of(session: Any, job: Job, step: int | None) -> dict[str, Any]:
+    """``{"adapter_key", "adapter_gone"}``: the storage key of the archive to generate with (the
+    job's final adapter, or its checkpoint's at ``step``), or None and why there is none now."""
+    if step is None:
+        # Resumed since it was asked for: the adapter is being replaced.
+        return {"adapter_key": job.adapter_key, "adapter_gone": f"job {job.id} has no adapter now (resumed?); ask again once it finishes"}
+    checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
+    return {
+        "adapter_key": None if checkpoint is None else job_service.checkpoint_adapter_key(checkpoint.storage_prefix),
+        # Pruned since it was asked for: the job keeps its newest checkpoints and its best.
+        "adapter_gone": f"job {job.id} no longer has its checkpoint at step {step} (only the newest and the best are kept)",
+    }
+
+
 def _generate(job: dict[str, Any], upload_format: str | None, request: dict[str, Any], work, res: Any, settings: Settings) -> dict[str, Any]:
     import torch
 
     from mola.data import TEMPLATE_OF_FORMAT
-    from mola.generate import attach_adapter, generate, prompt
+    from mola.generate import attach_adapter, prompt
     from mola.models import bf16_by_default
     from worker.base_models import BASE_MODELS
 
-    if job["adapter_key"] is None:  # resumed since it was asked for: the adapter is being replaced
-        raise RuntimeError(f"job {job['id']} has no adapter now (resumed?); ask again once it finishes")
+    if job["adapter_key"] is None:
+        raise RuntimeError(job["adapter_gone"])
     archive = res.storage.get_file(job["adapter_key"], work / "adapter.tar.gz")
+    rows_path = None
+    if request.get("dataset_id") is not None:
+        if job["rows_key"] is None:
+            raise RuntimeError(f"dataset {request['dataset_id']} was deleted before its rows were completed")
+        rows_path = res.storage.get_file(job["rows_key"], work / "rows.jsonl")
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if bf16_by_default(device) else None
     keep = settings.generation_keep_base_seconds
     with BASE_MODELS.lend(job["base_model"], device, dtype, keep) as (base, tokenizer), attach_adapter(archive, base, tokenizer, job["base_model"], dtype) as adapter:
+        if rows_path is not None:
+            return _complete_rows(adapter, rows_path, request)
         template = request.get("template") or adapter.prompt_template or TEMPLATE_OF_FORMAT.get(upload_format or "", "alpaca")
         if request.get("input") is not None and template != "alpaca":
             raise ValueError(f"an input goes with the alpaca template, and the job's training rows were {template}")
         prompts = [prompt(text, adapter.tokenizer, template, request.get("input")) for text in request["prompts"]]
         started = time.perf_counter()
-        texts = generate(
-            adapter.model,
-            adapter.tokenizer,
-            prompts,
-            max_new_tokens=request["max_new_tokens"],
-            temperature=request["temperature"],
-            top_p=request["top_p"],
-            seed=request.get("seed"),
-        )
+        texts = _completions(adapter, prompts, request)
         seconds = time.perf_counter() - started
     return {
         "template": template,
         "completions": [{"prompt": rendered, "text": text} for (rendered, _), text in zip(prompts, texts)],
         "seconds": seconds,
     }
+
+
+def _complete_rows(adapter: Any, rows_path: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """A dataset's first ``request["rows"]`` rows (all by default) completed, as `mola generate
+    --data` does on a machine of one's own, and scored against their own completions."""
+    from mola.data import read_records
+    from mola.evaluate import score_generations
+    from mola.generate import reference_rows
+
+    dataset_id = request["dataset_id"]
+    records = read_records(rows_path)[: request.get("rows")]
+    rows = reference_rows(records, adapter.tokenizer)
+    if not rows:
+        raise ValueError(f"none of the first {len(records)} rows of dataset {dataset_id} has a prompt to complete (text rows have none)")
+    started = time.perf_counter()
+    texts = _completions(adapter, [(row.prompt, row.special) for row in rows], request, names=[f"row {row.row} of dataset {dataset_id}" for row in rows])
+    seconds = time.perf_counter() - started
+    scores = score_generations(texts, [row.reference for row in rows])
+    return {
+        "template": None,
+        "completions": [{"prompt": row.prompt, "text": text, "row": row.row, "reference": row.reference} for row, text in zip(rows, texts)],
+        "scores": {**scores, "without_prompt": len(records) - len(rows)},
+        "seconds": seconds,
+    }
+
+
+def _completions(adapter: Any, prompts: list[tuple[str, bool]], request: dict[str, Any], names: list[str] | None = None) -> list[str]:
+    from mola.generate import generate
+
+    return generate(
+        adapter.model,
+        adapter.tokenizer,
+        prompts,
+        max_new_tokens=request["max_new_tokens"],
+        temperature=request["temperature"],
+        top_p=request["top_p"],
+        seed=request.get("seed"),
+        names=names,
+    )

@@ -31,7 +31,11 @@ router = APIRouter(
         "`GET /jobs/{job_id}/generations/{id}` until `status` is `succeeded` (then `completions`, "
         "one per prompt, in order) or `failed` (`error`). Each prompt is dressed as the job's "
         "training rows were (`template`: the one its adapter records) unless `template` says "
-        "otherwise. Generation runs on a training worker, between jobs: it waits for the job "
+        "otherwise. Instead of prompts, `dataset_id` names an upload (a test set) whose first "
+        "`rows` rows are completed, each dressed as training dressed it, and scored against their "
+        "own completions (`scores`: exact match, and answer accuracy where the references say "
+        '"the answer is X"). `step` takes a checkpoint\'s adapter instead of the final one. '
+        "Generation runs on a training worker, between jobs: it waits for the job "
         "that worker is running (unless the server gives generations workers of their own, "
         "MOLA_GENERATION_QUEUE). Greedy unless `temperature` > 0. 409 while the job has no "
         "adapter (queued, running, or failed before saving one) and while the tenant has 16 "

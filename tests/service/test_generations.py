@@ -11,11 +11,12 @@ import time
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import delete as sql_delete
 from sqlalchemy import select, update
 
 from service import generations as generation_service
 from service.db import session_scope
-from service.models import Generation, Job, utcnow
+from service.models import Checkpoint, Generation, Job, utcnow
 from service.reconcile import reconcile
 from tests.service.conftest import auth, job_body, make_dataset
 from tests.service.test_client import live, mola  # noqa: F401 - live is a fixture
@@ -244,7 +245,8 @@ def test_a_finished_job_completes_prompts_as_its_downloaded_adapter_does(client,
         asks = [prompt(text, adapter.tokenizer, "raw") for text in PROMPTS]
         expected = generate(adapter.model, adapter.tokenizer, asks, max_new_tokens=8)
         chat = prompt(PROMPTS[0], adapter.tokenizer, "chat")[0]
-    assert done["completions"] == [{"prompt": text, "text": out} for (text, _), out in zip(asks, expected)]
+    assert done["completions"] == [{"prompt": text, "text": out, "row": None, "reference": None} for (text, _), out in zip(asks, expected)]
+    assert done["scores"] is None  # prompts have no reference to score against
 
     # Another template on request; a prompt longer than the model's positions fails the
     # generation with the reason, not the worker.
@@ -256,6 +258,96 @@ def test_a_finished_job_completes_prompts_as_its_downloaded_adapter_does(client,
     assert failed["status"] == "failed" and "leaves no room in the model's 512 positions" in failed["error"]
     with sessions() as session:
         assert session.get(Generation, too_long).result is None
+
+
+def test_a_dataset_generation_names_what_does_not_fit(client, key, other_key, sessions, queue):
+    job_id = _finished_job(sessions, client, key)
+    dataset_id = make_dataset(client, key)
+    text_only = make_dataset(client, key, [{"text": "a story"}, {"text": "another"}])
+    large = make_dataset(client, key, [{"prompt": "a", "completion": "b"}] * (generation_service.MAX_DATASET_ROWS + 1))
+    theirs = make_dataset(client, other_key)
+    cases = [
+        ({"max_new_tokens": 4}, "prompts", "give prompts, or a dataset_id whose rows to complete"),
+        ({"prompts": ["x"], "dataset_id": dataset_id}, "dataset_id", "give prompts or a dataset_id, not both"),
+        ({"prompts": ["x"], "rows": 2}, "rows", "rows goes with a dataset_id (the first rows of it to complete)"),
+        ({"dataset_id": dataset_id, "template": "raw"}, "template", "template goes with prompts: a dataset's rows are dressed as training dressed them"),
+        ({"dataset_id": dataset_id, "input": "y"}, "input", "input goes with prompts: a dataset's rows are dressed as training dressed them"),
+        ({"dataset_id": "ds_nope"}, "dataset_id", "dataset 'ds_nope' not found"),
+        ({"dataset_id": theirs}, "dataset_id", f"dataset {theirs!r} not found"),
+        ({"dataset_id": text_only}, "dataset_id", f"dataset {text_only} has only text rows: none has a prompt to complete"),
+        ({"dataset_id": large}, "rows", f"dataset {large} has 1001 rows, more than the 1000 one generation completes: give rows (at most 1000)"),
+        ({"dataset_id": large, "rows": 1001}, "rows", "less than or equal to 1000"),
+        ({"dataset_id": dataset_id, "step": 3}, "step", f"job {job_id} has no checkpoint at step 3 (checkpoints: none yet)"),
+    ]
+    for body, field, message in cases:
+        response = client.post(f"/jobs/{job_id}/generations", headers=auth(key), json=body)
+        assert response.status_code == 422, (body, response.text)
+        errors = response.json()["errors"]
+        assert [e["field"] for e in errors] == [f"body.{field}"] and message in errors[0]["msg"], (body, errors)
+    assert queue.generations == []
+    accepted = client.post(f"/jobs/{job_id}/generations", headers=auth(key), json={"dataset_id": large, "rows": 1000})
+    assert accepted.status_code == 202 and accepted.json()["request"]["rows"] == 1000
+
+
+@pytest.mark.slow
+def test_a_dataset_generation_scores_its_rows_as_mola_generate_does(client, key, settings, sessions, storage, queue, tmp_path):
+    """The rows of an upload (a test set) completed on the server by the final adapter or a
+    checkpoint's: the same completions and scores as the library's generation on the
+    downloaded adapter; text rows left out and counted; a deleted dataset or a pruned
+    checkpoint fails the generation, saying so."""
+    pytest.importorskip("torch")
+    from mola.data import read_records
+    from mola.evaluate import score_generations
+    from mola.generate import generate, open_adapter, reference_rows
+    from tests.service.conftest import jsonl
+    from tests.service.test_runner import _create, runner
+    from worker.generation import run_generation
+
+    job_id = _create(client, key, hyperparameters={"max_steps": 4, "checkpoint_every": 2})
+    assert runner.run_job(job_id, settings) == "succeeded"
+    test_rows = [
+        {"prompt": "Say the number 30: ", "completion": "30, and 31 after it."},
+        {"text": "no prompt here"},
+        {"instruction": "Say the number 5.", "input": "", "output": "The answer is 5"},
+        {"prompt": "Say the number 41: ", "completion": "41, and 42 after it."},
+        {"prompt": "Say the number 7: ", "completion": "left out by rows"},
+    ]
+    test_set = make_dataset(client, key, test_rows)
+    (tmp_path / "test.jsonl").write_bytes(jsonl(test_rows))
+    records = read_records(tmp_path / "test.jsonl")[:4]
+
+    def expected(download: str) -> tuple[list[dict], dict]:
+        archive = tmp_path / "adapter.tar.gz"
+        archive.write_bytes(client.get(download, headers=auth(key)).content)
+        with open_adapter(archive) as adapter:
+            rows = reference_rows(records, adapter.tokenizer)
+            texts = generate(adapter.model, adapter.tokenizer, [(r.prompt, r.special) for r in rows], max_new_tokens=12)
+        completions = [{"prompt": r.prompt, "text": t, "row": r.row, "reference": r.reference} for r, t in zip(rows, texts)]
+        return completions, {**score_generations(texts, [r.reference for r in rows]), "without_prompt": 1}
+
+    final = _post(client, key, job_id, prompts=None, dataset_id=test_set, rows=4, max_new_tokens=12).json()
+    at_step_2 = _post(client, key, job_id, prompts=None, dataset_id=test_set, rows=4, max_new_tokens=12, step=2).json()
+    assert (final["request"]["dataset_id"], final["request"]["rows"], at_step_2["request"]["step"]) == (test_set, 4, 2)
+    assert [run_generation(g["id"], settings) for g in (final, at_step_2)] == ["succeeded"] * 2
+    for generation, download in ((final, f"/jobs/{job_id}/adapter"), (at_step_2, f"/jobs/{job_id}/checkpoints/2/adapter")):
+        done = client.get(f"/jobs/{job_id}/generations/{generation['id']}", headers=auth(key)).json()
+        completions, scores = expected(download)
+        assert (done["status"], done["template"], [c["row"] for c in done["completions"]]) == ("succeeded", None, [1, 3, 4])
+        assert done["completions"] == completions and done["scores"] == scores
+        assert done["scores"]["n"] == 3 and done["scores"]["answers_expected"] == 1
+
+    # What was there when it was asked for may be gone when it runs.
+    deleted = _post(client, key, job_id, prompts=None, dataset_id=test_set, rows=1).json()["id"]
+    pruned = _post(client, key, job_id, prompts=None, dataset_id=make_dataset(client, key, test_rows), step=2).json()["id"]
+    assert client.delete(f"/datasets/{test_set}", headers=auth(key)).status_code == 200
+    with session_scope(sessions) as session:
+        session.execute(sql_delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == 2))
+    assert [run_generation(g, settings) for g in (deleted, pruned)] == ["failed"] * 2
+    errors = [client.get(f"/jobs/{job_id}/generations/{g}", headers=auth(key)).json()["error"] for g in (deleted, pruned)]
+    assert errors == [
+        f"RuntimeError: dataset {test_set} was deleted before its rows were completed",
+        f"RuntimeError: job {job_id} no longer has its checkpoint at step 2 (only the newest and the best are kept)",
+    ]
 
 
 @pytest.mark.slow
@@ -357,6 +449,40 @@ def test_the_client_and_cli_wait_for_the_completions(client, key, settings, sess
             assert [g.id for g in api.generations(job_id)] == [g for g in listed if g != generation.id]
         code, out, err = mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", "x", "--template", "chat", "--input", "y")
         assert code != 0 and "input" in err and "an input goes with the alpaca template, not chat" in err
+    finally:
+        worker.stop.set()
+        worker.join(10)
+
+
+@pytest.mark.slow
+def test_the_client_and_cli_score_a_datasets_rows(client, key, settings, sessions, queue, capsys, live):
+    pytest.importorskip("torch")
+    from mola.cli import scored_row, scores_line
+    from mola.client import MolaAPIError, MolaClient
+    from tests.service.test_runner import _create, runner
+
+    job_id = _create(client, key, hyperparameters={"max_steps": 2, "checkpoint_every": 1})
+    assert runner.run_job(job_id, settings) == "succeeded"
+    test_set = make_dataset(client, key, [{"text": "no prompt"}, {"prompt": "Say the number 30: ", "completion": "30, and 31 after it."}])
+    worker = _worker(queue, settings, sessions)
+    try:
+        with MolaClient(live.url, key) as api:
+            scored = api.generate(job_id, dataset_id=test_set, step=1, max_new_tokens=6, poll=0.05, timeout=120)
+            assert (scored.status, scored.request["step"], scored.scores["n"], scored.scores["without_prompt"]) == ("succeeded", 1, 1, 1)
+            [completion] = scored.completions
+            assert (completion["row"], completion["reference"], scored.texts) == (2, "30, and 31 after it.", [completion["text"]])
+            with pytest.raises(MolaAPIError) as refused:
+                api.generate(job_id, ["x"], dataset_id=test_set)
+            assert refused.value.status_code == 422 and "give prompts or a dataset_id, not both" in refused.value.detail
+
+        code, out, err = mola(capsys, live, key, "jobs", "generate", job_id, "--dataset", test_set, "--rows", "2", "--step", "1", "--max-new-tokens", "6")
+        row = scored_row(completion["prompt"], completion["reference"], completion["text"])
+        assert (code, err) == (0, "") and out == f"### row 2\n{row}\n\n{scores_line(scored.scores)} (1 without a prompt left out)\n"
+        code, out, _ = mola(capsys, live, key, "jobs", "generations", job_id)
+        assert code == 0 and f"first 2 rows of {test_set} (checkpoint 1): " in out and f"rows of {test_set} (checkpoint 1): " in out
+        with pytest.raises(SystemExit) as usage:  # argparse: prompts or a dataset, not both
+            mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", "x", "--dataset", test_set)
+        assert usage.value.code == 2 and "argument --dataset: not allowed with argument --prompt" in capsys.readouterr().err
     finally:
         worker.stop.set()
         worker.join(10)
