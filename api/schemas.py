@@ -577,6 +577,11 @@ class Completion(BaseModel):
     reference: str | None = Field(None, description="a dataset's row: its own completion, which `text` is scored against")
 
 
+class GenerationProgress(BaseModel):
+    done: int = Field(description="prompts (or rows) completed, counted as each batch of them finishes")
+    total: int
+
+
 class GenerationScores(BaseModel):
     n: int = Field(description="the dataset's rows completed and scored")
     exact_match: float = Field(description="share of completions equal to their reference (runs of whitespace counted as one space)")
@@ -593,6 +598,7 @@ class GenerationPublic(BaseModel):
     template: str | None = Field(None, description="the template the prompts were dressed in, once done (null for a dataset's rows: each as training dressed it)")
     completions: list[Completion] | None = Field(None, description="one per prompt (or dataset row), in order, once succeeded")
     scores: GenerationScores | None = Field(None, description="a dataset's generation: how its completions compare with the rows' own")
+    progress: GenerationProgress | None = Field(None, description="once running: how many of its prompts (or rows) are completed")
     seconds: float | None = Field(None, description="time spent generating (the model's loading excluded)")
     error: str | None = None
     created_at: datetime
@@ -611,6 +617,7 @@ class GenerationPublic(BaseModel):
             template=result.get("template"),
             completions=result.get("completions"),
             scores=result.get("scores"),
+            progress=row.progress,
             seconds=result.get("seconds"),
             error=row.error,
             created_at=row.created_at,

@@ -307,6 +307,7 @@ class Generation:
     template: str | None = None
     completions: list[dict[str, Any]] | None = None
     scores: dict[str, Any] | None = None
+    progress: dict[str, int] | None = None  # {"done", "total"} prompts or rows, once running
     seconds: float | None = None
     error: str | None = None
     created_at: datetime | None = None

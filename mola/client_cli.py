@@ -581,7 +581,7 @@ def cmd_jobs_generation(args: argparse.Namespace) -> int:
         _print_json(generation.raw)
         return 0
     if not generation.done:
-        print(f"{generation.id} is {generation.status}" + (f": {_place_line(generation.queue)}" if generation.queue else ""))
+        print(f"{generation.id} is {generation.status}" + (f": {_place_line(generation.queue)}" if generation.queue else _progress_words(generation)))
         return 0
     return _print_generation(generation)
 
@@ -597,6 +597,11 @@ def cmd_jobs_generations(args: argparse.Namespace) -> int:
     if page.has_more:
         print(f"(more: --after {page.cursor})")
     return 0
+
+
+def _progress_words(generation: Generation) -> str:
+    progress = generation.progress
+    return f": {progress['done']} of {progress['total']} completed" if progress else ""
 
 
 def _asked(generation: Generation) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -252,10 +252,12 @@ def generate_ids(
     batch_size: int = 8,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """Continuations (KV cache on) of token-id ``prompts``, row i at most ``max_new_tokens[i]``
     tokens, ending before its EOS: greedy, or with ``temperature`` > 0 sampled (nucleus
     sampling below ``top_p`` < 1; seed torch's generator for repeatable samples).
+    ``on_progress(done, total)`` is called after each batch with the rows done so far.
 
     Prompts are padded on the left by hand (not through ``tokenizer.padding_side``, so a
     tokenizer shared with a training loop is never modified). Raises ``ValueError`` for a row
@@ -280,6 +282,7 @@ def generate_ids(
     )
     device = model_device(model)
     continuations: list[list[int]] = [[] for _ in prompts]
+    done = 0
     with eval_mode(model), torch.no_grad():
         for index in _generation_batches(lengths, list(max_new_tokens), batch_size, max_positions(model)):
             ids, mask = _left_pad([list(prompts[i]) for i in index], pad_id)
@@ -297,6 +300,9 @@ def generate_ids(
             for i, row in zip(index, sequences[:, ids.shape[1] :].tolist()):
                 row = row[: max_new_tokens[i]]
                 continuations[i] = row[: row.index(eos_id)] if eos_id in row else row
+            done += len(index)
+            if on_progress is not None:
+                on_progress(done, len(prompts))
     return continuations
 
 

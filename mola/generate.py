@@ -15,7 +15,7 @@ import json
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,12 +237,13 @@ def generate(
     seed: int | None = None,
     batch_size: int = 8,
     names: Sequence[str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """The completions of rendered ``prompts`` (`prompt`, or `mola.data.render` of a record):
     greedy by default, sampled with ``temperature`` > 0 (``seed`` makes it repeatable). A
     completion ends at EOS, after ``max_new_tokens``, or where the model's positions end.
     A prompt that fills the model's positions raises ``ValueError`` naming it by ``names``
-    (default "prompt 0", "prompt 1", ...)."""
+    (default "prompt 0", "prompt 1", ...). ``on_progress(done, total)``: after each batch."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     encoded = encode_prompts(prompts, tokenizer)
@@ -254,5 +255,5 @@ def generate(
             raise ValueError(f"{name} has {len(encoded[i])} tokens: it leaves no room in the model's {positions} positions")
     if seed is not None:
         torch.manual_seed(seed)
-    new = generate_ids(model, encoded, budgets, pad_token_id(tokenizer), tokenizer.eos_token_id, batch_size, temperature=temperature, top_p=top_p)
+    new = generate_ids(model, encoded, budgets, pad_token_id(tokenizer), tokenizer.eos_token_id, batch_size, temperature=temperature, top_p=top_p, on_progress=on_progress)
     return tokenizer.batch_decode(new, skip_special_tokens=True)

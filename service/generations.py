@@ -140,6 +140,12 @@ def finish(session: Session, generation_id: str, result: dict[str, Any] | None =
     return bool(session.execute(update(Generation).where(Generation.id == generation_id, Generation.status == "running").values(**values)).rowcount)
 
 
+def record_progress(session: Session, generation_id: str, done: int, total: int) -> None:
+    """How many of its prompts (or rows) a running generation has completed."""
+    progress = {"done": done, "total": total}
+    session.execute(update(Generation).where(Generation.id == generation_id, Generation.status == "running").values(progress=progress))
+
+
 def queued_count(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(Generation).where(Generation.status == "queued"))
 

@@ -269,8 +269,9 @@ class Checkpoint(Base):
 
 
 class Generation(Base):
-    """Completions of a finished job's adapter for a few prompts (POST /jobs/{id}/generations),
-    made by a training worker between jobs. Goes with its job (cascade)."""
+    """Completions of a finished job's adapter (or a checkpoint's) for a few prompts or a
+    dataset's rows (POST /jobs/{id}/generations), made by a training worker between jobs. Goes
+    with its job (cascade)."""
 
     __tablename__ = "generations"
 
@@ -279,8 +280,11 @@ class Generation(Base):
     status: Mapped[str] = mapped_column(String(16), default="queued")
     # The request as validated: prompts, template (None: the adapter's), sampling settings.
     request: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    # {"template", "completions": [{"prompt" (as rendered), "text"}], "seconds"}, once done.
+    # {"template", "completions": [{"prompt" (as rendered), "text", "row"?, "reference"?}],
+    # "scores"? (a dataset's rows), "seconds"}, once done.
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # {"done", "total"}: the prompts (or dataset rows) completed so far, while it runs and after.
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # When it was last handed to the queue; the reconciler sends a queued one again when its

@@ -154,6 +154,14 @@ def test_generation_stops_where_the_models_positions_end():
         generate(base, tokenizer, [long[0], prompt("a" * 512, tokenizer, "raw")], names=["row 3", "row 7"])
 
 
+def test_generation_reports_its_progress_after_each_batch():
+    base, tokenizer = load_base_model("tiny-llama")
+    prompts = [prompt(f"Say {i}: ", tokenizer, "raw") for i in range(5)]
+    calls = []
+    texts = generate(base, tokenizer, prompts, max_new_tokens=2, batch_size=2, on_progress=lambda done, total: calls.append((done, total)))
+    assert len(texts) == 5 and calls == [(2, 5), (4, 5), (5, 5)]
+
+
 def test_reference_rows_are_the_records_with_a_prompt_rendered_as_training_renders_them():
     _, tokenizer = load_base_model("tiny-llama")
     records = [

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -49,7 +50,8 @@ def run_generation(generation_id: str, settings: Settings) -> str:
 
     work = settings.scratch_dir / generation_id
     try:
-        result = _generate(job_facts, upload_format, request, work, res, settings)
+        progress = _progress_writer(generation_id, res, settings.metrics_flush_seconds)
+        result = _generate(job_facts, upload_format, request, work, res, settings, progress)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong is the generation's answer
         logger.warning("generation %s failed: %s", generation_id, exc, exc_info=True)
         with session_scope(res.sessions) as session:
@@ -61,6 +63,26 @@ def run_generation(generation_id: str, settings: Settings) -> str:
         recorded = generation_service.finish(session, generation_id, result=result)
     logger.info("generation %s of job %s: %d completions in %.1f s", generation_id, job_facts["id"], len(result["completions"]), result["seconds"])
     return "succeeded" if recorded else "skipped"
+
+
+def _progress_writer(generation_id: str, res: Any, every_seconds: float, clock: Callable[[], float] = time.monotonic) -> Callable[[int, int], None]:
+    """``(done, total)`` -> the generation's row, at most once per ``every_seconds`` (the first
+    and the last always): a client polling a test set's long generation sees it advance."""
+    written_at = -float("inf")
+
+    def write(done: int, total: int) -> None:
+        nonlocal written_at
+        now = clock()
+        if 0 < done < total and now - written_at < every_seconds:
+            return
+        written_at = now
+        try:
+            with session_scope(res.sessions) as session:
+                generation_service.record_progress(session, generation_id, done, total)
+        except Exception:  # noqa: BLE001 - progress is for show; the completions matter
+            logger.warning("could not record the progress of generation %s", generation_id, exc_info=True)
+
+    return write
 
 
 def _adapter_of(session: Any, job: Job, step: int | None) -> dict[str, Any]:
@@ -77,7 +99,9 @@ def _adapter_of(session: Any, job: Job, step: int | None) -> dict[str, Any]:
     }
 
 
-def _generate(job: dict[str, Any], upload_format: str | None, request: dict[str, Any], work, res: Any, settings: Settings) -> dict[str, Any]:
+def _generate(
+    job: dict[str, Any], upload_format: str | None, request: dict[str, Any], work, res: Any, settings: Settings, progress: Callable[[int, int], None]
+) -> dict[str, Any]:
     import torch
 
     from mola.data import TEMPLATE_OF_FORMAT
@@ -98,13 +122,14 @@ def _generate(job: dict[str, Any], upload_format: str | None, request: dict[str,
     keep = settings.generation_keep_base_seconds
     with BASE_MODELS.lend(job["base_model"], device, dtype, keep) as (base, tokenizer), attach_adapter(archive, base, tokenizer, job["base_model"], dtype) as adapter:
         if rows_path is not None:
-            return _complete_rows(adapter, rows_path, request)
+            return _complete_rows(adapter, rows_path, request, progress)
         template = request.get("template") or adapter.prompt_template or TEMPLATE_OF_FORMAT.get(upload_format or "", "alpaca")
         if request.get("input") is not None and template != "alpaca":
             raise ValueError(f"an input goes with the alpaca template, and the job's training rows were {template}")
         prompts = [prompt(text, adapter.tokenizer, template, request.get("input")) for text in request["prompts"]]
+        progress(0, len(prompts))
         started = time.perf_counter()
-        texts = _completions(adapter, prompts, request)
+        texts = _completions(adapter, prompts, request, progress)
         seconds = time.perf_counter() - started
     return {
         "template": template,
@@ -113,7 +138,7 @@ def _generate(job: dict[str, Any], upload_format: str | None, request: dict[str,
     }
 
 
-def _complete_rows(adapter: Any, rows_path: Any, request: dict[str, Any]) -> dict[str, Any]:
+def _complete_rows(adapter: Any, rows_path: Any, request: dict[str, Any], progress: Callable[[int, int], None]) -> dict[str, Any]:
     """A dataset's first ``request["rows"]`` rows (all by default) completed, as `mola generate
     --data` does on a machine of one's own, and scored against their own completions."""
     from mola.data import read_records
@@ -125,8 +150,9 @@ def _complete_rows(adapter: Any, rows_path: Any, request: dict[str, Any]) -> dic
     rows = reference_rows(records, adapter.tokenizer)
     if not rows:
         raise ValueError(f"none of the first {len(records)} rows of dataset {dataset_id} has a prompt to complete (text rows have none)")
+    progress(0, len(rows))
     started = time.perf_counter()
-    texts = _completions(adapter, [(row.prompt, row.special) for row in rows], request, names=[f"row {row.row} of dataset {dataset_id}" for row in rows])
+    texts = _completions(adapter, [(row.prompt, row.special) for row in rows], request, progress, names=[f"row {row.row} of dataset {dataset_id}" for row in rows])
     seconds = time.perf_counter() - started
     scores = score_generations(texts, [row.reference for row in rows])
     return {
@@ -137,7 +163,9 @@ def _complete_rows(adapter: Any, rows_path: Any, request: dict[str, Any]) -> dic
     }
 
 
-def _completions(adapter: Any, prompts: list[tuple[str, bool]], request: dict[str, Any], names: list[str] | None = None) -> list[str]:
+def _completions(
+    adapter: Any, prompts: list[tuple[str, bool]], request: dict[str, Any], progress: Callable[[int, int], None], names: list[str] | None = None
+) -> list[str]:
     from mola.generate import generate
 
     return generate(
@@ -149,4 +177,5 @@ def _completions(adapter: Any, prompts: list[tuple[str, bool]], request: dict[st
         top_p=request["top_p"],
         seed=request.get("seed"),
         names=names,
+        on_progress=progress,
     )

@@ -112,7 +112,7 @@ def test_a_generation_can_be_deleted_whatever_its_state(client, key, other_key, 
 
     # Deleted while running: the worker's answer, completions or error, is dropped.
     def deleted_meanwhile(outcome):
-        def generate(job, upload_format, request, work, res, settings):
+        def generate(job, upload_format, request, work, res, settings, progress):
             assert client.delete(f"/jobs/{job_id}/generations/{running}", headers=auth(key)).status_code == 204
             if isinstance(outcome, Exception):
                 raise outcome
@@ -289,6 +289,35 @@ def test_a_dataset_generation_names_what_does_not_fit(client, key, other_key, se
     assert accepted.status_code == 202 and accepted.json()["request"]["rows"] == 1000
 
 
+def test_a_running_generation_records_its_progress_a_few_times(client, key, sessions, settings, queue, capsys, live):
+    """The worker writes each batch's progress at most once per interval, the first and the
+    last always, and only while the generation runs; `mola jobs generation` prints it."""
+    from worker.generation import _progress_writer
+    from worker.runner import Resources
+
+    job_id = _finished_job(sessions, client, key)
+    generation_id = _post(client, key, job_id).json()["id"]
+    with session_scope(sessions) as session:
+        generation_service.claim(session, generation_id)
+    clock = iter([100.0, 101.0, 106.0, 106.5, 107.0])
+    write = _progress_writer(generation_id, Resources.of(settings), every_seconds=5.0, clock=lambda: next(clock))
+
+    def progress() -> dict | None:
+        return client.get(f"/jobs/{job_id}/generations/{generation_id}", headers=auth(key)).json()["progress"]
+
+    seen = []
+    for done in (0, 8, 16, 24, 30):  # at 100 s, 101 s (too soon), 106 s, 106.5 s (too soon), 107 s (the last)
+        write(done, 30)
+        seen.append(progress())
+    assert seen == [{"done": 0, "total": 30}] * 2 + [{"done": 16, "total": 30}] * 2 + [{"done": 30, "total": 30}]
+    assert mola(capsys, live, key, "jobs", "generation", job_id, generation_id)[:2] == (0, f"{generation_id} is running: 30 of 30 completed\n")
+    with session_scope(sessions) as session:
+        generation_service.finish(session, generation_id, error="stopped")
+    write = _progress_writer(generation_id, Resources.of(settings), every_seconds=5.0, clock=lambda: 200.0)
+    write(0, 30)  # no longer running: nothing written
+    assert progress() == {"done": 30, "total": 30}
+
+
 @pytest.mark.slow
 def test_a_dataset_generation_scores_its_rows_as_mola_generate_does(client, key, settings, sessions, storage, queue, tmp_path):
     """The rows of an upload (a test set) completed on the server by the final adapter or a
@@ -334,6 +363,7 @@ def test_a_dataset_generation_scores_its_rows_as_mola_generate_does(client, key,
         completions, scores = expected(download)
         assert (done["status"], done["template"], [c["row"] for c in done["completions"]]) == ("succeeded", None, [1, 3, 4])
         assert done["completions"] == completions and done["scores"] == scores
+        assert done["progress"] == {"done": 3, "total": 3}
         assert done["scores"]["n"] == 3 and done["scores"]["answers_expected"] == 1
 
     # What was there when it was asked for may be gone when it runs.
