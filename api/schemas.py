@@ -588,6 +588,12 @@ class GenerationScores(BaseModel):
     answers_expected: int = Field(description='references that say "the answer is X" (the paper\'s format)')
     answer_accuracy: float | None = Field(None, description="share of those whose completion gives the same answer; null when no reference gives one")
     without_prompt: int = Field(0, description="rows left out for having no prompt (text rows)")
+    loss: float | None = Field(
+        None,
+        description="the rows' held-out loss (text rows included), tokenized as the job tokenized its validation rows (its cutoff_len and "
+        "train_on_inputs): comparable with the job's eval_loss; null when no token is labelled, or for a generation made before it was measured",
+    )
+    loss_tokens: int | None = Field(None, description="the tokens the loss is the mean over")
 
 
 class GenerationPublic(BaseModel):

@@ -93,6 +93,8 @@ def _add_generate(subparsers: Any) -> None:
     p.add_argument("--input", help="with --template alpaca: the Alpaca input that goes with the instruction")
     p.add_argument("--split", default="train", help="the split of a save_to_disk --data folder with several (default: train)")
     p.add_argument("--limit", type=int, help="--data rows to use, from the first (default: all)")
+    p.add_argument("--cutoff-len", type=int, help="with --data: the training run's --cutoff-len, for the rows' loss (default: 256, training's)")
+    p.add_argument("--train-on-inputs", action="store_true", help="with --data: the run trained on its prompts too (the loss counts them, as its eval loss did)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
     p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling")
@@ -314,16 +316,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generation_requests(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
-    """``[{"prompt", "special", "reference"?, "name"?}]``: the --prompt texts in --template, or
-    the --data rows with a prompt, rendered as training rendered them (a text row has none)."""
+def _generation_requests(args: argparse.Namespace, tokenizer: Any) -> tuple[list[dict[str, Any]], list[dict] | None]:
+    """``([{"prompt", "special", "reference"?, "name"?}], records)``: the --prompt texts in
+    --template (records None), or the --data rows with a prompt, rendered as training rendered
+    them (a text row has none), and the --data records they come from (text rows included)."""
     from mola.data import read_records
     from mola.generate import prompt, reference_rows
 
     if args.prompt:
         # A piped prompt (`echo ... |`) ends with a newline that is not part of it.
         texts = [sys.stdin.read().rstrip("\n") if text == "-" else text for text in args.prompt]
-        return [dict(zip(("prompt", "special"), prompt(text, tokenizer, args.template, args.input))) for text in texts]
+        if args.cutoff_len is not None or args.train_on_inputs:
+            raise ValueError("--cutoff-len and --train-on-inputs go with --data (they say how its rows' loss is measured)")
+        return [dict(zip(("prompt", "special"), prompt(text, tokenizer, args.template, args.input))) for text in texts], None
+    if args.cutoff_len is None:
+        args.cutoff_len = 256  # training's default
+    if args.cutoff_len < 2:
+        raise ValueError(f"--cutoff-len must be at least 2 (a token and the next to predict), got {args.cutoff_len}")
     if args.input is not None:
         raise ValueError("--input goes with --prompt (the rows of --data carry their own inputs)")
     if args.limit is not None and args.limit < 1:
@@ -338,13 +347,13 @@ def _generation_requests(args: argparse.Namespace, tokenizer: Any) -> list[dict[
         raise ValueError(f"--data {args.data}: no row with a prompt to generate from (text rows have none)")
     if len(rows) < len(records):
         print(f"--data {args.data}: {len(records) - len(rows)} of {len(records)} rows have no prompt (text rows) and are left out", file=sys.stderr)
-    return [{"prompt": row.prompt, "special": row.special, "reference": row.reference, "name": f"--data row {row.row}"} for row in rows]
+    return [{"prompt": row.prompt, "special": row.special, "reference": row.reference, "name": f"--data row {row.row}"} for row in rows], records
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from mola.evaluate import score_generations
+    from mola.evaluate import records_loss, score_generations
     from mola.generate import generate, open_adapter
     from mola.models import bf16_by_default
 
@@ -359,7 +368,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print("the adapter does not record how its training prompts looked: --prompt is formatted as an Alpaca instruction (--template)", file=sys.stderr)
         if args.template != "alpaca" and args.input is not None:
             raise ValueError(f"--input goes with the alpaca template, and the adapter's training rows were {args.template} (--template)")
-        rows = _generation_requests(args, adapter.tokenizer)
+        rows, records = _generation_requests(args, adapter.tokenizer)
         generations = generate(
             adapter.model,
             adapter.tokenizer,
@@ -371,6 +380,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             names=[row["name"] for row in rows] if args.data else None,
         )
+        loss = records_loss(adapter.model, adapter.tokenizer, records, args.cutoff_len, args.train_on_inputs, args.batch_size) if args.data else {}
     report: dict[str, Any] = {
         "adapter": str(args.adapter),
         "kind": adapter.kind,
@@ -386,7 +396,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             print(row["generated"])
     if args.data:
-        scores = score_generations(generations, [row["reference"] for row in rows])
+        scores = {**score_generations(generations, [row["reference"] for row in rows]), **loss}
         report["scores"] = scores
         print(f"\n{scores_line(scores)}")
     if args.json_path:
@@ -400,9 +410,11 @@ def scored_row(prompt: str, reference: str, generated: str) -> str:
 
 
 def scores_line(scores: dict[str, Any]) -> str:
-    """`mola.evaluate.score_generations`'s scores in words."""
+    """`mola.evaluate.score_generations`'s scores in words, with the loss (`records_loss`) when
+    there is one."""
     answers = "" if scores["answer_accuracy"] is None else f"; answer accuracy {scores['answer_accuracy']:.1%} of {scores['answers_expected']} rows that give one"
-    return f"exact match {scores['exact_match']:.1%} of {scores['n']} rows{answers}"
+    loss = f"; loss {scores['loss']:.4f} over {scores['loss_tokens']} tokens" if scores.get("loss") is not None else ""
+    return f"exact match {scores['exact_match']:.1%} of {scores['n']} rows{answers}{loss}"
 
 
 def _one_line(text: str, width: int = 200, keep_end: bool = False) -> str:

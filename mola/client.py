@@ -298,7 +298,8 @@ class Generation:
     queued, running, succeeded (``completions``: ``[{"prompt", "text", "row", "reference"}]``,
     one per prompt or dataset row, the prompt as the model saw it) or failed (``error``). A
     dataset's generation has ``scores``: ``{"n", "exact_match", "answers_expected",
-    "answer_accuracy", "without_prompt"}``."""
+    "answer_accuracy", "without_prompt", "loss", "loss_tokens"}`` (the loss as the job's
+    evaluation measures it, comparable with its ``eval_loss``)."""
 
     id: str
     job_id: str

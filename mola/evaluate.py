@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.architectures import max_positions
-from mola.data import IGNORE_INDEX, collate
+from mola.data import IGNORE_INDEX, collate, load_training_data
 from mola.logits import forward_logits_at, next_token_positions, to_device
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,25 @@ def evaluate_loss(
     n = int(tokens.item())
     loss = loss_sum.item() / n if n else float("nan")
     return {"eval_loss": float(loss), "eval_tokens": n}
+
+
+def records_loss(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[dict],
+    cutoff_len: int = 256,
+    train_on_inputs: bool = False,
+    batch_size: int = 8,
+) -> dict[str, float | int | None]:
+    """The held-out loss of data rows (`mola.data.read_records`), as a training run's
+    evaluation computes it on its validation rows: tokenized as training tokenized them
+    (``cutoff_len``, ``train_on_inputs``: the run's own, to compare with its ``eval_loss``),
+    then `evaluate_loss`. Returns ``{"loss", "loss_tokens"}``; the loss is None (not NaN: it
+    goes into JSON) when no token is labelled."""
+    examples = load_training_data(records, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
+    measured = evaluate_loss(model, examples, pad_token_id(tokenizer), batch_size=batch_size)
+    tokens = measured["eval_tokens"]
+    return {"loss": measured["eval_loss"] if tokens else None, "loss_tokens": tokens}
 
 
 # ---- multiple choice by likelihood -----------------------------------------------------------

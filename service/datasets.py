@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.db import mark_each
 from service.errors import Conflict, InvalidRequest, NotFound
-from service.models import Dataset, Job, new_id, utcnow
+from service.models import Dataset, Generation, Job, new_id, utcnow
 from service.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -151,15 +151,35 @@ def lock_dataset(session: Session, dataset_id: str, mode: Literal["share", "upda
     return session.scalars(query.execution_options(populate_existing=True)).first()
 
 
-def active_jobs_using(session: Session, dataset_id: str) -> int:
-    return session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            (Job.dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id),
-            Job.status.in_(("queued", "running")),
-        )
-    )
+ACTIVE = ("queued", "running")
+
+
+def active_users(session: Session, dataset_id: str, limit: int = 5) -> tuple[list[str], int]:
+    """Up to ``limit`` ids of what needs the dataset now, oldest first: the queued or running
+    jobs that train or evaluate on it, then the queued or running generations completing its
+    rows; and how many there are in all."""
+    using = {
+        Job: ((Job.dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id), Job.status.in_(ACTIVE)),
+        Generation: (Generation.dataset_id == dataset_id, Generation.status.in_(ACTIVE)),
+    }
+    ids: list[str] = []
+    count = 0
+    for model, where in using.items():
+        found = list(session.scalars(select(model.id).where(*where).order_by(model.id).limit(limit)))
+        ids += found[: limit - len(ids)]
+        count += len(found) if len(found) < limit else session.scalar(select(func.count()).select_from(model).where(*where))
+    return ids, count
+
+
+def in_use_message(dataset_id: str, ids: list[str], count: int) -> str:
+    """The 409 for deleting a dataset that ``ids`` (of `active_users`) need."""
+    jobs = [i for i in ids if not i.startswith("gen_")]
+    generations = [i for i in ids if i.startswith("gen_")]
+    users = ([f"job(s) {', '.join(jobs)}"] if jobs else []) + ([f"generation(s) {', '.join(generations)}"] if generations else [])
+    more = f" and {count - len(ids)} more" if count > len(ids) else ""
+    # A generation cannot be cancelled, only deleted (DELETE /jobs/{id}/generations/{id}).
+    stop = "cancel" if jobs else "delete"
+    return f"dataset {dataset_id} is used by queued or running {' and '.join(users)}{more}: {stop} them or wait for them to finish, then delete it"
 
 
 def list_datasets(session: Session, tenant_id: str, limit: int = 20, after: str | None = None) -> tuple[list[Dataset], bool]:
@@ -172,9 +192,11 @@ def list_datasets(session: Session, tenant_id: str, limit: int = 20, after: str 
 
 def delete_dataset(session: Session, dataset: Dataset) -> str:
     """Hide the row (jobs keep referring to it) and return the storage key that the caller
-    removes once this is committed. Refused while a queued or running job uses the dataset."""
-    if active_jobs_using(session, dataset.id):
-        raise Conflict(f"dataset {dataset.id} is used by a queued or running job")
+    removes once this is committed. Refused while a queued or running job or generation uses
+    the dataset."""
+    ids, count = active_users(session, dataset.id)
+    if ids:
+        raise Conflict(in_use_message(dataset.id, ids, count))
     dataset.deleted_at = utcnow()
     session.flush()
     return dataset.storage_key

@@ -59,7 +59,7 @@ def create(session: Session, tenant_id: str, job_id: str, request: dict[str, Any
     )
     if waiting >= MAX_WAITING_PER_TENANT:
         raise Conflict(f"{waiting} generations are already waiting or running; ask again once some have finished")
-    generation = Generation(job_id=job_id, request=request)
+    generation = Generation(job_id=job_id, dataset_id=request.get("dataset_id"), request=request)
     session.add(generation)
     session.flush()
     return generation
@@ -79,7 +79,9 @@ def _check_source(session: Session, tenant_id: str, request: dict[str, Any]) -> 
         if request.get(field) is not None:
             raise InvalidRequest(("body", field), f"{field} goes with prompts: a dataset's rows are dressed as training dressed them")
     try:
-        dataset = get_dataset(session, tenant_id, request["dataset_id"])
+        # Locked as creating a job locks its dataset: a deletion either commits first (and this
+        # finds the dataset gone) or waits, then sees the generation (`lock_dataset`).
+        dataset = get_dataset(session, tenant_id, request["dataset_id"], lock="share")
     except NotFound as exc:
         raise InvalidRequest(("body", "dataset_id"), exc.detail) from None
     formats = (dataset.report or {}).get("formats") or {}

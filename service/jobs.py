@@ -283,18 +283,6 @@ def check_job_cursor(session: Session, tenant_id: str, after: str) -> None:
         raise InvalidRequest(("query", "after"), f"no job {after!r} to continue after: pass the last_id of the previous page of jobs")
 
 
-def active_jobs_using_dataset(session: Session, dataset_id: str, limit: int = 5) -> tuple[list[str], int]:
-    """Up to ``limit`` ids of the queued or running jobs that train or evaluate on the dataset
-    (oldest first), and how many there are in all."""
-    using = (
-        (Job.dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id),
-        Job.status.in_(("queued", "running")),
-    )
-    ids = list(session.scalars(select(Job.id).where(*using).order_by(Job.id).limit(limit)))
-    count = len(ids) if len(ids) < limit else session.scalar(select(func.count()).select_from(Job).where(*using))
-    return ids, count
-
-
 def cancel_job(session: Session, job: Job) -> Job:
     """Cancel a queued job at once; ask a running one to stop at its next step."""
     now = utcnow()

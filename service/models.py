@@ -278,6 +278,9 @@ class Generation(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("gen"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     status: Mapped[str] = mapped_column(String(16), default="queued")
+    # The upload whose rows it completes (also in the request): a column, so deleting the
+    # dataset can be refused while a generation waits for it or runs on it.
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"))
     # The request as validated: prompts, template (None: the adapter's), sampling settings.
     request: Mapped[dict[str, Any]] = mapped_column(JSONType)
     # {"template", "completions": [{"prompt" (as rendered), "text", "row"?, "reference"?}],
@@ -293,7 +296,7 @@ class Generation(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    __table_args__ = (Index(None, "job_id", "id"), Index(None, "status", "requested_at"))
+    __table_args__ = (Index(None, "job_id", "id"), Index(None, "status", "requested_at"), Index(None, "dataset_id", "status"))
 
 
 class Worker(Base):

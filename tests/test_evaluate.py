@@ -22,6 +22,7 @@ from mola.evaluate import (
     generate_texts,
     generation_accuracy,
     multiple_choice_accuracy,
+    records_loss,
 )
 from mola.model import get_mola_model
 from mola.tiny import byte_tokenizer, tiny_model
@@ -138,6 +139,24 @@ def test_evaluate_loss_under_bf16_autocast_is_close(examples, tokenizer):
 def test_evaluate_loss_without_labelled_tokens_is_nan(tokenizer):
     result = evaluate_loss(make_model("hf"), [{"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX] * 3}], tokenizer.pad_token_id)
     assert result["eval_tokens"] == 0 and math.isnan(result["eval_loss"])
+
+
+def test_records_loss_is_the_hand_loss_of_the_records_tokenized_as_training_did(tokenizer):
+    """Data rows straight from a file: tokenized at the run's cutoff_len (a long row cut),
+    prompts unlabelled unless train_on_inputs, every format (text rows too) counted."""
+    model = make_model("mola").eval()
+    for cutoff_len, train_on_inputs in ((512, False), (24, False), (512, True)):
+        expected, count = hand_loss(model, load_training_data(RECORDS, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs))
+        measured = records_loss(model, tokenizer, RECORDS, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, batch_size=2)
+        assert measured == {"loss": pytest.approx(expected, rel=1e-5), "loss_tokens": count}
+    labelled = {toi: records_loss(model, tokenizer, RECORDS, train_on_inputs=toi)["loss_tokens"] for toi in (False, True)}
+    assert labelled[True] > labelled[False]  # the prompts count too
+
+
+def test_records_loss_of_rows_with_nothing_to_predict_is_none(tokenizer):
+    # Each row's prompt fills the cutoff: no completion token is left.
+    rows = [{"prompt": "a long prompt that fills it", "completion": "x"}]
+    assert records_loss(make_model("hf"), tokenizer, rows, cutoff_len=8) == {"loss": None, "loss_tokens": 0}
 
 
 # ---- multiple choice -------------------------------------------------------------------------

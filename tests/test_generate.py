@@ -12,8 +12,8 @@ import torch
 
 from mola import MolaConfig, get_mola_model
 from mola.cli import main
-from mola.data import load_training_data, prompt_template_for, render
-from mola.evaluate import generate_ids, pad_token_id
+from mola.data import load_training_data, prompt_template_for, read_records, render
+from mola.evaluate import generate_ids, pad_token_id, records_loss
 from mola.generate import adapter_folder, adapter_kind, attach_adapter, carries_adapter, encode_prompts, generate, open_adapter, prompt, reference_rows
 from mola.lora import get_lora_model
 from mola.models import load_base_model
@@ -242,7 +242,14 @@ def test_cli_a_trained_adapter_answers_its_training_prompts(tmp_path, capsys, mo
     assert (saved["kind"], saved["base_model"], saved["settings"]["template"]) == ("mola", "tiny-llama", "alpaca")
     assert [r["generated"] for r in saved["rows"]] == ["banana", "purple", "banana"]
     assert saved["rows"][0]["prompt"] == render(ROWS[0], None)[0]
-    assert saved["scores"] == {"n": 3, "exact_match": pytest.approx(2 / 3), "answers_expected": 1, "answer_accuracy": 0.0}
+    records = read_records(test)
+    with open_adapter(archive) as adapter:  # the loss: all four rows, as training tokenizes them
+        loss = records_loss(adapter.model, adapter.tokenizer, records)
+        with_prompts = records_loss(adapter.model, adapter.tokenizer, records, cutoff_len=12, train_on_inputs=True)
+    assert saved["scores"] == {"n": 3, "exact_match": pytest.approx(2 / 3), "answers_expected": 1, "answer_accuracy": 0.0, **loss}
+    assert f"; loss {loss['loss']:.4f} over {loss['loss_tokens']} tokens" in out
+    assert main(["generate", str(archive), "--data", str(test), "--cutoff-len", "12", "--train-on-inputs", "--json", str(report)]) == 0
+    assert {k: json.loads(report.read_text())["scores"][k] for k in ("loss", "loss_tokens")} == with_prompts
 
     # `mola analyze` takes the archive too.
     assert main(["analyze", str(archive)]) == 0
@@ -260,6 +267,10 @@ def test_cli_errors_name_the_flag(tmp_path, capsys, monkeypatch):
     assert "no row with a prompt to generate from" in capsys.readouterr().err
     assert main(["generate", adapter, "--data", str(tmp_path / "texts.jsonl"), "--limit", "0"]) == 2
     assert "--limit must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["generate", adapter, "--data", str(tmp_path / "texts.jsonl"), "--cutoff-len", "1"]) == 2
+    assert "--cutoff-len must be at least 2 (a token and the next to predict), got 1" in capsys.readouterr().err
+    assert main(["generate", adapter, "--prompt", "x", "--train-on-inputs"]) == 2
+    assert "--cutoff-len and --train-on-inputs go with --data" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "no adapter at" in capsys.readouterr().err
 

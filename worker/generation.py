@@ -47,6 +47,9 @@ def run_generation(generation_id: str, settings: Settings) -> str:
         if request.get("dataset_id") is not None:
             rows_from = session.get(Dataset, request["dataset_id"])
             job_facts["rows_key"] = rows_from.storage_key if rows_from is not None and rows_from.deleted_at is None else None
+            # The test loss tokenizes the rows as the job tokenized its validation rows.
+            hp = (job.spec or {}).get("hyperparameters") or {}
+            job_facts["tokenized"] = {"cutoff_len": hp.get("cutoff_len", 256), "train_on_inputs": hp.get("train_on_inputs", False)}
 
     work = settings.scratch_dir / generation_id
     try:
@@ -122,7 +125,7 @@ def _generate(
     keep = settings.generation_keep_base_seconds
     with BASE_MODELS.lend(job["base_model"], device, dtype, keep) as (base, tokenizer), attach_adapter(archive, base, tokenizer, job["base_model"], dtype) as adapter:
         if rows_path is not None:
-            return _complete_rows(adapter, rows_path, request, progress)
+            return _complete_rows(adapter, rows_path, request, job["tokenized"], progress)
         template = request.get("template") or adapter.prompt_template or TEMPLATE_OF_FORMAT.get(upload_format or "", "alpaca")
         if request.get("input") is not None and template != "alpaca":
             raise ValueError(f"an input goes with the alpaca template, and the job's training rows were {template}")
@@ -138,11 +141,12 @@ def _generate(
     }
 
 
-def _complete_rows(adapter: Any, rows_path: Any, request: dict[str, Any], progress: Callable[[int, int], None]) -> dict[str, Any]:
+def _complete_rows(adapter: Any, rows_path: Any, request: dict[str, Any], tokenized: dict[str, Any], progress: Callable[[int, int], None]) -> dict[str, Any]:
     """A dataset's first ``request["rows"]`` rows (all by default) completed, as `mola generate
-    --data` does on a machine of one's own, and scored against their own completions."""
+    --data` does on a machine of one's own, and scored against their own completions; with
+    their loss, tokenized as ``tokenized`` says (the job's cutoff_len and train_on_inputs)."""
     from mola.data import read_records
-    from mola.evaluate import score_generations
+    from mola.evaluate import records_loss, score_generations
     from mola.generate import reference_rows
 
     dataset_id = request["dataset_id"]
@@ -153,12 +157,13 @@ def _complete_rows(adapter: Any, rows_path: Any, request: dict[str, Any], progre
     progress(0, len(rows))
     started = time.perf_counter()
     texts = _completions(adapter, [(row.prompt, row.special) for row in rows], request, progress, names=[f"row {row.row} of dataset {dataset_id}" for row in rows])
+    loss = records_loss(adapter.model, adapter.tokenizer, records, **tokenized)
     seconds = time.perf_counter() - started
     scores = score_generations(texts, [row.reference for row in rows])
     return {
         "template": None,
         "completions": [{"prompt": row.prompt, "text": text, "row": row.row, "reference": row.reference} for row, text in zip(rows, texts)],
-        "scores": {**scores, "without_prompt": len(records) - len(rows)},
+        "scores": {**scores, "without_prompt": len(records) - len(rows), **loss},
         "seconds": seconds,
     }
 

@@ -15,7 +15,6 @@ from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDe
 from api.middleware import too_large_detail
 from api.schemas import DatasetList, DatasetPublic, Deleted, ErrorResponse, Text
 from service import datasets as dataset_service
-from service import jobs as job_service
 from service.errors import Conflict, InvalidRequest, PayloadTooLarge
 from service.models import Dataset
 
@@ -129,15 +128,11 @@ def list_datasets(
 
 
 def _refuse_while_in_use(session: Session, dataset_id: str) -> None:
-    """A 409 that names the jobs to cancel or wait for. (`delete_dataset` checks again, in case
-    a job was created in the meantime.)"""
-    ids, count = job_service.active_jobs_using_dataset(session, dataset_id)
+    """A 409 that names the jobs to cancel or wait for, and the generations to wait for.
+    (`delete_dataset` checks again, in case one was created in the meantime.)"""
+    ids, count = dataset_service.active_users(session, dataset_id)
     if ids:
-        more = f" and {count - len(ids)} more" if count > len(ids) else ""
-        raise Conflict(
-            f"dataset {dataset_id} is used by queued or running job(s) {', '.join(ids)}{more}: "
-            "cancel them or wait for them to finish, then delete it"
-        )
+        raise Conflict(dataset_service.in_use_message(dataset_id, ids, count))
 
 
 def _check_cursor(session: Session, tenant_id: str, after: str) -> None:
@@ -161,7 +156,7 @@ def get_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep) ->
     "/{dataset_id}",
     response_model=Deleted,
     summary="Delete a dataset",
-    description="Refused (409) while a queued or running job uses it.",
+    description="Refused (409) while a queued or running job trains or evaluates on it, or a queued or running generation completes its rows.",
     responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
 )
 def delete_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Deleted:

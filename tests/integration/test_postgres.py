@@ -217,7 +217,7 @@ def test_deleting_a_dataset_and_starting_a_job_on_it_take_turns(migrated) -> Non
     creating = sessions()
     job_service.create_job(creating, tenant, JobCreate.model_validate(job_body(ids[1])).model_dump(mode="json"))
     outcome = _waits_for_the_commit(creating, lambda: delete(ids[1]))
-    assert isinstance(outcome.get("error"), Conflict) and "used by a queued or running job" in outcome["error"].detail, outcome
+    assert isinstance(outcome.get("error"), Conflict) and "used by queued or running job(s)" in outcome["error"].detail, outcome
 
     # Resuming takes the same turns as creating.
     deleting = sessions()
@@ -226,3 +226,43 @@ def test_deleting_a_dataset_and_starting_a_job_on_it_take_turns(migrated) -> Non
     assert isinstance(outcome.get("error"), Conflict) and "has been deleted" in outcome["error"].detail, outcome
     with sessions() as session:
         assert session.get(Job, stopped_id).status == "cancelled"
+
+
+def test_deleting_a_dataset_and_a_generation_of_its_rows_take_turns(migrated) -> None:
+    """A generation asked to complete a dataset's rows takes the dataset's row lock as a job
+    does: the deletion that commits first makes it a 422, the generation that commits first
+    makes the deletion a 409."""
+    from service import catalogue  # noqa: PLC0415
+    from service import datasets as dataset_service  # noqa: PLC0415
+    from service import generations as generation_service  # noqa: PLC0415
+    from service.errors import Conflict, InvalidRequest  # noqa: PLC0415
+    from tests.factories import dataset_row, job_row, tenant_row  # noqa: PLC0415
+    from tests.service.conftest import TINY_LLAMA  # noqa: PLC0415
+
+    _, sessions = migrated(models=["tiny-llama"])
+    report = {"rows": 4, "valid_rows": 4, "ok": True, "errors": [], "error_count": 0, "formats": {"alpaca": 4}}
+    with session_scope(sessions) as session:
+        catalogue.upsert(session, "tiny-llama", TINY_LLAMA)
+        owner = tenant_row(session)
+        first, second = (dataset_row(session, owner, rows=4, report=report) for _ in range(2))
+        job = job_row(session, first, status="succeeded", adapter_key="jobs/x/adapter.tar.gz")
+        tenant, ids, job_id = owner.id, (first.id, second.id), job.id
+    request = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0}
+
+    def ask(dataset_id: str):
+        with session_scope(sessions) as session:
+            return generation_service.create(session, tenant, job_id, {**request, "dataset_id": dataset_id}).id
+
+    def delete(dataset_id: str):
+        with session_scope(sessions) as session:
+            return dataset_service.delete_dataset(session, dataset_service.get_dataset(session, tenant, dataset_id, lock="update"))
+
+    deleting = sessions()
+    dataset_service.delete_dataset(deleting, dataset_service.get_dataset(deleting, tenant, ids[0], lock="update"))
+    outcome = _waits_for_the_commit(deleting, lambda: ask(ids[0]))
+    assert isinstance(outcome.get("error"), InvalidRequest) and "not found" in outcome["error"].detail, outcome
+
+    asking = sessions()
+    generation_id = generation_service.create(asking, tenant, job_id, {**request, "dataset_id": ids[1]}).id
+    outcome = _waits_for_the_commit(asking, lambda: delete(ids[1]))
+    assert isinstance(outcome.get("error"), Conflict) and f"generation(s) {generation_id}" in outcome["error"].detail, outcome

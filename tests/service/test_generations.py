@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from service import generations as generation_service
 from service.db import session_scope
-from service.models import Checkpoint, Generation, Job, utcnow
+from service.models import Checkpoint, Dataset, Generation, Job, utcnow
 from service.reconcile import reconcile
 from tests.service.conftest import auth, job_body, make_dataset
 from tests.service.test_client import live, mola  # noqa: F401 - live is a fixture
@@ -289,6 +289,29 @@ def test_a_dataset_generation_names_what_does_not_fit(client, key, other_key, se
     assert accepted.status_code == 202 and accepted.json()["request"]["rows"] == 1000
 
 
+def test_a_dataset_cannot_be_deleted_while_a_generation_completes_its_rows(client, key, sessions, queue):
+    job_id = _finished_job(sessions, client, key)
+    test_set = make_dataset(client, key)
+    generation_id = _post(client, key, job_id, prompts=None, dataset_id=test_set).json()["id"]
+    for status in ("queued", "running"):
+        with session_scope(sessions) as session:
+            session.execute(update(Generation).where(Generation.id == generation_id).values(status=status))
+        response = client.delete(f"/datasets/{test_set}", headers=auth(key))
+        assert response.status_code == 409, (status, response.text)
+        assert response.json()["detail"] == (
+            f"dataset {test_set} is used by queued or running generation(s) {generation_id}: delete them or wait for them to finish, then delete it"
+        )
+    # A job too: both named, jobs first.
+    job_on_it = client.post("/jobs", headers=auth(key), json=job_body(make_dataset(client, key), validation_dataset_id=test_set)).json()["id"]
+    assert client.delete(f"/datasets/{test_set}", headers=auth(key)).json()["detail"] == (
+        f"dataset {test_set} is used by queued or running job(s) {job_on_it} and generation(s) {generation_id}: cancel them or wait for them to finish, then delete it"
+    )
+    client.post(f"/jobs/{job_on_it}/cancel", headers=auth(key))
+    with session_scope(sessions) as session:
+        generation_service.finish(session, generation_id, error="done with it")
+    assert client.delete(f"/datasets/{test_set}", headers=auth(key)).status_code == 200
+
+
 def test_a_running_generation_records_its_progress_a_few_times(client, key, sessions, settings, queue, capsys, live):
     """The worker writes each batch's progress at most once per interval, the first and the
     last always, and only while the generation runs; `mola jobs generation` prints it."""
@@ -326,7 +349,7 @@ def test_a_dataset_generation_scores_its_rows_as_mola_generate_does(client, key,
     checkpoint fails the generation, saying so."""
     pytest.importorskip("torch")
     from mola.data import read_records
-    from mola.evaluate import score_generations
+    from mola.evaluate import records_loss, score_generations
     from mola.generate import generate, open_adapter, reference_rows
     from tests.service.conftest import jsonl
     from tests.service.test_runner import _create, runner
@@ -344,6 +367,7 @@ def test_a_dataset_generation_scores_its_rows_as_mola_generate_does(client, key,
     test_set = make_dataset(client, key, test_rows)
     (tmp_path / "test.jsonl").write_bytes(jsonl(test_rows))
     records = read_records(tmp_path / "test.jsonl")[:4]
+    hp = client.get(f"/jobs/{job_id}", headers=auth(key)).json()["hyperparameters"]
 
     def expected(download: str) -> tuple[list[dict], dict]:
         archive = tmp_path / "adapter.tar.gz"
@@ -351,8 +375,10 @@ def test_a_dataset_generation_scores_its_rows_as_mola_generate_does(client, key,
         with open_adapter(archive) as adapter:
             rows = reference_rows(records, adapter.tokenizer)
             texts = generate(adapter.model, adapter.tokenizer, [(r.prompt, r.special) for r in rows], max_new_tokens=12)
+            # All four rows (the text row too), tokenized as the job tokenized its rows.
+            loss = records_loss(adapter.model, adapter.tokenizer, records, cutoff_len=hp["cutoff_len"], train_on_inputs=hp["train_on_inputs"])
         completions = [{"prompt": r.prompt, "text": t, "row": r.row, "reference": r.reference} for r, t in zip(rows, texts)]
-        return completions, {**score_generations(texts, [r.reference for r in rows]), "without_prompt": 1}
+        return completions, {**score_generations(texts, [r.reference for r in rows]), "without_prompt": 1, **loss}
 
     final = _post(client, key, job_id, prompts=None, dataset_id=test_set, rows=4, max_new_tokens=12).json()
     at_step_2 = _post(client, key, job_id, prompts=None, dataset_id=test_set, rows=4, max_new_tokens=12, step=2).json()
@@ -364,13 +390,14 @@ def test_a_dataset_generation_scores_its_rows_as_mola_generate_does(client, key,
         assert (done["status"], done["template"], [c["row"] for c in done["completions"]]) == ("succeeded", None, [1, 3, 4])
         assert done["completions"] == completions and done["scores"] == scores
         assert done["progress"] == {"done": 3, "total": 3}
-        assert done["scores"]["n"] == 3 and done["scores"]["answers_expected"] == 1
+        assert done["scores"]["n"] == 3 and done["scores"]["answers_expected"] == 1 and done["scores"]["loss_tokens"] > 0
 
     # What was there when it was asked for may be gone when it runs.
     deleted = _post(client, key, job_id, prompts=None, dataset_id=test_set, rows=1).json()["id"]
     pruned = _post(client, key, job_id, prompts=None, dataset_id=make_dataset(client, key, test_rows), step=2).json()["id"]
-    assert client.delete(f"/datasets/{test_set}", headers=auth(key)).status_code == 200
     with session_scope(sessions) as session:
+        # DELETE /datasets refuses while a generation waits for it: gone all the same (by hand).
+        session.execute(update(Dataset).where(Dataset.id == test_set).values(deleted_at=utcnow()))
         session.execute(sql_delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == 2))
     assert [run_generation(g, settings) for g in (deleted, pruned)] == ["failed"] * 2
     errors = [client.get(f"/jobs/{job_id}/generations/{g}", headers=auth(key)).json()["error"] for g in (deleted, pruned)]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -51,34 +53,72 @@ def test_migrations_match_the_models_and_downgrade(tmp_path):
     engine.dispose()
 
 
-def test_jobs_there_before_queued_at_keep_their_place(tmp_path):
-    """0013 gives each existing job its created_at as queued_at: the queue's order stays."""
-    from datetime import datetime
+def _a_job_before(settings: Settings, revision: str, created) -> tuple:
+    """The database migrated to ``revision`` with a tenant, a dataset (ds_1) and a queued job
+    (job_1) created (and queued) at ``created``, as rows of that revision's tables. Returns
+    (engine, tables)."""
+    from sqlalchemy import MetaData, insert
 
-    from sqlalchemy import MetaData, insert, select
-
-    settings = Settings(data_dir=tmp_path)
-    migrate(settings, "0012")
+    migrate(settings, revision)
     engine = create_engine(settings.resolved_database_url)
     tables = MetaData()
     tables.reflect(engine)
-    created = datetime(2026, 1, 2, 3, 4, 5)
     with engine.begin() as connection:
         connection.execute(insert(tables.tables["tenants"]).values(id="ten_1", name="t", created_at=created))
         connection.execute(insert(tables.tables["datasets"]).values(
             id="ds_1", tenant_id="ten_1", filename="d.jsonl", rows=1, size_bytes=1, sha256="0" * 64,
             storage_key="k", report={}, token_stats={}, created_at=created,
         ))  # fmt: skip
-        connection.execute(insert(tables.tables["jobs"]).values(
-            id="job_1", tenant_id="ten_1", base_model="tiny-llama", dataset_id="ds_1", method="mola", spec={},
+        jobs = tables.tables["jobs"]
+        since_0013 = {"queued_at": created} if "queued_at" in jobs.c else {}
+        connection.execute(insert(jobs).values(
+            **since_0013, id="job_1", tenant_id="ten_1", base_model="tiny-llama", dataset_id="ds_1", method="mola", spec={},
             status="queued", step=0, attempts=0, created_at=created, updated_at=datetime(2026, 1, 3),
         ))  # fmt: skip
-    migrate(settings)
+    return engine, tables
+
+
+def _reflected(engine):
+    from sqlalchemy import MetaData
+
     tables = MetaData()
     tables.reflect(engine)
+    return tables
+
+
+def test_jobs_there_before_queued_at_keep_their_place(tmp_path):
+    """0013 gives each existing job its created_at as queued_at: the queue's order stays."""
+    from sqlalchemy import select
+
+    settings = Settings(data_dir=tmp_path)
+    created = datetime(2026, 1, 2, 3, 4, 5)
+    engine, _ = _a_job_before(settings, "0012", created)
+    migrate(settings)
     with engine.connect() as connection:
-        jobs = tables.tables["jobs"]
+        jobs = _reflected(engine).tables["jobs"]
         assert connection.execute(select(jobs.c.queued_at, jobs.c.created_at)).one() == (created, created)
     downgrade(settings, "0012")
     assert "queued_at" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    engine.dispose()
+
+
+def test_generations_there_before_their_dataset_column_name_their_dataset(tmp_path):
+    """0015 copies a generation's requested dataset_id into its column: a dataset a queued
+    generation was asked for before the upgrade cannot be deleted under it after."""
+    from sqlalchemy import insert, select
+
+    settings = Settings(data_dir=tmp_path)
+    created = datetime(2026, 1, 2, 3, 4, 5)
+    engine, tables = _a_job_before(settings, "0014", created)
+    with engine.begin() as connection:
+        for generation_id, request in (("gen_1", {"dataset_id": "ds_1", "rows": 1}), ("gen_2", {"prompts": ["hi"]})):
+            connection.execute(insert(tables.tables["generations"]).values(
+                id=generation_id, job_id="job_1", status="queued", request=request, created_at=created, requested_at=created,
+            ))  # fmt: skip
+    migrate(settings)
+    with engine.connect() as connection:
+        generations = _reflected(engine).tables["generations"]
+        assert connection.execute(select(generations.c.id, generations.c.dataset_id).order_by(generations.c.id)).all() == [("gen_1", "ds_1"), ("gen_2", None)]
+    downgrade(settings, "0014")
+    assert "dataset_id" not in {c["name"] for c in inspect(engine).get_columns("generations")}
     engine.dispose()
