@@ -21,7 +21,7 @@ import secrets
 import shutil
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -670,15 +670,25 @@ class MolaClient:
         generation = Generation.from_json(self._json("POST", f"/jobs/{_segment(job_id)}/generations", json=body))
         return self.wait_for_generation(job_id, generation, timeout, poll) if wait else generation
 
-    def wait_for_generation(self, job_id: str, generation: Generation, timeout: float | None = None, poll: float = 1.0) -> Generation:
+    def wait_for_generation(
+        self,
+        job_id: str,
+        generation: Generation,
+        timeout: float | None = None,
+        poll: float = 1.0,
+        on_update: Callable[[Generation], None] | None = None,
+    ) -> Generation:
         """Poll ``generation`` (one `generate` returned with ``wait=False``) until it is done, or
-        raise `GenerationTimeout` once ``timeout`` seconds pass (it stays queued or running)."""
+        raise `GenerationTimeout` once ``timeout`` seconds pass (it stays queued or running).
+        ``on_update`` gets each state polled before the last (its ``status``, ``progress``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not generation.done:
             if deadline is not None and time.monotonic() > deadline:
                 raise GenerationTimeout(generation, timeout)
             time.sleep(poll)
             generation = self.get_generation(job_id, generation.id)
+            if on_update is not None and not generation.done:
+                on_update(generation)
         return generation
 
     def get_generation(self, job_id: str, generation_id: str) -> Generation:

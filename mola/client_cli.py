@@ -554,7 +554,7 @@ def cmd_jobs_generate(args: argparse.Namespace) -> int:
         _warn_without_workers(generation.queue, "generation")
         if not args.no_wait:
             try:
-                generation = client.wait_for_generation(args.id, generation, timeout=args.timeout)
+                generation = client.wait_for_generation(args.id, generation, timeout=args.timeout, on_update=_progress_printer())
             except GenerationTimeout as exc:  # it stays on the server: say how to see it or cancel it
                 command = f"mola jobs generation {args.id} {exc.generation.id}"
                 print(f"error: {exc}; see it with `{command}`, or cancel it with `{command} --delete`", file=sys.stderr)
@@ -597,6 +597,20 @@ def cmd_jobs_generations(args: argparse.Namespace) -> int:
     if page.has_more:
         print(f"(more: --after {page.cursor})")
     return 0
+
+
+def _progress_printer() -> Callable[[Generation], None]:
+    """For `wait_for_generation`: a line on stderr each time the generation's progress moves
+    (a test set's rows take minutes; stdout keeps only the result)."""
+    shown: dict[str, int] | None = None
+
+    def show(generation: Generation) -> None:
+        nonlocal shown
+        if generation.progress and generation.progress != shown:
+            shown = generation.progress
+            print(f"{generation.id}{_progress_words(generation)}", file=sys.stderr)
+
+    return show
 
 
 def _progress_words(generation: Generation) -> str:

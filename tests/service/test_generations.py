@@ -341,6 +341,58 @@ def test_a_running_generation_records_its_progress_a_few_times(client, key, sess
     assert progress() == {"done": 30, "total": 30}
 
 
+def test_waiting_for_a_generation_shows_its_progress(client, key, sessions, settings, queue, capsys, live, monkeypatch):
+    """`wait_for_generation(on_update=)` sees each state polled before the last, and the
+    blocking `mola jobs generate` prints the progress on stderr each time it moves. The
+    generation's row is moved on after each poll (no worker: the states are the test's)."""
+    from mola.client import MolaClient
+    from service import workers
+
+    job_id = _finished_job(sessions, client, key)
+    test_set = make_dataset(client, key)
+    with session_scope(sessions) as session:
+        workers.beat(session, "test-worker:1", [settings.generations_queue])  # else the CLI warns
+    result = {"template": None, "completions": [], "scores": {"n": 3, "exact_match": 1.0, "answers_expected": 0, "answer_accuracy": None}, "seconds": 1.0}
+
+    def states(generation_id: str):
+        """Each call moves the generation to its next state: running, 0, 2, 2 (no move) and
+        3 of 3 rows, then succeeded."""
+        with session_scope(sessions) as session:
+            generation_service.claim(session, generation_id)
+        for done in (0, 2, 2, 3):
+            with session_scope(sessions) as session:
+                generation_service.record_progress(session, generation_id, done, 3)
+            yield
+        with session_scope(sessions) as session:
+            generation_service.finish(session, generation_id, result=result)
+        yield
+
+    with MolaClient(live.url, key) as api:
+        pending = api.generate(job_id, dataset_id=test_set, wait=False)
+        advance = states(pending.id)
+        next(advance)
+        seen = []
+        done = api.wait_for_generation(job_id, pending, poll=0.01, on_update=lambda g: (seen.append((g.status, g.progress)), next(advance)))
+    progress = [{"done": n, "total": 3} for n in (0, 2, 2, 3)]
+    assert seen == [("running", p) for p in progress] and done.status == "succeeded"
+
+    # The CLI polls once a second; a spy on the client moves the row on after each poll.
+    real_get = MolaClient.get_generation
+    moves: dict = {}
+
+    def get_then_advance(self, job_id: str, generation_id: str):
+        generation = real_get(self, job_id, generation_id)
+        if not generation.done:
+            next(moves.setdefault(generation_id, states(generation_id)))
+        return generation
+
+    monkeypatch.setattr(MolaClient, "get_generation", get_then_advance)
+    code, out, err = mola(capsys, live, key, "jobs", "generate", job_id, "--dataset", test_set)
+    generation_id = json.loads(mola(capsys, live, key, "jobs", "generations", job_id, "--json")[1])["data"][0]["id"]
+    assert code == 0 and "exact match 100.0% of 3 rows" in out
+    assert err == "".join(f"{generation_id}: {n} of 3 completed\n" for n in (0, 2, 3))
+
+
 @pytest.mark.slow
 def test_a_dataset_generation_scores_its_rows_as_mola_generate_does(client, key, settings, sessions, storage, queue, tmp_path):
     """The rows of an upload (a test set) completed on the server by the final adapter or a
