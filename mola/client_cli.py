@@ -624,7 +624,9 @@ def _asked(generation: Generation) -> str:
     step = f" (checkpoint {request['step']})" if request.get("step") is not None else ""
     if request.get("dataset_id"):
         rows = f"first {request['rows']} rows" if request.get("rows") else "rows"
-        scores = f": {generation.scores['exact_match']:.1%} exact" if generation.scores else ""
+        scores = generation.scores or {}
+        loss = f", loss {scores['loss']:.4f}" if scores.get("loss") is not None else ""
+        scores = f": {scores['exact_match']:.1%} exact{loss}" if scores else ""
         return f"{rows} of {request['dataset_id']}{step}{scores}"
     prompts = request.get("prompts") or [""]
     more = f" (+{len(prompts) - 1} more)" if len(prompts) > 1 else ""

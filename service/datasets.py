@@ -142,11 +142,12 @@ def get_dataset(session: Session, tenant_id: str, dataset_id: str, lock: Literal
 
 def lock_dataset(session: Session, dataset_id: str, mode: Literal["share", "update"]) -> Dataset | None:
     """The dataset's row as committed now, locked until the transaction ends: "update" by its
-    deletion, "share" by what starts a job on it (creating or resuming one). So a deletion and
-    a job on the dataset take turns: whichever comes second sees the other's commit (the job, or
-    `deleted_at`) instead of both passing their checks. Shared locks do not wait for each other,
-    so jobs naming the same datasets in any order never deadlock. (SQLite has no row locks; it
-    runs one writer at a time.)"""
+    deletion, "share" by what starts a job on it (creating or resuming one) or asks a
+    generation of its rows. So a deletion and a job (or generation) on the dataset take turns:
+    whichever comes second sees the other's commit (the job, or `deleted_at`) instead of both
+    passing their checks. Shared locks do not wait for each other, so jobs naming the same
+    datasets in any order never deadlock. (SQLite has no row locks; it runs one writer at a
+    time.)"""
     query = select(Dataset).where(Dataset.id == dataset_id).with_for_update(read=mode == "share")
     return session.scalars(query.execution_options(populate_existing=True)).first()
 
@@ -154,32 +155,39 @@ def lock_dataset(session: Session, dataset_id: str, mode: Literal["share", "upda
 ACTIVE = ("queued", "running")
 
 
-def active_users(session: Session, dataset_id: str, limit: int = 5) -> tuple[list[str], int]:
-    """Up to ``limit`` ids of what needs the dataset now, oldest first: the queued or running
-    jobs that train or evaluate on it, then the queued or running generations completing its
-    rows; and how many there are in all."""
+@dataclasses.dataclass
+class DatasetUsers:
+    """What needs a dataset now (`active_users`): the first ids of the queued or running jobs
+    that train or evaluate on it and of the queued or running generations completing its
+    rows, oldest first, and how many there are in all."""
+
+    jobs: list[str]
+    generations: list[str]
+    count: int
+
+    def refusal(self, dataset_id: str) -> str:
+        """The 409 detail for deleting the dataset."""
+        named = [f"{kind}(s) {', '.join(ids)}" for kind, ids in (("job", self.jobs), ("generation", self.generations)) if ids]
+        shown = len(self.jobs) + len(self.generations)
+        more = f" and {self.count - shown} more" if self.count > shown else ""
+        # A generation cannot be cancelled, only deleted (DELETE /jobs/{id}/generations/{id}).
+        stop = "cancel" if self.jobs else "delete"
+        return f"dataset {dataset_id} is used by queued or running {' and '.join(named)}{more}: {stop} them or wait for them to finish, then delete it"
+
+
+def active_users(session: Session, dataset_id: str, limit: int = 5) -> DatasetUsers:
+    """Up to ``limit`` ids in all (jobs first) of what needs the dataset now."""
     using = {
         Job: ((Job.dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id), Job.status.in_(ACTIVE)),
         Generation: (Generation.dataset_id == dataset_id, Generation.status.in_(ACTIVE)),
     }
-    ids: list[str] = []
+    found: dict[type, list[str]] = {}
     count = 0
     for model, where in using.items():
-        found = list(session.scalars(select(model.id).where(*where).order_by(model.id).limit(limit)))
-        ids += found[: limit - len(ids)]
-        count += len(found) if len(found) < limit else session.scalar(select(func.count()).select_from(model).where(*where))
-    return ids, count
-
-
-def in_use_message(dataset_id: str, ids: list[str], count: int) -> str:
-    """The 409 for deleting a dataset that ``ids`` (of `active_users`) need."""
-    jobs = [i for i in ids if not i.startswith("gen_")]
-    generations = [i for i in ids if i.startswith("gen_")]
-    users = ([f"job(s) {', '.join(jobs)}"] if jobs else []) + ([f"generation(s) {', '.join(generations)}"] if generations else [])
-    more = f" and {count - len(ids)} more" if count > len(ids) else ""
-    # A generation cannot be cancelled, only deleted (DELETE /jobs/{id}/generations/{id}).
-    stop = "cancel" if jobs else "delete"
-    return f"dataset {dataset_id} is used by queued or running {' and '.join(users)}{more}: {stop} them or wait for them to finish, then delete it"
+        ids = list(session.scalars(select(model.id).where(*where).order_by(model.id).limit(limit)))
+        found[model] = ids[: limit - sum(map(len, found.values()))]
+        count += len(ids) if len(ids) < limit else session.scalar(select(func.count()).select_from(model).where(*where))
+    return DatasetUsers(found[Job], found[Generation], count)
 
 
 def list_datasets(session: Session, tenant_id: str, limit: int = 20, after: str | None = None) -> tuple[list[Dataset], bool]:
@@ -194,9 +202,9 @@ def delete_dataset(session: Session, dataset: Dataset) -> str:
     """Hide the row (jobs keep referring to it) and return the storage key that the caller
     removes once this is committed. Refused while a queued or running job or generation uses
     the dataset."""
-    ids, count = active_users(session, dataset.id)
-    if ids:
-        raise Conflict(in_use_message(dataset.id, ids, count))
+    users = active_users(session, dataset.id)
+    if users.count:
+        raise Conflict(users.refusal(dataset.id))
     dataset.deleted_at = utcnow()
     session.flush()
     return dataset.storage_key

@@ -15,7 +15,7 @@ from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDe
 from api.middleware import too_large_detail
 from api.schemas import DatasetList, DatasetPublic, Deleted, ErrorResponse, Text
 from service import datasets as dataset_service
-from service.errors import Conflict, InvalidRequest, PayloadTooLarge
+from service.errors import InvalidRequest, PayloadTooLarge
 from service.models import Dataset
 
 logger = logging.getLogger(__name__)
@@ -127,14 +127,6 @@ def list_datasets(
     return DatasetList(data=[_public(r) for r in rows], has_more=has_more, last_id=rows[-1].id if rows else None)
 
 
-def _refuse_while_in_use(session: Session, dataset_id: str) -> None:
-    """A 409 that names the jobs to cancel or wait for, and the generations to wait for.
-    (`delete_dataset` checks again, in case one was created in the meantime.)"""
-    ids, count = dataset_service.active_users(session, dataset_id)
-    if ids:
-        raise Conflict(dataset_service.in_use_message(dataset_id, ids, count))
-
-
 def _check_cursor(session: Session, tenant_id: str, after: str) -> None:
     """``after`` must be one of the tenant's dataset ids (a deleted one too: its row stays, and a
     client may delete what it pages through). Any other string still sorts among the ids, so a
@@ -160,10 +152,10 @@ def get_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep) ->
     responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
 )
 def delete_dataset(dataset_id: Text, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Deleted:
-    # Locked first: a job being created or resumed on it commits before the check below sees
-    # it, and one that starts later finds the dataset deleted (`dataset_service.lock_dataset`).
+    # Locked first: a job or generation being created on it commits before the deletion's check
+    # sees it, and one that starts later finds the dataset deleted (`dataset_service.lock_dataset`).
+    # The check's 409 names the jobs to cancel or wait for, and the generations.
     dataset = dataset_service.get_dataset(session, tenant.id, dataset_id, lock="update")
-    _refuse_while_in_use(session, dataset_id)
     key = dataset_service.delete_dataset(session, dataset)
     session.commit()
     try:

@@ -588,7 +588,8 @@ def test_the_client_and_cli_score_a_datasets_rows(client, key, settings, session
         row = scored_row(completion["prompt"], completion["reference"], completion["text"])
         assert (code, err) == (0, "") and out == f"### row 2\n{row}\n\n{scores_line(scored.scores)} (1 without a prompt left out)\n"
         code, out, _ = mola(capsys, live, key, "jobs", "generations", job_id)
-        assert code == 0 and f"first 2 rows of {test_set} (checkpoint 1): " in out and f"rows of {test_set} (checkpoint 1): " in out
+        listed = f"rows of {test_set} (checkpoint 1): {scored.scores['exact_match']:.1%} exact, loss {scored.scores['loss']:.4f}"
+        assert code == 0 and f"first 2 {listed}" in out and f"  {listed}" in out
         with pytest.raises(SystemExit) as usage:  # argparse: prompts or a dataset, not both
             mola(capsys, live, key, "jobs", "generate", job_id, "--prompt", "x", "--dataset", test_set)
         assert usage.value.code == 2 and "argument --dataset: not allowed with argument --prompt" in capsys.readouterr().err
