@@ -624,10 +624,10 @@ def _asked(generation: Generation) -> str:
     step = f" (checkpoint {request['step']})" if request.get("step") is not None else ""
     if request.get("dataset_id"):
         rows = f"first {request['rows']} rows" if request.get("rows") else "rows"
-        scores = generation.scores or {}
-        loss = f", loss {scores['loss']:.4f}" if scores.get("loss") is not None else ""
-        scores = f": {scores['exact_match']:.1%} exact{loss}" if scores else ""
-        return f"{rows} of {request['dataset_id']}{step}{scores}"
+        scores = generation.scores
+        loss = f", loss {scores['loss']:.4f}" if scores and scores.get("loss") is not None else ""
+        scored = f": {scores['exact_match']:.1%} exact{loss}" if scores else ""
+        return f"{rows} of {request['dataset_id']}{step}{scored}"
     prompts = request.get("prompts") or [""]
     more = f" (+{len(prompts) - 1} more)" if len(prompts) > 1 else ""
     first = prompts[0].replace("\n", " ")

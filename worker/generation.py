@@ -2,8 +2,8 @@
 adapter archive (its final one, or a checkpoint's) onto its base model
 (`mola.generate.attach_adapter`; the base model is kept a while for the next generation,
 `worker.base_models`), the prompts dressed as the training rows were, or a dataset's rows
-dressed as training dresses them and their completions scored against the rows' own; the
-completions recorded on the row.
+dressed as training dresses them, their completions scored against the rows' own and their
+loss measured as the job's evaluation measures it; the completions recorded on the row.
 
 The template is the request's, else the one the adapter records, else (an adapter saved
 before adapters recorded it) the one the job's training upload's format implies.
