@@ -17,12 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select
-
 from service import generations as generation_service
 from service import jobs as job_service
 from service.db import session_scope
-from service.models import Checkpoint, Dataset, Job
+from service.errors import NotFound
+from service.models import Dataset, Job
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -48,8 +47,8 @@ def run_generation(generation_id: str, settings: Settings) -> str:
             rows_from = session.get(Dataset, request["dataset_id"])
             job_facts["rows_key"] = rows_from.storage_key if rows_from is not None and rows_from.deleted_at is None else None
             # The test loss tokenizes the rows as the job tokenized its validation rows.
-            hp = (job.spec or {}).get("hyperparameters") or {}
-            job_facts["tokenized"] = {"cutoff_len": hp.get("cutoff_len", 256), "train_on_inputs": hp.get("train_on_inputs", False)}
+            hp = job.spec["hyperparameters"]
+            job_facts["tokenized"] = {"cutoff_len": hp["cutoff_len"], "train_on_inputs": hp["train_on_inputs"]}
 
     work = settings.scratch_dir / generation_id
     try:
@@ -94,12 +93,13 @@ def _adapter_of(session: Any, job: Job, step: int | None) -> dict[str, Any]:
     if step is None:
         # Resumed since it was asked for: the adapter is being replaced.
         return {"adapter_key": job.adapter_key, "adapter_gone": f"job {job.id} has no adapter now (resumed?); ask again once it finishes"}
-    checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
-    return {
-        "adapter_key": None if checkpoint is None else job_service.checkpoint_adapter_key(checkpoint.storage_prefix),
-        # Pruned since it was asked for: the job keeps its newest checkpoints and its best.
-        "adapter_gone": f"job {job.id} no longer has its checkpoint at step {step} (only the newest and the best are kept)",
-    }
+    # Pruned since it was asked for: the job keeps its newest checkpoints and its best.
+    gone = {"adapter_key": None, "adapter_gone": f"job {job.id} no longer has its checkpoint at step {step} (only the newest and the best are kept)"}
+    try:
+        checkpoint = job_service.get_checkpoint(session, job.id, step)
+    except NotFound:
+        return gone
+    return {**gone, "adapter_key": job_service.checkpoint_adapter_key(checkpoint.storage_prefix)}
 
 
 def _generate(

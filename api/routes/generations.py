@@ -33,8 +33,9 @@ router = APIRouter(
         "training rows were (`template`: the one its adapter records) unless `template` says "
         "otherwise. Instead of prompts, `dataset_id` names an upload (a test set) whose first "
         "`rows` rows are completed, each dressed as training dressed it, and scored against their "
-        "own completions (`scores`: exact match, and answer accuracy where the references say "
-        '"the answer is X"). `step` takes a checkpoint\'s adapter instead of the final one. '
+        "own completions (`scores`: exact match, answer accuracy where the references say "
+        '"the answer is X", and the rows\' loss as the job\'s evaluation measures it). `step` '
+        "takes a checkpoint's adapter instead of the final one. "
         "Generation runs on a training worker, between jobs: it waits for the job "
         "that worker is running (unless the server gives generations workers of their own, "
         "MOLA_GENERATION_QUEUE). Greedy unless `temperature` > 0. 409 while the job has no "
