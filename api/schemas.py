@@ -517,6 +517,42 @@ class JobAnalysis(BaseModel):
         return cls(job_id=job_id, **stored)
 
 
+class ComparedJob(BaseModel):
+    id: str
+    status: JobStatus
+    suffix: str | None
+    base_model: str
+    method: str
+    dataset_id: str
+    validation_dataset_id: str | None
+    allocation_spec: Any = Field(description="the allocation as it was requested")
+    allocation: list[int] | None = Field(description="experts per layer, expanded")
+    top_k: list[int] | None
+    adapter_parameters: int | None
+    hyperparameters: dict[str, Any] = Field(description="as the job ran: `warmup_steps` and `bf16` left to the run are the values it chose")
+    step: int
+    total_steps: int | None
+    seconds: float | None = Field(description="from the start of its first run to its end; null until it ends")
+    train: dict[str, Any] | None = Field(
+        description="its last training metrics: `step`, `loss`, `lm_loss` (the language-model loss alone: what compares across methods), "
+        "`aux_loss`, `tokens_per_s` (the run's average), `peak_memory_mb`"
+    )
+    eval: dict[str, Any] | None = Field(description="its last evaluation: `step`, `eval_loss`, `eval_exact_match`, `eval_answer_accuracy`")
+    best_eval: dict[str, Any] | None = Field(description="its evaluation with the lowest `eval_loss`, the same fields")
+
+
+class JobComparison(BaseModel):
+    jobs: list[ComparedJob] = Field(description="in the order asked")
+    differences: list[dict[str, Any]] = Field(
+        description='the settings not the same in every job: `{"field": "hyperparameters.learning_rate", "values": [...]}`, '
+        "the values in the jobs' order"
+    )
+    best_eval_loss: str | None = Field(
+        description="the job whose best `eval_loss` is the lowest; null when none evaluated or their eval_loss do not compare (`warnings`)"
+    )
+    warnings: list[str] = Field(description="where the jobs' losses are not over the same tokens, naming the numbers it concerns")
+
+
 MAX_PROMPTS = 16
 MAX_DATASET_ROWS = generation_service.MAX_DATASET_ROWS
 MAX_PROMPT_CHARS = 16_000

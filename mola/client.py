@@ -21,7 +21,7 @@ import secrets
 import shutil
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -41,6 +41,7 @@ __all__ = [
     "Metric",
     "Checkpoint",
     "JobAnalysis",
+    "JobComparison",
     "Generation",
     "GenerationTimeout",
     "Page",
@@ -289,6 +290,27 @@ class JobAnalysis:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "JobAnalysis":
+        return _from_json(cls, data)
+
+
+@dataclass
+class JobComparison:
+    """Jobs side by side (GET /jobs/compare). ``jobs`` (in the order asked) are dicts with
+    ``id``, ``status``, ``method``, ``allocation``, ``top_k``, ``adapter_parameters``,
+    ``hyperparameters`` (as the job ran), ``step``, ``total_steps``, ``seconds``, ``train`` (its
+    last training metrics: ``lm_loss`` compares across methods), ``eval`` and ``best_eval``;
+    ``differences`` the settings not the same in every job (``{"field", "values"}``);
+    ``best_eval_loss`` the id of the job with the lowest ``eval_loss``, None where ``warnings``
+    say their eval losses do not compare."""
+
+    jobs: list[dict[str, Any]]
+    differences: list[dict[str, Any]]
+    best_eval_loss: str | None
+    warnings: list[str]
+    raw: dict[str, Any] = _raw_field()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "JobComparison":
         return _from_json(cls, data)
 
 
@@ -636,6 +658,13 @@ class MolaClient:
         """A finished MoLA job's expert analysis: `MolaAPIError` 409 while it runs, 404 (the
         detail says why) for a LoRA job or one without an adapter."""
         return JobAnalysis.from_json(self._json("GET", f"/jobs/{_segment(job_id)}/analysis"))
+
+    def compare_jobs(self, job_ids: Sequence[str]) -> JobComparison:
+        """2 to 20 of your jobs side by side: what each trained, its losses, speed and time, the
+        settings that differ, and where their losses do not compare."""
+        if isinstance(job_ids, str):  # joined letter by letter otherwise
+            raise TypeError("compare_jobs takes a list of job ids, not one string")
+        return JobComparison.from_json(self._json("GET", "/jobs/compare", params={"ids": ",".join(job_ids)}))
 
     def generate(
         self,

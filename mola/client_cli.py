@@ -540,6 +540,73 @@ def cmd_jobs_analysis(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trained(row: dict[str, Any]) -> str:
+    """What a compared job trains, in a word or two: ``2468 top-2``, ``LoRA r8``."""
+    if row["method"] == "lora":
+        return f"LoRA r{row['hyperparameters'].get('rank')}"
+    spec = row["allocation_spec"]
+    if isinstance(spec, dict):
+        spec = f"{spec.get('preset')} ~{spec.get('average')}"
+    elif not isinstance(spec, str):
+        spec = ",".join(str(n) for n in row["allocation"] or [])
+    top_k = set(row["top_k"] or [])
+    return f"{spec} top-{top_k.pop()}" if len(top_k) == 1 else f"{spec} top-k {row['top_k']}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _number(value: Any, spec: str = ".4f") -> str:
+    return "-" if not isinstance(value, (int, float)) else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
+
+
+def cmd_jobs_compare(args: argparse.Namespace) -> int:
+    """Jobs side by side: one line each, then the settings that differ and the warnings."""
+    with _client(args) as client:
+        comparison = client.compare_jobs(args.ids)
+    if args.json:
+        _print_json(comparison.raw)
+        return 0
+    best_scores = [row["best_eval"] or {} for row in comparison.jobs]
+    shown = [name for name in ("eval_exact_match", "eval_answer_accuracy") if any(isinstance(b.get(name), (int, float)) for b in best_scores)]
+    header = ["job", "status", "trained", "params", "steps", "lm_loss", "eval_loss", "best eval_loss"]
+    header += [{"eval_exact_match": "exact", "eval_answer_accuracy": "answers"}[name] for name in shown] + ["tokens/s", "peak MB", "time"]
+    rows = []
+    for row, best in zip(comparison.jobs, best_scores):
+        steps = f"{row['step']}/{row['total_steps']}" if row["total_steps"] else str(row["step"])
+        params = f"{row['adapter_parameters']:,}" if row["adapter_parameters"] is not None else "-"
+        best_loss = f"{best['eval_loss']:.4f} @{best['step']}" if best else "-"
+        if row["id"] == comparison.best_eval_loss:
+            best_loss += " *"
+        train, last_eval = row["train"] or {}, row["eval"] or {}
+        line = [row["id"], row["status"], _trained(row), params, steps, _number(train.get("lm_loss")), _number(last_eval.get("eval_loss")), best_loss]
+        line += [_number(best.get(name), ".1%") for name in shown]
+        rows.append(line + [_number(train.get(name), ",.0f") for name in ("tokens_per_s", "peak_memory_mb")] + [_duration(row["seconds"])])
+    for text in _table(header, rows):
+        print(text)
+    if comparison.best_eval_loss:
+        print("(* the lowest eval_loss; best eval_loss: the lowest of a job's evaluations, @ its step)")
+    if comparison.differences:
+        print("differs:")
+        for difference in comparison.differences:
+            print(f"  {difference['field']}: " + " | ".join("-" if v is None else json.dumps(v) for v in difference["values"]))
+    else:
+        print("differs: nothing (the same settings)")
+    for warning in comparison.warnings:
+        print(f"warning: {warning}")
+    return 0
+
+
 def cmd_jobs_generate(args: argparse.Namespace) -> int:
     """Prompts (or a dataset's rows) completed by the job's adapter on the server: the texts,
     one block per prompt (per row, with its reference, and the scores)."""
@@ -877,6 +944,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--modules", action="store_true", help="one row per adapted module instead of per layer")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_analysis))
+    p = jobs.add_parser("compare", help="jobs side by side: what each trained, its losses, speed and time, and what differs")
+    p.add_argument("ids", nargs="+", type=_id_arg, metavar="ID", help="2 to 20 job ids")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_jobs_compare))
     p = jobs.add_parser("generate", help="complete prompts, or score a dataset's rows, with a finished job's adapter, on the server")
     p.add_argument("id", type=_id_arg)
     what = p.add_mutually_exclusive_group(required=True)

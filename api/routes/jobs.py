@@ -20,6 +20,7 @@ from api.schemas import (
     CheckpointPublic,
     ErrorResponse,
     JobAnalysis,
+    JobComparison,
     JobCreate,
     JobList,
     JobPlan,
@@ -31,7 +32,7 @@ from api.schemas import (
     Text,
 )
 from service import jobs as job_service
-from service import plans, workers
+from service import comparison, plans, workers
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.models import TERMINAL_STATUSES, Job
 
@@ -137,6 +138,28 @@ def list_jobs(
 ) -> JobList:
     jobs, has_more = job_service.list_jobs(session, tenant.id, status, limit, after)
     return JobList(data=[JobPublic.of(j) for j in jobs], has_more=has_more, last_id=jobs[-1].id if jobs else None)
+
+
+@router.get(
+    "/compare",
+    response_model=JobComparison,
+    summary="Jobs side by side",
+    description=(
+        "`?ids=job_a,job_b` (2 to 20 of your jobs, any status): for each, what it trained "
+        "(allocation, top-k, adapter size, hyperparameters as it ran), how far it got, its last "
+        "training metrics (`lm_loss` compares across methods), its last and best evaluation, and its "
+        "time; then the settings that differ between them, the job with the lowest `eval_loss`, "
+        "and `warnings` where their losses are not over the same tokens (another base model, "
+        "validation set, `cutoff_len` or `train_on_inputs`). An unknown id is a 404 naming it."
+    ),
+    responses={422: {"model": ErrorResponse}},
+)
+def compare_jobs(
+    tenant: CurrentTenant,
+    session: SessionDep,
+    ids: Annotated[Text, Query(max_length=2000, description="job ids separated by commas")],
+) -> JobComparison:
+    return JobComparison(**comparison.compare_jobs(session, tenant.id, comparison.parse_ids(ids)))
 
 
 @router.get("/{job_id}", response_model=JobPublic)

@@ -142,6 +142,7 @@ def test_input_postgres_cannot_store_gets_a_4xx_not_a_500(migrated, tmp_path) ->
             ("GET", "/models/x%00", {}),
             ("GET", "/jobs?after=%00", {}),
             ("GET", f"/jobs/{job_id}/metrics?after_step={'9' * 20}", {}),
+            ("GET", f"/jobs/compare?ids={job_id},x%00", {}),
         ]
         for method, url, options in requests:
             headers = {**auth(token), **options.pop("headers", {})}
@@ -266,3 +267,31 @@ def test_deleting_a_dataset_and_a_generation_of_its_rows_take_turns(migrated) ->
     generation_id = generation_service.create(asking, tenant, job_id, {**request, "dataset_id": ids[1]}).id
     outcome = _waits_for_the_commit(asking, lambda: delete(ids[1]))
     assert isinstance(outcome.get("error"), Conflict) and f"generation(s) {generation_id}" in outcome["error"].detail, outcome
+
+
+def test_comparing_jobs_reads_each_ones_last_training_and_best_evaluation(migrated) -> None:
+    """GET /jobs/compare's queries (the last train row per job through a grouped subquery, the
+    eval rows of all the jobs at once) on PostgreSQL, where metric values are JSONB."""
+    from service import comparison  # noqa: PLC0415
+    from service import jobs as job_service  # noqa: PLC0415
+    from tests.factories import dataset_row, job_row, tenant_row  # noqa: PLC0415
+
+    _, sessions = migrated()
+    with session_scope(sessions) as session:
+        dataset = dataset_row(session, tenant_row(session))
+        spec = {"hyperparameters": {"learning_rate": 3e-4}, "experts_per_layer": [2, 4, 6, 8]}
+        first, second = job_row(session, dataset, spec=spec), job_row(session, dataset, spec={**spec, "experts_per_layer": [8, 6, 4, 2]})
+        for job, losses in ((first, (0.9, 0.7, 0.8)), (second, (0.95, 0.75, 0.6))):
+            job_service.record_metrics(session, job.id, [
+                *({"step": step, "kind": "train", "values": {"lm_loss": 1.0 / step}} for step in (2, 4, 6)),
+                *({"step": step, "kind": "eval", "values": {"eval_loss": loss}} for step, loss in zip((2, 4, 6), losses)),
+            ])
+        tenant, ids = dataset.tenant_id, [second.id, first.id]
+
+    with sessions() as session:
+        compared = comparison.compare_jobs(session, tenant, ids)
+    assert [row["id"] for row in compared["jobs"]] == ids
+    assert [(row["train"]["step"], row["train"]["lm_loss"]) for row in compared["jobs"]] == [(6, 1 / 6), (6, 1 / 6)]
+    assert [(row["best_eval"]["step"], row["best_eval"]["eval_loss"]) for row in compared["jobs"]] == [(6, 0.6), (4, 0.7)]
+    assert compared["best_eval_loss"] == ids[0]
+    assert compared["differences"] == [{"field": "allocation", "values": [[8, 6, 4, 2], [2, 4, 6, 8]]}]

@@ -595,6 +595,54 @@ def test_checkpoints_mark_the_best_eval_loss(capsys, live, key, api, dataset_id,
     assert code == 0 and lines[1].endswith("eval_loss=0.6000  (best eval_loss)") and "best" not in lines[0] + lines[2]
 
 
+# ---- comparing jobs --------------------------------------------------------------------------
+def test_jobs_compare_in_the_client_and_the_cli(capsys, live, key, api, dataset_id, sessions, tmp_path):
+    (tmp_path / "val.jsonl").write_bytes(jsonl(ALPACA_ROWS[:2]))
+    validation = api.upload_dataset(tmp_path / "val.jsonl").id
+    inverted = api.create_job("tiny-llama", dataset_id, allocation="8642", validation_dataset_id=validation).id
+    lora = api.create_job("tiny-llama", dataset_id, method="lora", validation_dataset_id=validation, hyperparameters={"rank": 16}).id
+    queued = api.create_job("tiny-llama", dataset_id, allocation=[2, 2, 4, 4], top_k=[1, 1, 2, 2], validation_dataset_id=validation).id
+    evals = {inverted: [(2, 0.9), (4, 0.7), (6, 0.8)], lora: [(2, 0.95), (4, 0.75), (6, 0.72)]}
+    for job_id, losses in evals.items():
+        start_job(sessions, job_id)
+        with session_scope(sessions) as session:
+            job_service.heartbeat(session, job_id, OWNER, 60, step=6, total_steps=6)
+            job_service.record_metrics(session, job_id, [
+                {"step": 6, "kind": "train", "values": {"loss": 0.61, "lm_loss": 0.6, "aux_loss": 10.0, "tokens_per_s": 1234.5, "peak_memory_mb": 4321.0}},
+                *({"step": step, "kind": "eval", "values": {"eval_loss": loss, "eval_exact_match": 0.5}} for step, loss in losses),
+            ])
+            job_service.finish_job(session, job_id, OWNER, "succeeded", result={"warmup_steps": 1, "bf16": False})
+
+    comparison = api.compare_jobs([inverted, lora, queued])
+    assert [row["id"] for row in comparison.jobs] == [inverted, lora, queued]
+    assert comparison.best_eval_loss == inverted and comparison.warnings == []
+    assert comparison.jobs[0]["best_eval"] == {"step": 4, "eval_loss": 0.7, "eval_exact_match": 0.5, "eval_answer_accuracy": None}
+    with pytest.raises(TypeError):
+        api.compare_jobs(inverted)
+
+    code, out, _ = mola(capsys, live, key, "jobs", "compare", inverted, lora, queued)
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[0].split() == ["job", "status", "trained", "params", "steps", "lm_loss", "eval_loss", "best", "eval_loss", "exact", "tokens/s", "peak", "MB", "time"]
+    assert lines[1].split()[:-1] == [inverted, "succeeded", "8642", "top-2", "174,080", "6/6", "0.6000", "0.8000", "0.7000", "@4", "*", "50.0%", "1,234", "4,321"]
+    assert lines[2].split()[:-1] == [lora, "succeeded", "LoRA", "r16", lines[2].split()[4], "6/6", "0.6000", "0.7200", "0.7200", "@6", "50.0%", "1,234", "4,321"]
+    assert lines[3].split() == [queued, "queued", "2,2,4,4", "top-k", "[1,", "1,", "2,", "2]", lines[3].split()[8], "0", "-", "-", "-", "-", "-", "-", "-"]
+    assert lines[4].startswith("(* the lowest eval_loss")
+    assert lines[5:] == [
+        "differs:",
+        '  method: "mola" | "lora" | "mola"',
+        "  allocation: [8, 6, 4, 2] | - | [2, 2, 4, 4]",
+        "  top_k: [2, 2, 2, 2] | - | [1, 1, 2, 2]",
+        "  hyperparameters.bf16: false | false | -",
+        "  hyperparameters.rank: 8 | 16 | 8",
+        "  hyperparameters.warmup_steps: 1 | 1 | -",
+    ]
+    code, out, _ = mola(capsys, live, key, "jobs", "compare", inverted, lora, "--json")
+    assert code == 0 and json.loads(out) == api.compare_jobs([inverted, lora]).raw
+    code, _, err = mola(capsys, live, key, "jobs", "compare", inverted)
+    assert code == 1 and err == "error (422): query.ids: give 2 to 20 job ids to compare, got 1\n"
+
+
 # ---- planning a job -------------------------------------------------------------------------
 def test_plan_job_creates_nothing_and_says_what_the_job_would_be(api, dataset_id, queue):
     plan = api.plan_job("tiny-llama", dataset_id, allocation="2468", hyperparameters={"epochs": 2, "batch_size": 8})
