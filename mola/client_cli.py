@@ -18,7 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from mola.client import Dataset, Generation, GenerationTimeout, Job, Metric, MolaAPIError, MolaClient, QueuePlace
+from mola.client import Dataset, Generation, GenerationTimeout, Job, JobComparison, Metric, MolaAPIError, MolaClient, QueuePlace
+
+# `jobs create --allocation A --allocation B ...`: as many jobs as `jobs compare` (GET /jobs/compare) takes.
+MAX_SWEEP = 20
 
 HYPERPARAMETER_FLAGS = {
     # flag: (hyperparameter, type)
@@ -201,7 +204,8 @@ def _place_line(place: QueuePlace) -> str:
 
 def _warn_without_workers(place: QueuePlace | None, what: str) -> None:
     if place is not None and place.workers == 0:
-        print(f"warning: no worker consumes queue {place.name}: the {what} waits until one starts (`mola queues`)", file=sys.stderr)
+        waits = "wait" if what.endswith("s") else "waits"
+        print(f"warning: no worker consumes queue {place.name}: the {what} {waits} until one starts (`mola queues`)", file=sys.stderr)
 
 
 def _show_job(job: Job) -> None:
@@ -364,40 +368,75 @@ def cmd_jobs_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_create(args: argparse.Namespace) -> int:
-    request = {
+    """One job, or one per --allocation (a sweep): every allocation is checked by the server
+    (POST /jobs/plan) before the first job is created, so a bad one creates none."""
+    allocations = args.allocation or [None]
+    if len(allocations) > MAX_SWEEP:
+        print(f"error: at most {MAX_SWEEP} --allocation values (jobs compare takes {MAX_SWEEP}), got {len(allocations)}", file=sys.stderr)
+        return 2
+    base = {
         "base_model": args.model,
         "dataset_id": args.dataset,
         "method": args.method,
-        "allocation": args.allocation,
         "top_k": args.top_k,
         "hyperparameters": _hyperparameters(args) or None,
         "validation_dataset_id": args.validation_dataset,
         "suffix": args.suffix,
     }
+    requests = [{**base, "allocation": allocation} for allocation in allocations]
     if args.dry_run:
         if args.follow or args.idempotency_key:
             print("error: --dry-run creates nothing: it takes neither --follow nor --idempotency-key", file=sys.stderr)
             return 2
         with _client(args) as client:
-            plan = client.plan_job(**request)
+            plans = [client.plan_job(**request) for request in requests]
         if args.json:
-            _print_json(plan)
+            _print_json(plans[0] if len(plans) == 1 else plans)
         else:
-            print(_plan_text(plan))
+            print("\n\n".join(_plan_text(plan) for plan in plans))
         return 0
     with _client(args) as client:
-        job = client.create_job(**request, idempotency_key=args.idempotency_key)
+        if len(requests) > 1:
+            for request in requests:
+                client.plan_job(**request)
+        jobs = _create_jobs(client, requests, args.idempotency_key, quiet=args.json)
         if args.json:
-            _print_json(job.raw)
-        elif job.replayed:  # the server answered 200 with the job this key created before
+            _print_json(jobs[0].raw if len(jobs) == 1 else [job.raw for job in jobs])
+        _warn_without_workers(jobs[-1].queue, "job" if len(jobs) == 1 else "jobs")
+        if len(jobs) > 1 and not args.follow:
+            print(f"compare them: mola jobs compare {' '.join(job.id for job in jobs)}", file=_text_out(args))
+        if not args.follow:
+            return 0
+        # With --json, stdout keeps the one JSON answer above: progress goes to stderr.
+        codes = [_follow(client, job.id, _text_out(args)) for job in jobs]
+        if len(jobs) > 1 and not args.json:
+            print()
+            _print_comparison(client.compare_jobs([job.id for job in jobs]))
+    return max(codes)
+
+
+def _create_jobs(client: MolaClient, requests: list[dict[str, Any]], idempotency_key: str | None, quiet: bool) -> list[Job]:
+    """Create the jobs of ``requests`` in order, a line each (unless ``quiet``). A sweep's jobs
+    get ``KEY/1``, ``KEY/2``, ... as their idempotency keys, so the same command retried
+    creates none twice. When one fails, the jobs already created are named on stderr."""
+    jobs: list[Job] = []
+    for number, request in enumerate(requests, 1):
+        key = idempotency_key if idempotency_key is None or len(requests) == 1 else f"{idempotency_key}/{number}"
+        try:
+            job = client.create_job(**request, idempotency_key=key)
+        except MolaAPIError:
+            if jobs:
+                print(f"created before the error: {' '.join(job.id for job in jobs)}", file=sys.stderr)
+            raise
+        jobs.append(job)
+        if quiet:
+            continue
+        if job.replayed:  # the server answered 200 with the job this key created before
             print(f"{job.id} was created earlier with this --idempotency-key (now {job.status}); no new job: "
                   f"{job.method} on {job.base_model}, {_adapter_shape(job)}")
         else:
             print(f"created {job.id}: {job.method} on {job.base_model}, {_adapter_shape(job)}")
-        _warn_without_workers(job.queue, "job")
-        if args.follow:  # with --json, stdout keeps the one JSON answer above: progress goes to stderr
-            return _follow(client, job.id, _text_out(args))
-    return 0
+    return jobs
 
 
 def _plan_text(plan: dict[str, Any]) -> str:
@@ -576,7 +615,12 @@ def cmd_jobs_compare(args: argparse.Namespace) -> int:
         comparison = client.compare_jobs(args.ids)
     if args.json:
         _print_json(comparison.raw)
-        return 0
+    else:
+        _print_comparison(comparison)
+    return 0
+
+
+def _print_comparison(comparison: JobComparison) -> None:
     best_scores = [row["best_eval"] or {} for row in comparison.jobs]
     shown = [name for name in ("eval_exact_match", "eval_answer_accuracy") if any(isinstance(b.get(name), (int, float)) for b in best_scores)]
     header = ["job", "status", "trained", "params", "steps", "lm_loss", "eval_loss", "best eval_loss"]
@@ -604,7 +648,6 @@ def cmd_jobs_compare(args: argparse.Namespace) -> int:
         print("differs: nothing (the same settings)")
     for warning in comparison.warnings:
         print(f"warning: {warning}")
-    return 0
 
 
 def cmd_jobs_generate(args: argparse.Namespace) -> int:
@@ -894,7 +937,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help="training dataset id")
     p.add_argument("--validation-dataset", help="validation dataset id")
     p.add_argument("--method", choices=("mola", "lora"), default="mola")
-    p.add_argument("--allocation", type=_allocation_arg, help="experts per layer: '2468', '2,4,6,8', 'inverted_triangle:5' or JSON ([2,2,4,4], {\"preset\": ..., \"average\": ...})")
+    p.add_argument(
+        "--allocation", action="append", type=_allocation_arg,
+        help="experts per layer: '2468', '2,4,6,8', 'inverted_triangle:5' or JSON ([2,2,4,4], {\"preset\": ..., \"average\": ...}); "
+        "repeated: one job per allocation (a sweep), compared at the end with --follow",
+    )
     p.add_argument("--top-k", type=_top_k_arg, help="experts per token: N or a JSON list per layer ([2, 2, 1, 1])")
     for name, kind in HYPERPARAMETER_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)

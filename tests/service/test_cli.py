@@ -70,7 +70,7 @@ def test_client_command_arguments():
         ["jobs", "create", "--model", "tiny-llama", "--dataset", "ds_1", "--allocation", "[2, 2, 4, 4]", "--max-steps", "5",
          "--target-modules", "q_proj, v_proj", "--hp", "warmup_steps=0", "--hp", "bf16=false"]
     )
-    assert args.allocation == [2, 2, 4, 4]  # parsed by the flag's type: a bad value is a usage error
+    assert args.allocation == [[2, 2, 4, 4]]  # one per --allocation, parsed by the flag's type: a bad value is a usage error
     assert client_cli._allocation_arg("2468") == "2468"
     assert client_cli._allocation_arg('{"preset": "triangle", "average": 3}') == {"preset": "triangle", "average": 3}
     assert client_cli._hyperparameters(args) == {"warmup_steps": 0, "bf16": False, "max_steps": 5, "target_modules": ["q_proj", "v_proj"]}

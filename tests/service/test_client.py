@@ -170,7 +170,7 @@ def test_hp_values_are_json_or_plain_words():
         ["jobs", "create", "--model", "m", "--dataset", "d", "--hp", "warmup_steps=0", "--hp", "bf16=false",
          "--hp", "lr_schedule=linear", "--hp", "target_modules=[\"q_proj\"]", "--allocation", "inverted_triangle:5"]
     )
-    assert args.allocation == "inverted_triangle:5"
+    assert args.allocation == ["inverted_triangle:5"]  # one per --allocation
     assert dict(args.hp) == {"warmup_steps": 0, "bf16": False, "lr_schedule": "linear", "target_modules": ["q_proj"]}
 
 
@@ -641,6 +641,60 @@ def test_jobs_compare_in_the_client_and_the_cli(capsys, live, key, api, dataset_
     assert code == 0 and json.loads(out) == api.compare_jobs([inverted, lora]).raw
     code, _, err = mola(capsys, live, key, "jobs", "compare", inverted)
     assert code == 1 and err == "error (422): query.ids: give 2 to 20 job ids to compare, got 1\n"
+
+
+def test_one_job_per_allocation_is_a_sweep_created_once(capsys, live, key, api, dataset_id):
+    args = ("jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--allocation", "2468", "--allocation", "8642", "--allocation", "[4, 4, 4, 4]")
+    code, out, _ = mola(capsys, live, key, *args, "--idempotency-key", "sweep-1")
+    *lines, hint = out.splitlines()
+    ids = [line.split()[1].rstrip(":") for line in lines]
+    assert code == 0 and len(ids) == 3 and all(line.startswith("created job_") for line in lines)
+    assert [api.get_job(job_id).allocation for job_id in ids] == [[2, 4, 6, 8], [8, 6, 4, 2], [4, 4, 4, 4]]
+    assert hint == f"compare them: mola jobs compare {' '.join(ids)}"
+
+    # The same command again: the same jobs (keys sweep-1/1, /2, /3), none created twice.
+    code, out, _ = mola(capsys, live, key, *args, "--idempotency-key", "sweep-1")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[:3]] == ids and "was created earlier" in out
+    code, out, _ = mola(capsys, live, key, *args, "--json")
+    assert code == 0 and [job["allocation"] for job in json.loads(out)] == [[2, 4, 6, 8], [8, 6, 4, 2], [4, 4, 4, 4]]
+    code, out, _ = mola(capsys, live, key, *args, "--dry-run")
+    assert code == 0 and out.count("nothing was created") == 3 and "experts per layer [8, 6, 4, 2]" in out
+    assert len(api.list_jobs(limit=100)) == 6
+
+
+def test_a_sweep_with_one_bad_allocation_creates_no_job(capsys, live, key, api, dataset_id):
+    code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--allocation", "2468", "--allocation", "[2, 2]")
+    assert code == 1 and out == "" and err.startswith("error (422): body.allocation: ")
+    assert len(api.list_jobs()) == 0
+    many = [arg for n in range(21) for arg in ("--allocation", str(n % 8 + 1) * 4)]
+    code, _, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, *many)
+    assert code == 2 and "at most 20 --allocation values" in err and len(api.list_jobs()) == 0
+
+
+def test_a_followed_sweep_ends_with_its_comparison(capsys, live, key, api, dataset_id, queue, sessions):
+    def work() -> None:  # the worker's writes for each job the API enqueues: the second one fails
+        for number in range(2):
+            deadline = time.monotonic() + 30
+            while len(queue.enqueued) <= number and time.monotonic() < deadline:
+                time.sleep(0.05)
+            job_id = queue.enqueued[number]
+            start_job(sessions, job_id)
+            with session_scope(sessions) as session:
+                job_service.record_metrics(session, job_id, [{"step": 1, "kind": "eval", "values": {"eval_loss": 0.5 + number}}])
+                status, error = ("succeeded", None) if number == 0 else ("failed", "out of memory")
+                job_service.finish_job(session, job_id, OWNER, status, error=error)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--allocation", "2468", "--allocation", "8642", "--follow")
+    worker.join()
+    first, second = queue.enqueued
+    assert code == 1  # one of them failed
+    lines = out.splitlines()
+    assert lines[2:5] == [f"{first}: succeeded", f"{second}: failed: out of memory", ""]
+    table = lines[5:]
+    assert table[0].startswith("job ") and table[1].split()[:3] == [first, "succeeded", "2468"] and table[2].split()[:3] == [second, "failed", "8642"]
+    assert "  allocation: [2, 4, 6, 8] | [8, 6, 4, 2]" in table
 
 
 # ---- planning a job -------------------------------------------------------------------------
