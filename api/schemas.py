@@ -550,7 +550,7 @@ class JobComparison(BaseModel):
     best_eval_loss: str | None = Field(
         description="the job whose best `eval_loss` is the lowest; null when none evaluated or their eval_loss do not compare (`warnings`)"
     )
-    warnings: list[str] = Field(description="where the jobs' losses are not over the same tokens, naming the numbers it concerns")
+    warnings: list[str] = Field(description="where the jobs' numbers do not measure the same thing, each naming the numbers it concerns")
 
 
 MAX_PROMPTS = 16

@@ -156,8 +156,9 @@ def _by_value(jobs: Sequence[Job], value_of: Any) -> str:
 
 
 def _incomparable(jobs: Sequence[Job]) -> list[tuple[bool, str]]:
-    """Where the jobs' losses are not measured on the same tokens: ``(whether it concerns
-    eval_loss, the warning)``, each warning starting with the numbers it concerns."""
+    """Where the jobs' numbers do not measure the same thing (losses over other tokens, exact
+    matches over other rows): ``(whether it concerns eval_loss, the warning)``, each warning
+    starting with the numbers it concerns."""
     warnings = []
 
     def differ(value_of: Any, among: Sequence[Job] = jobs) -> bool:
@@ -178,6 +179,13 @@ def _incomparable(jobs: Sequence[Job]) -> list[tuple[bool, str]]:
     for name, what in (("cutoff_len", "cut their examples at different lengths"), ("train_on_inputs", "score different tokens (prompts learned or not)")):
         if differ(hp(name)):
             warnings.append((True, f"eval_loss and train loss: the jobs {what} ({name}: {_by_value(jobs, hp(name))})"))
+    # The exact match and answer accuracy are over the first eval_generate_rows validation rows.
+    generating = [job for job in evaluated if _hyperparameters(job).get("eval_generate_rows")]
+    if differ(hp("eval_generate_rows"), generating):
+        warnings.append((False, (
+            "eval_exact_match and eval_answer_accuracy: the jobs score different numbers of validation rows "
+            f"(eval_generate_rows: {_by_value(generating, hp('eval_generate_rows'))})"
+        )))
     if differ(lambda job: job.dataset_id):
         warnings.append((False, f"train loss: the jobs train on different datasets ({_by_value(jobs, lambda job: job.dataset_id)})"))
     return warnings

@@ -149,8 +149,9 @@ def list_jobs(
         "(allocation, top-k, adapter size, hyperparameters as it ran), how far it got, its last "
         "training metrics (`lm_loss` compares across methods), its last and best evaluation, and its "
         "time; then the settings that differ between them, the job with the lowest `eval_loss`, "
-        "and `warnings` where their losses are not over the same tokens (another base model, "
-        "validation set, `cutoff_len` or `train_on_inputs`). An unknown id is a 404 naming it."
+        "and `warnings` where their numbers do not measure the same thing (another base model, "
+        "validation set, `cutoff_len` or `train_on_inputs` for the losses; another training set for "
+        "the train loss; another `eval_generate_rows` for the exact match). An unknown id is a 404 naming it."
     ),
     responses={422: {"model": ErrorResponse}},
 )

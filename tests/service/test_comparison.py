@@ -97,6 +97,7 @@ def test_losses_that_are_not_over_the_same_tokens_are_named_and_no_best_is_picke
     a = _create(client, key, dataset_id, validation_dataset_id=validation)
     b = _create(client, key, dataset_id, validation_dataset_id=other_validation, hyperparameters={"cutoff_len": 128})
     c = _create(client, key, other_data)  # no validation set: no eval_loss to disagree with
+    d = _create(client, key, dataset_id, validation_dataset_id=validation, hyperparameters={"eval_generate_rows": 2})
 
     warnings = _compare(client, key, a, b, c)["warnings"]
 
@@ -105,6 +106,14 @@ def test_losses_that_are_not_over_the_same_tokens_are_named_and_no_best_is_picke
         f"eval_loss and train loss: the jobs cut their examples at different lengths (cutoff_len: {a}, {c}: 64; {b}: 128)",
         f"train loss: the jobs train on different datasets ({a}, {b}: {dataset_id}; {c}: {other_data})",
     ]
+    # A job that generates none has no exact match: only those that score rows can disagree.
+    e = _create(client, key, dataset_id, validation_dataset_id=validation, hyperparameters={"eval_generate_rows": 3})
+    compared = _compare(client, key, a, d, e)
+    assert compared["warnings"] == [
+        f"eval_exact_match and eval_answer_accuracy: the jobs score different numbers of validation rows (eval_generate_rows: {d}: 2; {e}: 3)"
+    ]
+    assert compared["best_eval_loss"] is None  # nothing evaluated yet, though their eval_loss compare
+    assert _compare(client, key, a, d)["warnings"] == []
     # Without the job on another validation set, nothing about eval_loss but the cutoff.
     assert _compare(client, key, a, c)["warnings"] == [f"train loss: the jobs train on different datasets ({a}: {dataset_id}; {c}: {other_data})"]
 
