@@ -609,12 +609,20 @@ class MolaClient:
         body = _job_body(base_model, dataset_id, method, allocation, top_k, hyperparameters, validation_dataset_id, suffix)
         return self._json("POST", "/jobs/plan", json=body)
 
-    def list_jobs(self, status: str | None = None, limit: int = 20, after: str | None = None) -> Page:
+    def list_jobs(
+        self,
+        status: str | None = None,
+        limit: int = 20,
+        after: str | None = None,
+        dataset_id: str | None = None,
+        base_model: str | None = None,
+        method: str | None = None,
+    ) -> Page:
+        """Your jobs, newest first, narrowed by the filters given (``dataset_id``: the jobs
+        training on it)."""
         params: dict[str, Any] = {"limit": limit}
-        if status:
-            params["status"] = status
-        if after:
-            params["after"] = after
+        filters = {"status": status, "after": after, "dataset_id": dataset_id, "base_model": base_model, "method": method}
+        params.update({name: value for name, value in filters.items() if value})
         return Page.of(self._json("GET", "/jobs", params=params), Job.from_json, "last_id")
 
     def get_job(self, job_id: str) -> Job:

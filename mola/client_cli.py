@@ -470,7 +470,7 @@ def _plan_text(plan: dict[str, Any]) -> str:
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        page = client.list_jobs(status=args.status, limit=args.limit, after=args.after)
+        page = client.list_jobs(status=args.status, limit=args.limit, after=args.after, dataset_id=args.dataset, base_model=args.model, method=args.method)
     if args.json:
         _print_json(page.raw)
         return 0
@@ -955,6 +955,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_wrap(cmd_jobs_create))
     p = jobs.add_parser("list", help="list jobs")
     p.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    p.add_argument("--dataset", type=_id_arg, help="only the jobs training on this dataset")
+    p.add_argument("--model", help="only the jobs on this base model")
+    p.add_argument("--method", choices=("mola", "lora"))
     p.add_argument("--limit", type=_int_in(1, 100), default=20, help="jobs per page (1-100)")
     p.add_argument("--after")
     _common(p)

@@ -253,14 +253,33 @@ def get_job_even_if_being_deleted(session: Session, tenant_id: str, job_id: str)
 
 
 def list_jobs(
-    session: Session, tenant_id: str, status: str | None = None, limit: int = 20, after: str | None = None
+    session: Session,
+    tenant_id: str,
+    status: str | None = None,
+    limit: int = 20,
+    after: str | None = None,
+    dataset_id: str | None = None,
+    base_model: str | None = None,
+    method: str | None = None,
 ) -> tuple[list[Job], bool]:
-    """Newest first; ``after`` is the last id of the previous page. Returns (jobs, has_more)."""
+    """Newest first; ``after`` is the last id of the previous page; the filters narrow the
+    list (``dataset_id``: the jobs training on it). Returns (jobs, has_more)."""
     query = select(Job).where(Job.tenant_id == tenant_id, Job.deleted_at.is_(None))
     if status is not None:
         if status not in JOB_STATUSES:
             raise InvalidRequest(("query", "status"), f"status must be one of {', '.join(JOB_STATUSES)}")
         query = query.where(Job.status == status)
+    if dataset_id is not None:
+        # A deleted dataset still has its jobs; an id that was never the tenant's is a typo,
+        # which an empty list would hide.
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None or dataset.tenant_id != tenant_id:
+            raise InvalidRequest(("query", "dataset_id"), f"no dataset {dataset_id!r}: pass one of your dataset ids (`GET /datasets`)")
+        query = query.where(Job.dataset_id == dataset_id)
+    if base_model is not None:
+        query = query.where(Job.base_model == base_model)
+    if method is not None:
+        query = query.where(Job.method == method)
     if after:  # empty: the first page (a script's `after=$LAST` before it has one)
         check_job_cursor(session, tenant_id, after)
         query = query.where(Job.id < after)

@@ -6,7 +6,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
@@ -128,15 +128,28 @@ def plan_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep, settin
     return JobPlan.of(spec, planned)
 
 
-@router.get("", response_model=JobList, summary="The tenant's jobs, newest first")
+@router.get(
+    "",
+    response_model=JobList,
+    summary="The tenant's jobs, newest first",
+    description=(
+        "`status`, `dataset_id` (the jobs training on that dataset, deleted or not: an id that is "
+        "not one of yours is a 422), `base_model` and `method` narrow the list; `after` continues "
+        "after the previous page's `last_id`, with the same filters."
+    ),
+    responses={422: {"model": ErrorResponse}},
+)
 def list_jobs(
     tenant: CurrentTenant,
     session: SessionDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[Text | None, Query(description="the last id of the previous page")] = None,
+    dataset_id: Annotated[Text | None, Query(max_length=40, description="only the jobs training on this dataset")] = None,
+    base_model: Annotated[Text | None, Query(max_length=200, description="only the jobs on this base model")] = None,
+    method: Literal["mola", "lora"] | None = None,
 ) -> JobList:
-    jobs, has_more = job_service.list_jobs(session, tenant.id, status, limit, after)
+    jobs, has_more = job_service.list_jobs(session, tenant.id, status, limit, after, dataset_id, base_model, method)
     return JobList(data=[JobPublic.of(j) for j in jobs], has_more=has_more, last_id=jobs[-1].id if jobs else None)
 
 

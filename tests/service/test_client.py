@@ -662,6 +662,21 @@ def test_one_job_per_allocation_is_a_sweep_created_once(capsys, live, key, api, 
     assert len(api.list_jobs(limit=100)) == 6
 
 
+def test_jobs_list_narrowed_by_dataset_and_method(capsys, live, key, api, dataset_id, tmp_path):
+    (tmp_path / "other.jsonl").write_bytes(jsonl(ALPACA_ROWS))
+    other = api.upload_dataset(tmp_path / "other.jsonl").id
+    mola_job, lora_job = api.create_job("tiny-llama", dataset_id).id, api.create_job("tiny-llama", dataset_id, method="lora").id
+    elsewhere = api.create_job("tiny-llama", other).id
+    assert [job.id for job in api.list_jobs(dataset_id=dataset_id)] == [lora_job, mola_job]
+    assert [job.id for job in api.list_jobs(method="mola", base_model="tiny-llama")] == [elsewhere, mola_job]
+    code, out, _ = mola(capsys, live, key, "jobs", "list", "--dataset", other)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == [elsewhere]
+    code, out, _ = mola(capsys, live, key, "jobs", "list", "--dataset", dataset_id, "--method", "lora")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == [lora_job]
+    code, _, err = mola(capsys, live, key, "jobs", "list", "--dataset", "ds_nope")
+    assert code == 1 and err == "error (422): query.dataset_id: no dataset 'ds_nope': pass one of your dataset ids (`GET /datasets`)\n"
+
+
 def test_a_sweep_with_one_bad_allocation_creates_no_job(capsys, live, key, api, dataset_id):
     code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--allocation", "2468", "--allocation", "[2, 2]")
     assert code == 1 and out == "" and err.startswith("error (422): body.allocation: ")

@@ -184,6 +184,36 @@ def test_list_jobs_paginates_and_filters(client, key, sessions):
     assert len(client.get("/jobs?status=queued", headers=auth(key)).json()["data"]) == 4
 
 
+def test_list_jobs_by_dataset_model_and_method(client, key, other_key):
+    first, second = make_dataset(client, key), make_dataset(client, key)
+    ids = {
+        name: client.post("/jobs", headers=auth(key), json=job_body(dataset, **extra)).json()["id"]
+        for name, dataset, extra in [
+            ("mola on first", first, {}),
+            ("lora on first", first, {"method": "lora", "allocation": None}),
+            ("mola on second", second, {}),
+        ]
+    }
+
+    def listed(query: str, **params) -> list[str]:
+        return [j["id"] for j in client.get(f"/jobs{query}", params=params, headers=auth(key)).json()["data"]]
+
+    assert listed("", dataset_id=first) == [ids["lora on first"], ids["mola on first"]]
+    assert listed("", dataset_id=first, method="mola") == [ids["mola on first"]]
+    assert listed("", method="mola") == [ids["mola on second"], ids["mola on first"]]
+    assert listed("", base_model="tiny-llama", status="queued", limit=1) == [ids["mola on second"]]
+    assert listed("", base_model="tiny-mistral") == []
+    page = client.get("/jobs", params={"dataset_id": first, "limit": 1}, headers=auth(key)).json()
+    assert page["has_more"] and listed("", dataset_id=first, after=page["last_id"]) == [ids["mola on first"]]
+    # A deleted dataset keeps its jobs to list; another tenant's id is no dataset of yours.
+    client.post(f"/jobs/{ids['mola on second']}/cancel", headers=auth(key))
+    assert client.delete(f"/datasets/{second}", headers=auth(key)).status_code == 200
+    assert listed("", dataset_id=second) == [ids["mola on second"]]
+    theirs = make_dataset(client, other_key)
+    response = client.get("/jobs", params={"dataset_id": theirs}, headers=auth(key))
+    assert response.status_code == 422 and response.json()["errors"][0]["field"] == "query.dataset_id"
+
+
 def test_cancel_queued_then_cancelled_again(client, key):
     dataset_id = make_dataset(client, key)
     job_id = client.post("/jobs", headers=auth(key), json=job_body(dataset_id)).json()["id"]
