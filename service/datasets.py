@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.db import mark_each
 from service.errors import Conflict, InvalidRequest, NotFound
-from service.models import Dataset, Generation, Job, new_id, utcnow
+from service.models import ACTIVE_STATUSES, Dataset, Generation, Job, new_id, utcnow
 from service.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -152,9 +152,6 @@ def lock_dataset(session: Session, dataset_id: str, mode: Literal["share", "upda
     return session.scalars(query.execution_options(populate_existing=True)).first()
 
 
-ACTIVE = ("queued", "running")
-
-
 @dataclasses.dataclass
 class DatasetUsers:
     """What needs a dataset now (`active_users`): the first ids of the queued or running jobs
@@ -178,8 +175,8 @@ class DatasetUsers:
 def active_users(session: Session, dataset_id: str, limit: int = 5) -> DatasetUsers:
     """Up to ``limit`` ids in all (jobs first) of what needs the dataset now."""
     using = {
-        Job: ((Job.dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id), Job.status.in_(ACTIVE)),
-        Generation: (Generation.dataset_id == dataset_id, Generation.status.in_(ACTIVE)),
+        Job: ((Job.dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id), Job.status.in_(ACTIVE_STATUSES)),
+        Generation: (Generation.dataset_id == dataset_id, Generation.status.in_(ACTIVE_STATUSES)),
     }
     found: dict[type, list[str]] = {}
     count = 0

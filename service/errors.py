@@ -25,6 +25,12 @@ class PayloadTooLarge(ServiceError):
     status_code = 413
 
 
+class TooManyRequests(ServiceError):
+    """Over a per-tenant limit (queued and running jobs): fine again once some work ends."""
+
+    status_code = 429
+
+
 class InvalidRequest(ServiceError):
     """A request that is well-formed but wrong for this server (unknown model, an allocation of
     the wrong length, ...). ``loc`` is the field path, e.g. ``("body", "allocation")``."""

@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 from service import jobs as job_service
 from service.db import mark_each
 from service.datasets import get_dataset
-from service.errors import Conflict, InvalidRequest, NotFound
-from service.models import Generation, Job, utcnow
+from service.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
+from service.models import ACTIVE_STATUSES, Generation, Job, utcnow
 
 # Generations of one tenant queued or running at once: each takes the GPU between jobs, so a
 # client looping on POST cannot hold the worker.
@@ -48,17 +48,17 @@ def create(session: Session, tenant_id: str, job_id: str, request: dict[str, Any
         except NotFound as exc:
             raise InvalidRequest(("body", "step"), exc.detail) from None
     elif job.adapter_key is None:
-        if job.status in ("queued", "running"):
+        if job.status in ACTIVE_STATUSES:
             raise Conflict(f"job {job_id} is {job.status}: its adapter can be tried once it finishes")
         raise Conflict(f"job {job_id} {job.status} without an adapter: there is nothing to generate with")
     waiting = session.scalar(
         select(func.count())
         .select_from(Generation)
         .join(Job, Job.id == Generation.job_id)
-        .where(Job.tenant_id == tenant_id, Generation.status.in_(("queued", "running")))
+        .where(Job.tenant_id == tenant_id, Generation.status.in_(ACTIVE_STATUSES))
     )
     if waiting >= MAX_WAITING_PER_TENANT:
-        raise Conflict(f"{waiting} generations are already waiting or running; ask again once some have finished")
+        raise TooManyRequests(f"{waiting} generations are already waiting or running, the most a tenant may have; ask again once one has finished")
     generation = Generation(job_id=job_id, dataset_id=request.get("dataset_id"), request=request)
     session.add(generation)
     session.flush()

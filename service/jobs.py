@@ -23,8 +23,9 @@ from mola.config import MolaConfig
 from mola.sizing import adapter_parameter_count, matches_target
 from service.datasets import get_dataset, lock_dataset
 from service.db import mark_each
-from service.errors import Conflict, InvalidRequest, NotFound
+from service.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from service.models import (
+    ACTIVE_STATUSES,
     FAILURE_KINDS,
     JOB_STATUSES,
     RECURRING_FAILURES,
@@ -35,6 +36,7 @@ from service.models import (
     Generation,
     Job,
     JobMetric,
+    Tenant,
     utcnow,
 )
 from service.storage import Storage, StorageError
@@ -198,10 +200,12 @@ def create_job(
     request: dict[str, Any],
     idempotency_key: str | None = None,
     max_adapter_params: int = 0,
+    max_active_jobs: int = 0,
 ) -> tuple[Job, bool]:
     """Validate and insert a queued job; returns (job, created). With an idempotency key that
-    was used before, returns the earlier job (created=False) if the request is the same, and
-    raises `Conflict` if it differs. Flushes; the caller commits, then enqueues."""
+    was used before, returns the earlier job (created=False) if the request is the same (at the
+    tenant's limit of active jobs too: a retry is no new job), and raises `Conflict` if it
+    differs. Flushes; the caller commits, then enqueues."""
     digest = request_hash(request)
     if idempotency_key:
         existing = find_by_idempotency_key(session, tenant_id, idempotency_key)
@@ -212,6 +216,7 @@ def create_job(
                 raise Conflict("Idempotency-Key was already used with a different request")
             return existing, False
     spec = build_spec(session, tenant_id, request, max_adapter_params)
+    check_active_jobs(session, tenant_id, max_active_jobs)
     now = utcnow()
     job = Job(
         created_at=now,
@@ -231,6 +236,26 @@ def create_job(
     session.add(job)
     session.flush()
     return job, True
+
+
+def check_active_jobs(session: Session, tenant_id: str, limit: int) -> None:
+    """`TooManyRequests` when the tenant already has ``limit`` queued or running jobs (0: no
+    limit). Called once the request is known to be good (a bad one hears what is wrong with it,
+    not to wait). Locks the tenant's row until the transaction ends, so two requests of one
+    tenant count in turn and cannot both take the last place (PostgreSQL; SQLite runs one
+    writer at a time); always after the dataset rows' locks, as every path takes them, so no
+    two requests wait for each other."""
+    if not limit:
+        return
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES), Job.deleted_at.is_(None))
+    )
+    if active >= limit:
+        raise TooManyRequests(
+            f"you have {active} queued or running jobs, the most the server allows at once (MOLA_MAX_ACTIVE_JOBS={limit}): "
+            "send this again once one has finished, or cancel one"
+        )
 
 
 def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
@@ -349,7 +374,7 @@ def _check_the_failure_can_pass(job: Job, changes: dict[str, Any]) -> None:
         )
 
 
-def resume_job(session: Session, job: Job, changes: dict[str, Any]) -> tuple[Job, str | None]:
+def resume_job(session: Session, job: Job, changes: dict[str, Any], max_active_jobs: int = 0) -> tuple[Job, str | None]:
     """Queue a failed or cancelled job again, to continue from its newest checkpoint (from the
     start without one) with ``changes`` (names of RESUMABLE_HYPERPARAMETERS) applied. Returns
     the job and the storage key of the stopped run's adapter for the caller to delete once this
@@ -374,6 +399,7 @@ def resume_job(session: Session, job: Job, changes: dict[str, Any]) -> tuple[Job
             raise Conflict(f"job {job.id} cannot be resumed: its {field} {dataset_id} has been deleted")
     if session.get(BaseModelEntry, job.base_model) is None:
         raise Conflict(f"job {job.id} cannot be resumed: its base model {job.base_model!r} is no longer served")
+    check_active_jobs(session, job.tenant_id, max_active_jobs)
 
     spec = dict(job.spec)
     hp = {**spec.get("hyperparameters", {}), **changes}

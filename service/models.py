@@ -31,6 +31,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 TOKEN_COUNT_STATUSES = ("pending", "ready", "failed")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+# Of jobs and of generations: what waits for a worker or runs on one.
+ACTIVE_STATUSES = ("queued", "running")
 GENERATION_STATUSES = ("queued", "running", "succeeded", "failed")
 # Why a failed job failed (jobs.error_kind), told apart by what a resume can do about it.
 FAILURE_KINDS = {

@@ -76,6 +76,14 @@ class Settings(BaseSettings):
         ge=0,
         description="most trainable parameters a job's adapter may have (about 16 bytes each while training: weights, gradients, AdamW); 0: no limit",
     )
+    max_active_jobs: int = Field(
+        50,
+        ge=0,
+        description=(
+            "queued and running jobs one tenant may have at once, so that one tenant's hundred jobs do not queue "
+            "every other tenant's behind them; creating or resuming one more is a 429 (0: no limit)"
+        ),
+    )
     keep_checkpoints: int = Field(
         2, ge=0, description="checkpoints kept in storage per job, the newest (0 keeps all), and the one with the lowest eval_loss; the others are deleted as new ones arrive"
     )

@@ -39,10 +39,10 @@ router = APIRouter(
         "Generation runs on a training worker, between jobs: it waits for the job "
         "that worker is running (unless the server gives generations workers of their own, "
         "MOLA_GENERATION_QUEUE). Greedy unless `temperature` > 0. 409 while the job has no "
-        "adapter (queued, running, or failed before saving one) and while the tenant has 16 "
-        "generations waiting."
+        "adapter (queued, running, or failed before saving one); 429 while the tenant has 16 "
+        "generations waiting or running."
     ),
-    responses={409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    responses={409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
 )
 def create_generation(
     job_id: Text, body: GenerationCreate, tenant: CurrentTenant, session: SessionDep, queue: QueueDep, settings: SettingsDep

@@ -63,9 +63,15 @@ EVENTS_KEEPALIVE_SECONDS = 15.0
         "larger than the server's MOLA_MAX_ADAPTER_PARAMS a 422 on `allocation` (LoRA: "
         "`hyperparameters.rank`); the job's `adapter_parameters` says its size. With an "
         "`Idempotency-Key` header, repeating the same request returns the job it created "
-        "(200, header `Idempotent-Replayed: true`); reusing a key for another request is a 409."
+        "(200, header `Idempotent-Replayed: true`); reusing a key for another request is a 409. "
+        "A tenant with MOLA_MAX_ACTIVE_JOBS queued or running jobs gets a 429 for one more."
     ),
-    responses={200: {"model": JobPublic, "description": "replayed"}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    responses={
+        200: {"model": JobPublic, "description": "replayed"},
+        409: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+        429: {"model": ErrorResponse},
+    },
 )
 def create_job(
     body: JobCreate,
@@ -84,7 +90,7 @@ def create_job(
             raise InvalidRequest(("header", "Idempotency-Key"), "must not be blank")
     request = body.model_dump(mode="json")
     try:
-        job, created = job_service.create_job(session, tenant.id, request, idempotency_key, settings.max_adapter_params)
+        job, created = job_service.create_job(session, tenant.id, request, idempotency_key, settings.max_adapter_params, settings.max_active_jobs)
         if created:
             plans.refuse_doomed(session, job.spec)
         session.commit()
@@ -210,9 +216,10 @@ def cancel_job(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> JobP
         "smaller `micro_batch_size`, or `gradient_checkpointing`); anything else is a 422. The "
         "stopped run's metrics after the checkpoint, result, analysis and final adapter are "
         "replaced by the new run's (its checkpoints stay downloadable). 409 for a queued, "
-        "running or succeeded job, or one whose dataset has been deleted."
+        "running or succeeded job, or one whose dataset has been deleted; 429 when the tenant "
+        "already has MOLA_MAX_ACTIVE_JOBS queued or running jobs."
     ),
-    responses={409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    responses={409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
 )
 def resume_job(
     job_id: Text,
@@ -224,7 +231,7 @@ def resume_job(
     body: JobResume | None = None,
 ) -> JobPublic:
     changes = body.changes() if body is not None else {}
-    job, stopped_adapter = job_service.resume_job(session, job_service.get_job(session, tenant.id, job_id), changes)
+    job, stopped_adapter = job_service.resume_job(session, job_service.get_job(session, tenant.id, job_id), changes, settings.max_active_jobs)
     session.commit()
     try:
         queue.enqueue_training(job.id)

@@ -295,3 +295,34 @@ def test_comparing_jobs_reads_each_ones_last_training_and_best_evaluation(migrat
     assert [(row["best_eval"]["step"], row["best_eval"]["eval_loss"]) for row in compared["jobs"]] == [(6, 0.6), (4, 0.7)]
     assert compared["best_eval_loss"] == ids[0]
     assert compared["differences"] == [{"field": "allocation", "values": [[8, 6, 4, 2], [2, 4, 6, 8]]}]
+
+
+def test_two_jobs_of_a_tenant_at_its_last_place_take_turns(migrated) -> None:
+    """Two POST /jobs of one tenant with one place left under MOLA_MAX_ACTIVE_JOBS: the second
+    waits on the tenant's row for the first to commit, then counts its job and is refused.
+    Without the lock both counted the same jobs and the tenant went over its limit."""
+    from api.schemas import JobCreate  # noqa: PLC0415
+    from service import catalogue  # noqa: PLC0415
+    from service import jobs as job_service  # noqa: PLC0415
+    from service.errors import TooManyRequests  # noqa: PLC0415
+    from tests.factories import dataset_row, tenant_row  # noqa: PLC0415
+    from tests.service.conftest import TINY_LLAMA, job_body  # noqa: PLC0415
+
+    _, sessions = migrated(models=["tiny-llama"])
+    report = {"rows": 24, "valid_rows": 24, "ok": True, "errors": [], "error_count": 0}
+    with session_scope(sessions) as session:
+        catalogue.upsert(session, "tiny-llama", TINY_LLAMA)
+        owner = tenant_row(session)
+        tenant, dataset_id = owner.id, dataset_row(session, owner, rows=24, report=report).id
+    request = JobCreate.model_validate(job_body(dataset_id)).model_dump(mode="json")
+
+    def create() -> str:
+        with session_scope(sessions) as session:
+            return job_service.create_job(session, tenant, request, max_active_jobs=1)[0].id
+
+    creating = sessions()
+    job_service.create_job(creating, tenant, request, max_active_jobs=1)
+    outcome = _waits_for_the_commit(creating, create)
+    assert isinstance(outcome.get("error"), TooManyRequests) and "MOLA_MAX_ACTIVE_JOBS=1" in outcome["error"].detail, outcome
+    with sessions() as session:
+        assert session.scalar(text("SELECT count(*) FROM jobs")) == 1

@@ -82,7 +82,7 @@ def test_a_tenant_has_at_most_16_generations_waiting(client, key, sessions, queu
     for _ in range(generation_service.MAX_WAITING_PER_TENANT):
         assert _post(client, key, job_id).status_code == 202
     refused = _post(client, key, job_id)
-    assert refused.status_code == 409 and "16 generations are already waiting" in refused.json()["detail"]
+    assert refused.status_code == 429 and "16 generations are already waiting" in refused.json()["detail"]
     with session_scope(sessions) as session:
         session.execute(update(Generation).where(Generation.id == queue.generations[0]).values(status="succeeded"))
     assert _post(client, key, job_id).status_code == 202
@@ -97,7 +97,7 @@ def test_a_generation_can_be_deleted_whatever_its_state(client, key, other_key, 
 
     job_id = _finished_job(sessions, client, key)
     ids = [_post(client, key, job_id).json()["id"] for _ in range(generation_service.MAX_WAITING_PER_TENANT)]
-    assert _post(client, key, job_id).status_code == 409
+    assert _post(client, key, job_id).status_code == 429
     url = f"/jobs/{job_id}/generations/{ids[0]}"
     assert client.delete(url, headers=auth(other_key)).status_code == 404  # another tenant's
     assert client.delete(f"/jobs/{job_id}/generations/gen_nope", headers=auth(key)).status_code == 404
@@ -133,7 +133,7 @@ def test_deleting_a_job_deletes_its_generations(client, key, sessions, queue):
     other_job = _finished_job(sessions, client, key)
     for _ in range(generation_service.MAX_WAITING_PER_TENANT):
         assert _post(client, key, job_id).status_code == 202
-    assert _post(client, key, other_job).status_code == 409
+    assert _post(client, key, other_job).status_code == 429
     assert client.delete(f"/jobs/{job_id}", headers=auth(key)).status_code == 204
     with sessions() as session:
         assert session.scalars(select(Generation).where(Generation.job_id == job_id)).all() == []
