@@ -322,6 +322,10 @@ class JobPlan(BaseModel):
     data: dict[str, SplitPlan | None] = Field(description='{"train": ..., "validation": ... or null}')
     schedule: SchedulePlan
     warnings: list[str] = Field(description="rows that will be cut; numbers that are estimates")
+    equal_size_lora: dict[str, int] | None = Field(
+        description='a MoLA job\'s baseline: the plain LoRA rank on the same targets whose adapter is closest in size, '
+        '`{"rank", "adapter_parameters"}` (null for a LoRA job)'
+    )
 
     @classmethod
     def of(cls, spec: dict[str, Any], planned: dict[str, Any]) -> "JobPlan":

@@ -463,6 +463,9 @@ def _plan_text(plan: dict[str, Any]) -> str:
             f"{'steps:':<12}{about}{steps['total_steps']} ({steps['steps_per_epoch']} per epoch, {steps['epochs']:g} epochs), "
             f"warm-up {steps['warmup_steps']}, {steps['micro_batches_per_step']} micro-batches per step"
         )
+    lora = plan.get("equal_size_lora")
+    if lora:
+        lines.append(f"{'baseline:':<12}a plain LoRA of about this size: --method lora --rank {lora['rank']} ({lora['adapter_parameters']:,} adapter parameters)")
     lines += [f"{'warning:':<12}{warning}" for warning in plan["warnings"]]
     lines.append("nothing was created: run it again without --dry-run to create the job")
     return "\n".join(lines)

@@ -33,6 +33,18 @@ def lora_module_parameters(rank: int, in_features: int, out_features: int) -> in
     return rank * (in_features + out_features)
 
 
+def lora_rank_of_size(layer_shapes: LayerShapes, targets: Sequence[str], parameters: int) -> int:
+    """The plain LoRA rank whose adapter on the same targets comes closest to ``parameters``
+    trainable parameters (at least 1): a MoLA adapter's baseline of equal size.
+
+        LoRA parameters = R * sum over the targeted modules of (in + out)
+    """
+    per_rank = adapter_parameter_count(layer_shapes, targets, 1)
+    if per_rank == 0:
+        raise ValueError(f"no module of the model matches the targets {list(targets)}")
+    return max(1, round(parameters / per_rank))
+
+
 def adapter_parameter_count(
     layer_shapes: LayerShapes, targets: Sequence[str], rank: int, experts: Sequence[int] | None = None
 ) -> int:

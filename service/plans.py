@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from mola import schedule
+from mola.sizing import adapter_parameter_count, lora_rank_of_size
 from service.errors import InvalidRequest
 from service.models import BaseModelEntry, Dataset
 
@@ -88,7 +89,19 @@ def plan(session: Session, spec: dict[str, Any]) -> dict[str, Any]:
                 f"{field}: {count} of its rows have an empty completion (output, completion or final reply): "
                 "they teach the model to end its answer at once"
             )
-    return {"data": data, "schedule": steps, "warnings": warnings}
+    return {"data": data, "schedule": steps, "warnings": warnings, "equal_size_lora": equal_size_lora(session, spec)}
+
+
+def equal_size_lora(session: Session, spec: dict[str, Any]) -> dict[str, int] | None:
+    """For a MoLA job: the plain LoRA on the same targets whose adapter is closest in size,
+    ``{"rank", "adapter_parameters"}``, the baseline the paper's comparisons need (None for a
+    LoRA job, or a model synced before module shapes were recorded)."""
+    model = session.get(BaseModelEntry, spec["base_model"])
+    if spec["method"] != "mola" or spec.get("adapter_parameters") is None or model is None or model.module_shapes is None:
+        return None
+    targets = spec["hyperparameters"]["target_modules"]
+    rank = lora_rank_of_size(model.module_shapes, targets, spec["adapter_parameters"])
+    return {"rank": rank, "adapter_parameters": adapter_parameter_count(model.module_shapes, targets, rank)}
 
 
 def _refuse_unrenderable_rows(session: Session, field: str, counted: dict[str, Any] | None, base_model: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 from mola import MolaConfig, get_mola_model, tiny_model
 from mola.lora import get_lora_model
 from mola.models import describe_base_model
-from mola.sizing import adapter_parameter_count, matches_target
+from mola.sizing import adapter_parameter_count, lora_rank_of_size, matches_target
 from mola.tiny import TINY_ARCHITECTURES
 
 
@@ -38,3 +38,14 @@ def test_experts_must_cover_every_layer():
     shapes = describe_base_model("tiny-llama")["module_shapes"]
     with pytest.raises(ValueError, match="experts has 3 entries for 4 layers"):
         adapter_parameter_count(shapes, ["q_proj"], 8, [2, 2, 2])
+
+
+def test_the_lora_rank_of_equal_size_is_the_closest_whole_rank():
+    # Two layers of one 10 -> 6 module: a rank-1 LoRA has 2 * (10 + 6) = 32 parameters.
+    shapes = [{"q_proj": (10, 6)}, {"q_proj": (10, 6)}]
+    assert adapter_parameter_count(shapes, ["q_proj"], 1) == 32
+    mola = adapter_parameter_count(shapes, ["q_proj"], 2, [2, 4])  # (2 + 4) experts * 2 * 16 + router (2 + 4) * 10 = 252
+    assert mola == 252 and lora_rank_of_size(shapes, ["q_proj"], mola) == 8  # 252 / 32 = 7.9
+    assert lora_rank_of_size(shapes, ["q_proj"], 5) == 1  # never rank 0
+    with pytest.raises(ValueError, match=r"no module of the model matches the targets \['k_proj'\]"):
+        lora_rank_of_size(shapes, ["k_proj"], 100)

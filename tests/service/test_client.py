@@ -725,7 +725,7 @@ def test_plan_job_creates_nothing_and_says_what_the_job_would_be(api, dataset_id
     assert refused.value.status_code == 422 and "allocation" in refused.value.detail
 
 
-def test_create_dry_run_prints_the_plan(capsys, live, key, dataset_id, queue):
+def test_create_dry_run_prints_the_plan(capsys, live, key, api, dataset_id, queue):
     code, out, err = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--dry-run",
                           "--epochs", "2", "--batch-size", "8", "--hp", "warmup_steps=1")  # fmt: skip
     assert code == 0, err
@@ -734,7 +734,10 @@ def test_create_dry_run_prints_the_plan(capsys, live, key, dataset_id, queue):
     assert lines[0].endswith(" adapter parameters")
     assert lines[1] == f"train:      {dataset_id}: 24 rows, at most 24 examples"
     assert lines[2] == "steps:      at most 6 (3 per epoch, 2 epochs), warm-up 1, 2 micro-batches per step"
-    assert lines[3].startswith("warning:    dataset_id: the plan counts all 24 rows as examples (its token counts for tiny-llama are pending)")
+    plan = api.plan_job("tiny-llama", dataset_id)
+    lora = plan["equal_size_lora"]
+    assert lines[3] == f"baseline:   a plain LoRA of about this size: --method lora --rank {lora['rank']} ({lora['adapter_parameters']:,} adapter parameters)"
+    assert lines[4].startswith("warning:    dataset_id: the plan counts all 24 rows as examples (its token counts for tiny-llama are pending)")
     assert lines[-1] == "nothing was created: run it again without --dry-run to create the job"
     assert queue.enqueued == []
 

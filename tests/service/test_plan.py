@@ -101,6 +101,22 @@ def test_a_lora_plan_has_no_allocation(client, key):
     body = {**job_body(make_dataset(client, key)), "method": "lora", "allocation": None}
     plan = client.post("/jobs/plan", headers=auth(key), json=body).json()
     assert plan["method"] == "lora" and plan["allocation"] is None and plan["top_k"] is None and plan["adapter_parameters"] > 0
+    assert plan["equal_size_lora"] is None
+
+
+@pytest.mark.parametrize("allocation, targets", [("2468", None), ("8888", ["q_proj", "v_proj"])])
+def test_a_mola_plan_names_the_lora_of_equal_size(client, key, capsys, allocation, targets):
+    dataset_id = make_dataset(client, key)
+    hyperparameters = {"max_steps": 4, **({"target_modules": targets} if targets else {})}
+    plan = client.post("/jobs/plan", headers=auth(key), json=job_body(dataset_id, allocation=allocation, hyperparameters=hyperparameters)).json()
+    lora = plan["equal_size_lora"]
+    sizes = {}
+    for rank in (lora["rank"] - 1, lora["rank"], lora["rank"] + 1):
+        body = job_body(dataset_id, method="lora", allocation=None, hyperparameters={**hyperparameters, "rank": rank})
+        sizes[rank] = client.post("/jobs/plan", headers=auth(key), json=body).json()["adapter_parameters"]
+    # The size is what a LoRA job of that rank gets, and no other rank comes closer to the MoLA adapter.
+    assert sizes[lora["rank"]] == lora["adapter_parameters"]
+    assert min(sizes, key=lambda rank: abs(sizes[rank] - plan["adapter_parameters"])) == lora["rank"]
 
 
 @pytest.mark.parametrize("path", ["/jobs/plan", "/jobs"])
