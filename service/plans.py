@@ -95,12 +95,16 @@ def plan(session: Session, spec: dict[str, Any]) -> dict[str, Any]:
 def equal_size_lora(session: Session, spec: dict[str, Any]) -> dict[str, int] | None:
     """For a MoLA job: the plain LoRA on the same targets whose adapter is closest in size,
     ``{"rank", "adapter_parameters"}``, the baseline the paper's comparisons need (None for a
-    LoRA job, or a model synced before module shapes were recorded)."""
+    LoRA job, or a model whose recorded shapes do not size these targets: synced before module
+    shapes, or before module paths, when a dotted target was matched by its last part)."""
     model = session.get(BaseModelEntry, spec["base_model"])
-    if spec["method"] != "mola" or spec.get("adapter_parameters") is None or model is None or model.module_shapes is None:
+    if spec["method"] != "mola" or not spec.get("adapter_parameters") or model is None or model.module_shapes is None:
         return None
     targets = spec["hyperparameters"]["target_modules"]
-    rank = lora_rank_of_size(model.module_shapes, targets, spec["adapter_parameters"])
+    try:
+        rank = lora_rank_of_size(model.module_shapes, targets, spec["adapter_parameters"])
+    except ValueError:
+        return None
     return {"rank": rank, "adapter_parameters": adapter_parameter_count(model.module_shapes, targets, rank)}
 
 
