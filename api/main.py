@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.middleware import CredentialsBeforeBody, UploadSizeLimit
-from api.routes import datasets, generations, health, jobs, models, queues
+from api.routes import datasets, generations, health, jobs, models, queues, webhooks
 from service.db import make_engine, make_sessionmaker
 from service.queue import CeleryQueue, JobQueue
 from service.settings import Settings, get_settings
@@ -53,6 +53,6 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None, 
     errors.install(app)
     app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(CredentialsBeforeBody)  # added last: runs first
-    for module in (health, models, datasets, jobs, generations, queues):
+    for module in (health, models, datasets, jobs, generations, queues, webhooks):
         app.include_router(module.router)
     return app

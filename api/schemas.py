@@ -236,6 +236,11 @@ class JobCreate(BaseModel):
     top_k: int | list[int] | None = Field(None, description="experts mixed per token (mola), one for all layers or one per layer; default 2")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     suffix: text_of_length(max_length=64) | None = Field(None, description="a label for the adapter")
+    webhook_url: text_of_length(1, 2048) | None = Field(
+        None,
+        description="POSTed a signed event when the job ends (`job.succeeded`, `job.failed`, `job.cancelled`): see GET /webhooks/secret",
+        examples=["https://ci.example.com/hooks/mola"],
+    )
 
     @field_validator("allocation", mode="before")
     @classmethod
@@ -385,6 +390,7 @@ class JobPublic(BaseModel):
         "when the job was created (null for jobs created before the catalogue recorded them)"
     )
     suffix: str | None
+    webhook_url: str | None = Field(description="where the job's end is POSTed (GET /jobs/{id}/webhooks: the deliveries)")
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -426,6 +432,7 @@ class JobPublic(BaseModel):
             hyperparameters=spec.get("hyperparameters") or {},
             adapter_parameters=spec.get("adapter_parameters"),
             suffix=spec.get("suffix"),
+            webhook_url=spec.get("webhook_url"),
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,
@@ -677,6 +684,44 @@ class GenerationList(BaseModel):
     data: list[GenerationPublic]
     has_more: bool
     last_id: str | None = Field(description="pass as ?after= for the next page")
+
+
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="`whsec_...`: checks the `webhook-signature` of every webhook of yours (`mola.webhooks.verify`)")
+
+
+class WebhookDeliveryPublic(BaseModel):
+    id: str = Field(description="the `webhook-id` header: the same on every attempt, to deduplicate on")
+    event: str
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="while pending: when it is tried next")
+    response_status: int | None = Field(description="the receiver's answer to the last attempt")
+    last_error: str | None = Field(description="why the last attempt failed")
+    created_at: datetime
+    delivered_at: datetime | None
+    payload: dict[str, Any] = Field(description="the event as it is sent")
+
+    @classmethod
+    def of(cls, delivery: Any) -> "WebhookDeliveryPublic":
+        return cls(
+            id=delivery.id,
+            event=delivery.event,
+            url=delivery.url,
+            status=delivery.status,
+            attempts=delivery.attempts,
+            next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
+            response_status=delivery.response_status,
+            last_error=delivery.last_error,
+            created_at=delivery.created_at,
+            delivered_at=delivery.delivered_at,
+            payload=delivery.payload,
+        )
+
+
+class WebhookDeliveryList(BaseModel):
+    data: list[WebhookDeliveryPublic]
 
 
 class Health(BaseModel):

@@ -42,6 +42,7 @@ __all__ = [
     "Checkpoint",
     "JobAnalysis",
     "JobComparison",
+    "WebhookDelivery",
     "Generation",
     "GenerationTimeout",
     "Page",
@@ -228,6 +229,7 @@ class Job:
     # While queued, in the answers about this one job (get_job, create_job, resume_job): where
     # it stands. None otherwise, in lists, or from an older server.
     queue: QueuePlace | None = None
+    webhook_url: str | None = None  # POSTed a signed event when the job ends
     raw: dict[str, Any] = _raw_field()  # the JSON object as the server sent it
     # `create_job` only: True when the server answered with the job an earlier request with the
     # same Idempotency-Key created (200, `Idempotent-Replayed: true`) instead of a new one.
@@ -268,6 +270,30 @@ class Checkpoint:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Checkpoint":
         return _from_json(cls, data, created_at=_parse_time(data.get("created_at")))
+
+
+@dataclass
+class WebhookDelivery:
+    """One time a job ended, POSTed to its `webhook_url` (GET /jobs/{id}/webhooks). ``id`` is the
+    `webhook-id` header, the same on every attempt; ``status``: pending, delivered or failed."""
+
+    id: str
+    event: str
+    url: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None  # while pending
+    response_status: int | None  # the receiver's answer to the last attempt
+    last_error: str | None
+    created_at: datetime | None
+    delivered_at: datetime | None
+    payload: dict[str, Any] = field(default_factory=dict)  # the event as it is sent
+    raw: dict[str, Any] = _raw_field()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "WebhookDelivery":
+        times = {name: _parse_time(data.get(name)) for name in ("next_attempt_at", "created_at", "delivered_at")}
+        return _from_json(cls, data, **times)
 
 
 @dataclass
@@ -580,10 +606,12 @@ class MolaClient:
         validation_dataset_id: str | None = None,
         suffix: str | None = None,
         idempotency_key: str | None = None,
+        webhook_url: str | None = None,
     ) -> Job:
         """Create a job (the API's 201). With ``idempotency_key``, a retry of the same request
-        returns the job the first one created, with ``replayed`` True."""
-        body = _job_body(base_model, dataset_id, method, allocation, top_k, hyperparameters, validation_dataset_id, suffix)
+        returns the job the first one created, with ``replayed`` True. ``webhook_url`` gets a
+        signed POST when the job ends (`mola.webhooks.verify` checks it)."""
+        body = _job_body(base_model, dataset_id, method, allocation, top_k, hyperparameters, validation_dataset_id, suffix, webhook_url)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         response = self._request("POST", "/jobs", json=body, headers=headers)
         job = Job.from_json(response.json())
@@ -600,13 +628,14 @@ class MolaClient:
         hyperparameters: dict[str, Any] | None = None,
         validation_dataset_id: str | None = None,
         suffix: str | None = None,
+        webhook_url: str | None = None,
     ) -> dict[str, Any]:
         """What `create_job` with the same arguments would create and run, creating nothing
         (`POST /jobs/plan`): ``allocation``, ``top_k``, ``hyperparameters`` (defaults filled in),
         ``adapter_parameters``, ``data`` (per split: rows, examples, ``exact``), ``schedule``
         (``total_steps``, ``steps_per_epoch``, ``warmup_steps``, ...) and ``warnings``. A request
         the server would refuse raises `MolaAPIError` as `create_job` would."""
-        body = _job_body(base_model, dataset_id, method, allocation, top_k, hyperparameters, validation_dataset_id, suffix)
+        body = _job_body(base_model, dataset_id, method, allocation, top_k, hyperparameters, validation_dataset_id, suffix, webhook_url)
         return self._json("POST", "/jobs/plan", json=body)
 
     def list_jobs(
@@ -661,6 +690,16 @@ class MolaClient:
 
     def checkpoints(self, job_id: str) -> Page:
         return Page.of(self._json("GET", f"/jobs/{_segment(job_id)}/checkpoints"), Checkpoint.from_json)
+
+    def webhook_secret(self, rotate: bool = False) -> str:
+        """The secret that signs your webhooks (``rotate``: a new one, signing all from now on)."""
+        if rotate:
+            return self._json("POST", "/webhooks/secret/rotate")["secret"]
+        return self._json("GET", "/webhooks/secret")["secret"]
+
+    def webhook_deliveries(self, job_id: str) -> Page:
+        """The job's webhook deliveries (`WebhookDelivery`), oldest first."""
+        return Page.of(self._json("GET", f"/jobs/{_segment(job_id)}/webhooks"), WebhookDelivery.from_json)
 
     def analysis(self, job_id: str) -> JobAnalysis:
         """A finished MoLA job's expert analysis: `MolaAPIError` 409 while it runs, 404 (the
@@ -867,6 +906,7 @@ def _job_body(
     hyperparameters: dict[str, Any] | None,
     validation_dataset_id: str | None,
     suffix: str | None,
+    webhook_url: str | None = None,
 ) -> dict[str, Any]:
     """The body of `POST /jobs` (and `/jobs/plan`): what was not given is left to the server."""
     body: dict[str, Any] = {"base_model": base_model, "dataset_id": dataset_id, "method": method}
@@ -876,6 +916,7 @@ def _job_body(
         "hyperparameters": hyperparameters,
         "validation_dataset_id": validation_dataset_id,
         "suffix": suffix,
+        "webhook_url": webhook_url,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     return body

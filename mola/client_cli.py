@@ -227,6 +227,8 @@ def _show_job(job: Job) -> None:
         print(f"{'data:' if i == 0 else '':<13}{split}: {_data_line(stats)}")
     if job.suffix:
         print(f"label:       {job.suffix}")
+    if job.webhook_url:
+        print(f"webhook:     {job.webhook_url} (deliveries: `mola jobs webhooks {job.id}`)")
     print(f"created:     {_when(job.created_at)}")
     if job.started_at:
         print(f"started:     {_when(job.started_at)}")
@@ -382,6 +384,7 @@ def cmd_jobs_create(args: argparse.Namespace) -> int:
         "hyperparameters": _hyperparameters(args) or None,
         "validation_dataset_id": args.validation_dataset,
         "suffix": args.suffix,
+        "webhook_url": args.webhook_url,
     }
     requests = [{**base, "allocation": allocation} for allocation in allocations]
     if args.dry_run:
@@ -852,6 +855,38 @@ def _show_metric(bar: Any, metric: Metric) -> None:
         bar.set_postfix(shown, refresh=False)
 
 
+def cmd_jobs_webhooks(args: argparse.Namespace) -> int:
+    """The job's webhook deliveries, one line each."""
+    with _client(args) as client:
+        deliveries = client.webhook_deliveries(args.id)
+    if args.json:
+        _print_json(deliveries.raw)
+        return 0
+    if not deliveries:
+        print("no webhook deliveries (a job gets one each time it ends, when it has a --webhook-url)")
+    for d in deliveries:
+        attempts = _count(d.attempts, "attempt")
+        if d.status == "delivered":
+            state = f"delivered {_when(d.delivered_at)} ({attempts}, answered {d.response_status})"
+        elif d.status == "pending":
+            state = f"pending, next attempt {_when(d.next_attempt_at)}" + (f" ({attempts}; the last: {d.last_error})" if d.attempts else "")
+        else:
+            state = f"failed after {attempts}: {d.last_error}"
+        print(f"{d.id}  {d.event:<13}  {state}  -> {d.url}")
+    return 0
+
+
+def cmd_webhooks_secret(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        secret = client.webhook_secret(rotate=args.rotate)
+    if args.json:
+        _print_json({"secret": secret})
+    else:
+        print(secret)
+        print("(verify a webhook with mola.webhooks.verify(secret, headers, body))", file=sys.stderr)
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.list_models()
@@ -951,6 +986,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target-modules", help="comma-separated module names")
     p.add_argument("--hp", action="append", type=_hp_arg, metavar="KEY=VALUE", help="any other hyperparameter (the value read as JSON, or a plain word as a string)")
     p.add_argument("--suffix")
+    p.add_argument("--webhook-url", help="POSTed a signed event when the job ends (`mola webhooks secret` verifies it)")
     p.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
     p.add_argument("--follow", action="store_true", help="follow the job with a progress bar (on stderr)")
     p.add_argument("--dry-run", action="store_true", help="create nothing: print what the job would be (examples, steps, adapter size) and any warning")
@@ -1030,6 +1066,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--after", type=_id_arg, help="the last id of the previous page")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_generations))
+    p = jobs.add_parser("webhooks", help="a job's webhook deliveries: delivered, pending (next attempt) or failed, and why")
+    p.add_argument("id", type=_id_arg)
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_jobs_webhooks))
+    webhooks = subparsers.add_parser("webhooks", help="the secret that signs your webhooks").add_subparsers(dest="webhooks_command", required=True)
+    p = webhooks.add_parser("secret", help="print the secret that signs your webhooks (made the first time)")
+    p.add_argument("--rotate", action="store_true", help="make a new one: every webhook from now on is signed with it")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_webhooks_secret))
     p = jobs.add_parser("download", help="download a job's adapter")
     p.add_argument("id", type=_id_arg)
     where = p.add_mutually_exclusive_group()

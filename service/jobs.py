@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from mola.allocation import expand_allocation, expand_top_k
 from mola.config import MolaConfig
 from mola.sizing import adapter_parameter_count, matches_target
+from service import webhooks
 from service.datasets import get_dataset, lock_dataset
 from service.db import mark_each
 from service.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
@@ -37,6 +38,7 @@ from service.models import (
     Job,
     JobMetric,
     Tenant,
+    WebhookDelivery,
     utcnow,
 )
 from service.storage import Storage, StorageError
@@ -89,11 +91,12 @@ def _adapter_parameters(model: BaseModelEntry, hp: dict[str, Any], experts: list
 
 
 def build_spec(
-    session: Session, tenant_id: str, request: dict[str, Any], max_adapter_params: int = 0
+    session: Session, tenant_id: str, request: dict[str, Any], max_adapter_params: int = 0, webhooks_reach_private: bool = True
 ) -> dict[str, Any]:
     """Check a job request against the server's models and the tenant's datasets, and return the
     spec the worker runs: allocation and top-k expanded per layer, defaults filled in, and the
-    adapter's size (refused over ``max_adapter_params``; 0: no limit).
+    adapter's size (refused over ``max_adapter_params``; 0: no limit). A `webhook_url` must be
+    one the server sends to (`service.webhooks.check_url`).
 
     Raises `InvalidRequest` with the field path of the first problem.
     """
@@ -177,6 +180,13 @@ def build_spec(
             f"this server allows ({max_adapter_params:,}): lower rank or the experts per layer, or adapt fewer target_modules",
         )
 
+    webhook_url = request.get("webhook_url")
+    if webhook_url is not None:
+        try:
+            webhooks.check_url(webhook_url, webhooks_reach_private)
+        except webhooks.WebhookRefused as exc:
+            raise InvalidRequest(("body", "webhook_url"), str(exc)) from None
+
     return {
         "base_model": model.name,
         "model_type": model.model_type,
@@ -190,6 +200,7 @@ def build_spec(
         "top_k_per_layer": top_k,
         "hyperparameters": hp,
         "suffix": request.get("suffix"),
+        "webhook_url": webhook_url,
     }
 
 
@@ -201,6 +212,7 @@ def create_job(
     idempotency_key: str | None = None,
     max_adapter_params: int = 0,
     max_active_jobs: int = 0,
+    webhooks_reach_private: bool = True,
 ) -> tuple[Job, bool]:
     """Validate and insert a queued job; returns (job, created). With an idempotency key that
     was used before, returns the earlier job (created=False) if the request is the same (at the
@@ -215,7 +227,7 @@ def create_job(
             if existing.request_hash != digest:
                 raise Conflict("Idempotency-Key was already used with a different request")
             return existing, False
-    spec = build_spec(session, tenant_id, request, max_adapter_params)
+    spec = build_spec(session, tenant_id, request, max_adapter_params, webhooks_reach_private)
     check_active_jobs(session, tenant_id, max_active_jobs)
     now = utcnow()
     job = Job(
@@ -337,7 +349,9 @@ def cancel_job(session: Session, job: Job) -> Job:
         .where(Job.id == job.id, Job.status == "queued")
         .values(status="cancelled", cancel_requested_at=now, finished_at=now, updated_at=now)
     ).rowcount
-    if not done:
+    if done:
+        _record_end(session, job.id)
+    else:
         # It started (or finished) in the meantime: the worker sees the request at its next step.
         session.execute(
             update(Job)
@@ -471,6 +485,8 @@ def start_deletion(session: Session, job: Job) -> None:
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id))
     # Its queued generations are never run and stop counting among the tenant's waiting ones.
     session.execute(delete(Generation).where(Generation.job_id == job.id))
+    # Its webhook events not sent yet would announce a job that answers 404.
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id == job.id))
     session.refresh(job)
 
 
@@ -704,11 +720,15 @@ def finish_job(
         values["adapter_key"] = adapter_key
     if analysis is not None:
         values["analysis"] = analysis
-    return bool(
-        session.execute(
-            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running").values(**values)
-        ).rowcount
-    )
+    if not session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running").values(**values)).rowcount:
+        return False
+    _record_end(session, job_id)
+    return True
+
+
+def _record_end(session: Session, job_id: str) -> None:
+    """In the transaction that ended the job: its webhook's event, when it has a webhook_url."""
+    webhooks.record_job_end(session, session.get(Job, job_id, populate_existing=True))
 
 
 def record_data_stats(session: Session, job_id: str, owner: str, stats: dict[str, Any]) -> bool:
@@ -810,9 +830,11 @@ def recover_expired_leases(session: Session, max_attempts: int, job_id: str | No
         still_expired = (Job.id == id_, *expired)
         end = dict(finished_at=now, lease_expires_at=None, updated_at=now)
         if cancel_requested_at is not None:  # nobody is left to stop it: it stops here
-            session.execute(update(Job).where(*still_expired).values(status="cancelled", **end))
+            if session.execute(update(Job).where(*still_expired).values(status="cancelled", **end)).rowcount:
+                _record_end(session, id_)
         elif attempts >= max_attempts:
             if session.execute(update(Job).where(*still_expired).values(status="failed", error=abandoned_error(attempts, max_attempts), error_kind="abandoned", **end)).rowcount:
+                _record_end(session, id_)
                 failed.append(id_)
         elif session.execute(
             update(Job).where(*still_expired).values(status="queued", lease_owner=None, lease_expires_at=None, updated_at=now, queued_at=now)

@@ -101,6 +101,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ten"))
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Signs the tenant's webhooks (`whsec_...`, service.webhooks): made when first needed. Kept
+    # as it is, not hashed: the server needs it to sign.
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
 
     api_keys: Mapped[list["ApiKey"]] = relationship(back_populates="tenant")
 
@@ -299,6 +302,36 @@ class Generation(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index(None, "job_id", "id"), Index(None, "status", "requested_at"), Index(None, "dataset_id", "status"))
+
+
+WEBHOOK_STATUSES = ("pending", "delivered", "failed")
+
+
+class WebhookDelivery(Base):
+    """One event of a job (it ended) to POST to the job's `webhook_url`: written in the
+    transaction that ends the job (an outbox: no end is committed without its event, and no
+    event without its end), then sent, and retried, by the quick workers (service.webhooks).
+    Goes with its job."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("whd"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(String(32))  # job.succeeded, job.failed, job.cancelled
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When a sender may next take it: the next retry, or, while one is sending it, the end of
+    # that sender's claim (so a sender that died leaves it to another).
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    response_status: Mapped[int | None] = mapped_column(Integer)  # of the last attempt
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index(None, "status", "next_attempt_at"), Index(None, "job_id", "id"))
 
 
 class Worker(Base):

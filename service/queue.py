@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 TRAIN_TASK = "mola.train_job"
 COUNT_TOKENS_TASK = "mola.count_tokens"
 GENERATE_TASK = "mola.generate"
+SEND_WEBHOOKS_TASK = "mola.send_webhooks"
 
 
 class JobQueue(Protocol):
@@ -21,6 +22,8 @@ class JobQueue(Protocol):
     def enqueue_token_count(self, dataset_id: str) -> None: ...
 
     def enqueue_generation(self, generation_id: str) -> None: ...
+
+    def enqueue_webhooks(self) -> None: ...
 
 
 class CeleryQueue:
@@ -53,6 +56,11 @@ class CeleryQueue:
         queue (it needs the base model on the worker's GPU, and runs there between jobs)."""
         self.app.send_task(GENERATE_TASK, args=[generation_id], queue=self.settings.generations_queue)
         logger.info("enqueued generation %s on %s", generation_id, self.settings.generations_queue)
+
+    def enqueue_webhooks(self) -> None:
+        """Sends `mola.send_webhooks()` to the quick queue: the deliveries that are due go out
+        (it takes no id: whichever sender runs first sends them all)."""
+        self.app.send_task(SEND_WEBHOOKS_TASK, queue=self.settings.quick_queue)
 
     def waiting(self, queue: str | None = None) -> int:
         """Messages waiting in the broker's ``queue`` (default the training queue; not those a

@@ -1,9 +1,10 @@
 """Reconciling the broker with the database, which is the source of truth for every job.
 
 Two things go wrong between them, and one pass of `reconcile` repairs both (and re-sends the
-token counts of uploads whose quick-queue message was lost, see the end of `reconcile`; and
-does the same for generations, `service/generations.py`, on the training queue unless
-`MOLA_GENERATION_QUEUE` names another):
+token counts of uploads whose quick-queue message was lost, see the end of `reconcile`; does
+the same for generations, `service/generations.py`, on the training queue unless
+`MOLA_GENERATION_QUEUE` names another; and asks the quick workers to send the webhooks that
+are due, first attempts whose message was lost and retries, `service/webhooks.py`):
 
 - A running job whose lease expired lost its worker (killed, out of memory, machine gone, or
   hung past its heartbeats). It goes back to `queued` and is enqueued again, and the next worker
@@ -32,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import datasets as dataset_service
 from service import generations as generation_service
 from service import jobs as job_service
-from service import workers
+from service import webhooks, workers
 from service.db import session_scope
 from service.models import Job
 from service.queue import CeleryQueue
@@ -49,9 +50,12 @@ class Report:
     token_counts: list[str] = field(default_factory=list)  # datasets whose count was asked again
     generations: list[str] = field(default_factory=list)  # queued generations sent again
     abandoned_generations: list[str] = field(default_factory=list)  # running ones whose worker stopped, failed
+    webhooks_due: int = 0  # webhook deliveries due, for which the quick workers were asked
 
     def __bool__(self) -> bool:
-        return bool(self.requeued or self.failed or self.enqueued or self.token_counts or self.generations or self.abandoned_generations)
+        return bool(
+            self.requeued or self.failed or self.enqueued or self.token_counts or self.generations or self.abandoned_generations or self.webhooks_due
+        )
 
 
 def reconcile(settings: Settings, sessions: sessionmaker[Session], queue: CeleryQueue, requeue_after_seconds: float | None = None) -> Report:
@@ -106,6 +110,12 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], queue: Celery
         logger.warning("asked again for the token counts of %d dataset(s): %s", len(report.token_counts), ", ".join(report.token_counts))
     if report.requeued:
         logger.warning("re-queued %d job(s) whose worker stopped: %s", len(report.requeued), ", ".join(report.requeued))
+
+    # Jobs this pass ended, retries whose time has come, first attempts whose message was lost.
+    with session_scope(sessions) as session:
+        report.webhooks_due = webhooks.due_count(session)
+    if report.webhooks_due:
+        queue.enqueue_webhooks()
     return report
 
 

@@ -84,6 +84,18 @@ class Settings(BaseSettings):
             "every other tenant's behind them; creating or resuming one more is a 429 (0: no limit)"
         ),
     )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="how long a webhook's receiver may take to answer before the attempt counts as failed")
+    webhook_max_attempts: int = Field(
+        8, ge=1, description="attempts at a webhook (the first, then retries after 30 s, 1, 2, 4 ... minutes, at most an hour apart) before it is failed"
+    )
+    webhook_private_addresses: bool | None = Field(
+        None,
+        description=(
+            "whether webhooks may go to loopback and private-network addresses (a receiver inside your network); "
+            "default: yes in local mode, no in production, where a tenant's URL must not reach the service's own "
+            "network. Link-local addresses (cloud metadata) are refused either way"
+        ),
+    )
     keep_checkpoints: int = Field(
         2, ge=0, description="checkpoints kept in storage per job, the newest (0 keeps all), and the one with the lowest eval_loss; the others are deleted as new ones arrive"
     )
@@ -130,6 +142,10 @@ class Settings(BaseSettings):
     def generations_queue(self) -> str:
         """Where generations go: MOLA_GENERATION_QUEUE, else (unset or empty) the training queue."""
         return self.generation_queue or self.queue
+
+    @property
+    def webhooks_reach_private(self) -> bool:
+        return self.mode == "local" if self.webhook_private_addresses is None else self.webhook_private_addresses
 
     @property
     def resolved_database_url(self) -> str:

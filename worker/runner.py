@@ -55,7 +55,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs as job_service
 from service.db import make_engine, make_sessionmaker, session_scope
-from service.models import Checkpoint, Dataset, Job
+from service.models import TERMINAL_STATUSES, Checkpoint, Dataset, Job
 from service.queue import CeleryQueue
 from service.settings import Settings
 from service.storage import Storage, make_storage
@@ -105,6 +105,7 @@ class Resources:
         self.settings = settings
         self.sessions: sessionmaker[Session] = make_sessionmaker(make_engine(settings))
         self.storage: Storage = make_storage(settings)
+        self.queue = CeleryQueue(settings)  # connects when first used
 
     @classmethod
     def of(cls, settings: Settings) -> "Resources":
@@ -434,7 +435,7 @@ def run_job(job_id: str, settings: Settings) -> str:
     heartbeat.start()
     reporter = Reporter(job_id, owner, res, heartbeat, spec)
     try:
-        return _run(job_id, owner, spec, datasets, resume_prefix, work, res, reporter)
+        status = _run(job_id, owner, spec, datasets, resume_prefix, work, res, reporter)
     except TRANSIENT_DB_ERRORS as exc:
         # The database failed, not the job, and stayed away through the retries (while
         # training, or while recording how the run ended): nothing more is written, and the job
@@ -445,6 +446,17 @@ def run_job(job_id: str, settings: Settings) -> str:
     finally:
         heartbeat.stop()
         shutil.rmtree(work, ignore_errors=True)
+    if status in TERMINAL_STATUSES and spec.get("webhook_url"):
+        _ask_for_webhooks(res, job_id)
+    return status
+
+
+def _ask_for_webhooks(res: Resources, job_id: str) -> None:
+    """The job's end is committed with its webhook's event: a quick worker sends it now."""
+    try:
+        res.queue.enqueue_webhooks()
+    except Exception as exc:  # the event waits in the outbox: the next reconciler pass asks again
+        logger.warning("job %s: could not ask for its webhook to be sent (%s); the reconciler will", job_id, _first_line(exc))
 
 
 def _run(job_id: str, owner: str, spec: dict, datasets: dict[str, str], resume_prefix: str | None, work: Path, res: Resources, reporter: Reporter) -> str:

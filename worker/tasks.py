@@ -10,7 +10,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from service.queue import COUNT_TOKENS_TASK, GENERATE_TASK, TRAIN_TASK
+from service.queue import COUNT_TOKENS_TASK, GENERATE_TASK, SEND_WEBHOOKS_TASK, TRAIN_TASK
 from service.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,18 @@ def count_tokens(dataset_id: str) -> str:
     settings = get_settings()
     res = Resources.of(settings)
     return count(dataset_id, settings, res.sessions, res.storage)
+
+
+@shared_task(name=SEND_WEBHOOKS_TASK, acks_late=True, ignore_result=True)
+def send_webhooks() -> str:
+    """The webhook deliveries that are due, POSTed (quick queue): asked for after a job ends
+    and by the reconciler while any is due."""
+    from service import webhooks
+    from worker.runner import Resources
+
+    settings = get_settings()
+    sent = webhooks.send_due(settings, Resources.of(settings).sessions)
+    return ", ".join(f"{delivery_id} {status}" for delivery_id, status in sent.items()) or "none due"
 
 
 def consumed_queues(consumer) -> list[str]:

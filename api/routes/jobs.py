@@ -30,9 +30,11 @@ from api.schemas import (
     MetricList,
     MetricPublic,
     Text,
+    WebhookDeliveryList,
+    WebhookDeliveryPublic,
 )
 from service import jobs as job_service
-from service import comparison, plans, workers
+from service import comparison, plans, webhooks, workers
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.models import TERMINAL_STATUSES, Job
 
@@ -90,7 +92,9 @@ def create_job(
             raise InvalidRequest(("header", "Idempotency-Key"), "must not be blank")
     request = body.model_dump(mode="json")
     try:
-        job, created = job_service.create_job(session, tenant.id, request, idempotency_key, settings.max_adapter_params, settings.max_active_jobs)
+        job, created = job_service.create_job(
+            session, tenant.id, request, idempotency_key, settings.max_adapter_params, settings.max_active_jobs, settings.webhooks_reach_private
+        )
         if created:
             plans.refuse_doomed(session, job.spec)
         session.commit()
@@ -128,7 +132,7 @@ def create_job(
     responses={422: {"model": ErrorResponse}},
 )
 def plan_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep) -> JobPlan:
-    spec = job_service.build_spec(session, tenant.id, body.model_dump(mode="json"), settings.max_adapter_params)
+    spec = job_service.build_spec(session, tenant.id, body.model_dump(mode="json"), settings.max_adapter_params, settings.webhooks_reach_private)
     planned = plans.plan(session, spec)
     plans.refuse_doomed(session, spec, planned)
     return JobPlan.of(spec, planned)
@@ -198,10 +202,19 @@ def get_job(job_id: Text, tenant: CurrentTenant, session: SessionDep, settings: 
     ),
     responses={409: {"model": ErrorResponse}},
 )
-def cancel_job(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: Text, tenant: CurrentTenant, session: SessionDep, queue: QueueDep) -> JobPublic:
     job = job_service.cancel_job(session, job_service.get_job(session, tenant.id, job_id))
     session.commit()
+    if job.status == "cancelled" and (job.spec or {}).get("webhook_url"):  # ended here: its webhook is due
+        _send_webhooks(queue, job.id)
     return JobPublic.of(job)
+
+
+def _send_webhooks(queue, job_id: str) -> None:
+    try:
+        queue.enqueue_webhooks()
+    except Exception:  # the event is in the outbox: a reconciler pass sends it
+        logger.exception("could not ask for job %s's webhook to be sent; the reconciler will", job_id)
 
 
 @router.post(
@@ -457,6 +470,23 @@ def list_checkpoints(job_id: Text, tenant: CurrentTenant, session: SessionDep) -
     checkpoints = job_service.list_checkpoints(session, job_id)
     best = job_service.best_checkpoint_step([(c.step, c.metrics) for c in checkpoints])
     return CheckpointList(data=[CheckpointPublic.of(c, best=c.step == best) for c in checkpoints])
+
+
+@router.get(
+    "/{job_id}/webhooks",
+    response_model=WebhookDeliveryList,
+    summary="The job's webhook deliveries",
+    description=(
+        "One per time the job ended (a resumed job can end again), oldest first: `status` "
+        "(`pending`, `delivered`, `failed`), `attempts`, the receiver's last `response_status` "
+        "or `last_error`, `next_attempt_at` while pending, and the `payload` as sent. A 2xx "
+        "answer delivers it; anything else is retried after 30 s, doubling up to an hour, until "
+        "MOLA_WEBHOOK_MAX_ATTEMPTS attempts failed. Empty for a job without a `webhook_url`."
+    ),
+)
+def list_webhook_deliveries(job_id: Text, tenant: CurrentTenant, session: SessionDep) -> WebhookDeliveryList:
+    job_service.get_job(session, tenant.id, job_id)
+    return WebhookDeliveryList(data=[WebhookDeliveryPublic.of(d) for d in webhooks.list_deliveries(session, job_id)])
 
 
 @router.get(

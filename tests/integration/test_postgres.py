@@ -19,7 +19,7 @@ from tests.servers import pg_url  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"tenants", "api_keys", "base_models", "datasets", "jobs", "job_metrics", "checkpoints", "generations", "workers"}
+TABLES = {"tenants", "api_keys", "base_models", "datasets", "jobs", "job_metrics", "checkpoints", "generations", "workers", "webhook_deliveries"}
 
 
 @pytest.fixture

@@ -59,6 +59,7 @@ class RecordingQueue:
         self.enqueued: list[str] = []
         self.token_counts: list[str] = []
         self.generations: list[str] = []
+        self.webhook_sends = 0
 
     def enqueue_training(self, job_id: str) -> None:
         self.enqueued.append(job_id)
@@ -68,6 +69,9 @@ class RecordingQueue:
 
     def enqueue_generation(self, generation_id: str) -> None:
         self.generations.append(generation_id)
+
+    def enqueue_webhooks(self) -> None:
+        self.webhook_sends += 1
 
 
 @pytest.fixture(scope="session")

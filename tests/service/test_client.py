@@ -16,13 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import update
 
 from mola import client as client_module
 from mola.client import MolaAPIError, MolaClient
 from service import cli
 from service import jobs as job_service
 from service.db import session_scope
-from service.models import Dataset
+from service.models import Dataset, WebhookDelivery
 from tests.service.conftest import ALPACA_ROWS, jsonl
 
 pytestmark = pytest.mark.timeout(120)
@@ -710,6 +711,49 @@ def test_a_followed_sweep_ends_with_its_comparison(capsys, live, key, api, datas
     table = lines[5:]
     assert table[0].startswith("job ") and table[1].split()[:3] == [first, "succeeded", "2468"] and table[2].split()[:3] == [second, "failed", "8642"]
     assert "  allocation: [2, 4, 6, 8] | [8, 6, 4, 2]" in table
+
+
+# ---- webhooks --------------------------------------------------------------------------------
+def test_webhooks_in_the_client_and_the_cli(capsys, live, key, api, dataset_id, settings, sessions):
+    from mola.webhooks import verify
+    from service import webhooks
+    from tests.service.test_webhooks import Receiver
+
+    hooks = Receiver([500, 204])
+    try:
+        code, out, _ = mola(capsys, live, key, "jobs", "create", "--model", "tiny-llama", "--dataset", dataset_id, "--webhook-url", hooks.url, "--json")
+        job_id = json.loads(out)["id"]
+        assert code == 0 and api.get_job(job_id).webhook_url == hooks.url
+        code, out, _ = mola(capsys, live, key, "jobs", "show", job_id)
+        assert f"webhook:     {hooks.url} (deliveries: `mola jobs webhooks {job_id}`)" in out.splitlines()
+        code, out, _ = mola(capsys, live, key, "jobs", "webhooks", job_id)
+        assert code == 0 and out.startswith("no webhook deliveries")
+
+        api.cancel_job(job_id)
+        webhooks.send_due(settings, sessions)  # the receiver answers 500: a retry is due in 30 s
+        (delivery,) = api.webhook_deliveries(job_id)
+        assert (delivery.event, delivery.status, delivery.attempts, delivery.response_status) == ("job.cancelled", "pending", 1, 500)
+        code, out, _ = mola(capsys, live, key, "jobs", "webhooks", job_id)
+        assert re.fullmatch(
+            rf"{delivery.id}  job\.cancelled  pending, next attempt \S+ \S+ UTC \(1 attempt; the last: the receiver answered 500\)  -> {re.escape(hooks.url)}\n", out
+        ), out
+
+        code, out, err = mola(capsys, live, key, "webhooks", "secret")
+        secret = out.strip()
+        assert code == 0 and secret == api.webhook_secret() and "mola.webhooks.verify" in err
+        verify(secret, hooks.requests[0]["headers"], hooks.requests[0]["body"])
+        code, out, _ = mola(capsys, live, key, "webhooks", "secret", "--rotate", "--json")
+        assert code == 0 and json.loads(out)["secret"] == api.webhook_secret() != secret
+
+        with session_scope(sessions) as session:  # the retry's time has come
+            session.execute(update(WebhookDelivery).values(next_attempt_at=job_service.utcnow()))
+        webhooks.send_due(settings, sessions)
+        code, out, _ = mola(capsys, live, key, "jobs", "webhooks", job_id)
+        assert re.fullmatch(rf"{delivery.id}  job\.cancelled  delivered \S+ \S+ UTC \(2 attempts, answered 204\)  -> \S+\n", out), out
+        code, out, _ = mola(capsys, live, key, "jobs", "webhooks", job_id, "--json")
+        assert json.loads(out)["data"][0]["status"] == "delivered"
+    finally:
+        hooks.close()
 
 
 # ---- planning a job -------------------------------------------------------------------------

@@ -25,6 +25,10 @@ class Broker:
         self.enqueued: list[str] = []
         self.counted: list[str] = []
         self.generations: list[str] = []
+        self.webhook_sends = 0
+
+    def enqueue_webhooks(self) -> None:
+        self.webhook_sends += 1
 
     def waiting(self, queue: str | None = None) -> int:
         return self.generation_messages if queue is not None and queue == self.generation_queue else self.messages
