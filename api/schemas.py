@@ -364,10 +364,10 @@ class QueuePlace(BaseModel):
 
 class QueueState(BaseModel):
     name: str
-    carries: list[Literal["jobs", "generations", "token counts"]] = Field(description="what the service sends to this queue")
+    carries: list[Literal["jobs", "generations", "token counts", "webhooks"]] = Field(description="what the service sends to this queue")
     workers: int = Field(description="live workers consuming it (seen within three reconciler passes)")
-    waiting: int = Field(description="queued jobs, generations or pending token counts, all tenants")
-    running: int | None = Field(description="jobs and generations running now (null for token counts: not recorded)")
+    waiting: int = Field(description="queued jobs and generations, pending token counts, webhooks due: all tenants")
+    running: int | None = Field(description="jobs and generations running now (null for token counts and webhooks: not recorded)")
 
 
 class QueueList(BaseModel):

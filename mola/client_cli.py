@@ -907,7 +907,7 @@ def cmd_queues(args: argparse.Namespace) -> int:
     for q in queues:
         running = "" if q.running is None else f", {q.running} running"
         idle = "  <- no worker: what waits here does not run" if q.workers == 0 and q.waiting else ""
-        print(f"{q.name:<16} {' + '.join(q.carries):<20} {q.workers} worker{'s' if q.workers != 1 else ' '}  {q.waiting} waiting{running}{idle}")
+        print(f"{q.name:<16} {' + '.join(q.carries):<26} {q.workers} worker{'s' if q.workers != 1 else ' '}  {q.waiting} waiting{running}{idle}")
     return 0
 
 

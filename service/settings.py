@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     broker_timeout_seconds: float = Field(
         5.0, gt=0, description="how long a broker that does not answer may hold a send (POST /jobs, the reconciler) before it fails"
     )
-    quick_queue: str = Field("mola.quick", description="Celery queue of quick tasks (token counts of an upload), so they never wait behind training")
+    quick_queue: str = Field("mola.quick", description="Celery queue of quick tasks (token counts of an upload, webhooks), so they never wait behind training")
     generation_queue: str | None = Field(
         None,
         description=(

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
+from service import webhooks
 from service.models import Dataset, Generation, Job, Worker, utcnow
 from service.settings import Settings
 
@@ -56,9 +57,14 @@ def consumers(session: Session, settings: Settings, now: datetime | None = None)
 
 
 def _carries(settings: Settings) -> dict[str, list[str]]:
-    """Queue name -> what goes there ("jobs", "generations", "token counts")."""
+    """Queue name -> what goes there ("jobs", "generations", "token counts", "webhooks")."""
     carries: dict[str, list[str]] = {}
-    for name, what in ((settings.queue, "jobs"), (settings.generations_queue, "generations"), (settings.quick_queue, "token counts")):
+    for name, what in (
+        (settings.queue, "jobs"),
+        (settings.generations_queue, "generations"),
+        (settings.quick_queue, "token counts"),
+        (settings.quick_queue, "webhooks"),
+    ):
         carries.setdefault(name, []).append(what)
     return carries
 
@@ -73,6 +79,8 @@ def _waiting(session: Session, what: str, before: tuple[datetime, str] | None = 
     their creation (they go to the queue once)."""
     if what == "token counts":
         return _count(session, Dataset, Dataset.token_counts_status == "pending", Dataset.deleted_at.is_(None))
+    if what == "webhooks":  # due now (a retry waiting for its time does not wait for a worker)
+        return webhooks.due_count(session)
     model = Job if what == "jobs" else Generation
     where = [model.status == "queued"] + ([Job.deleted_at.is_(None)] if model is Job else [])
     if before is not None:
@@ -83,8 +91,8 @@ def _waiting(session: Session, what: str, before: tuple[datetime, str] | None = 
 
 
 def _running(session: Session, what: str) -> int | None:
-    if what == "token counts":
-        return None  # not recorded: a count takes seconds
+    if what in ("token counts", "webhooks"):
+        return None  # not recorded: one takes seconds
     model = Job if what == "jobs" else Generation
     return _count(session, model, model.status == "running")
 
@@ -116,7 +124,7 @@ def place_in_queue(session: Session, settings: Settings, row: Job | Generation) 
     if row.status != "queued":
         return None
     name = settings.queue if isinstance(row, Job) else settings.generations_queue
-    carries = [what for what in _carries(settings)[name] if what != "token counts"]
+    carries = [what for what in _carries(settings)[name] if what not in ("token counts", "webhooks")]
     return {
         "name": name,
         "workers": consumers(session, settings).get(name, 0),

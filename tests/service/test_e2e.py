@@ -141,7 +141,7 @@ def test_each_worker_reports_itself_on_its_queue(server, client):
         assert time.monotonic() < deadline, (workers, server.log())
         time.sleep(0.3)
     carries = {q.name: q.carries for q in client.queues()}
-    assert carries == {"mola.train": ["jobs"], "mola.generate": ["generations"], "mola.quick": ["token counts"]}
+    assert carries == {"mola.train": ["jobs"], "mola.generate": ["generations"], "mola.quick": ["token counts", "webhooks"]}
 
 
 def _token_counts_when_done(client, dataset_id: str, timeout: float = 120.0) -> dict:

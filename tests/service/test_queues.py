@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from service import workers
 from service.db import session_scope
-from service.models import Job, Worker, utcnow
+from service.models import Job, WebhookDelivery, Worker, utcnow
 from service.reconcile import ReconcilerThread
 from tests.service.conftest import auth, job_body, make_dataset
 from tests.service.test_client import live, mola  # noqa: F401 - live is a fixture
@@ -34,7 +34,7 @@ def test_the_queues_say_what_goes_there_and_who_consumes_it(client, key, other_k
     assert client.get("/queues").status_code == 401
     assert _queues(client, key) == {
         "mola.train": {"name": "mola.train", "carries": ["jobs", "generations"], "workers": 0, "waiting": 0, "running": 0},
-        "mola.quick": {"name": "mola.quick", "carries": ["token counts"], "workers": 0, "waiting": 0, "running": None},
+        "mola.quick": {"name": "mola.quick", "carries": ["token counts", "webhooks"], "workers": 0, "waiting": 0, "running": None},
     }
     dataset = make_dataset(client, key)  # its token counts wait on the quick queue
     first = client.post("/jobs", headers=auth(key), json=job_body(dataset)).json()["id"]
@@ -56,6 +56,16 @@ def test_the_queues_say_what_goes_there_and_who_consumes_it(client, key, other_k
     with sessions() as session:
         assert sorted(session.get(Worker, w) is not None for w in ("cpu-1:11", "old:1", "gpu-2:12", "gpu-1:10")) == [False, False, True, True]
     assert _queues(client, key)["mola.quick"]["workers"] == 0
+
+
+def test_webhooks_due_wait_on_the_quick_queue(client, key, sessions):
+    job_id = client.post("/jobs", headers=auth(key), json=job_body(make_dataset(client, key), webhook_url="http://127.0.0.1:9/hook")).json()["id"]
+    waiting = _queues(client, key)["mola.quick"]["waiting"]  # the upload's token count
+    client.post(f"/jobs/{job_id}/cancel", headers=auth(key))  # its event is due at once
+    assert _queues(client, key)["mola.quick"]["waiting"] == waiting + 1
+    with session_scope(sessions) as session:  # a retry waiting for its time waits for no worker
+        session.execute(update(WebhookDelivery).values(next_attempt_at=utcnow() + timedelta(seconds=30)))
+    assert _queues(client, key)["mola.quick"]["waiting"] == waiting
 
 
 def test_a_queued_job_says_what_is_ahead_of_it_and_who_will_run_it(client, key, other_key, sessions):
