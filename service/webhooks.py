@@ -126,6 +126,7 @@ def record_job_end(session: Session, job: Job) -> WebhookDelivery | None:
     if not url or job.status not in EVENTS:
         return None
     delivery_id, now = new_id("whd"), utcnow()
+    result = job.result or {}
     payload = {
         "id": delivery_id,
         "type": EVENTS[job.status],
@@ -139,6 +140,10 @@ def record_job_end(session: Session, job: Job) -> WebhookDelivery | None:
             "total_steps": job.total_steps,
             "finished_at": _iso(job.finished_at),
             "adapter_available": job.adapter_key is not None,
+            # The run's last training metrics and evaluation: enough for a pipeline to decide
+            # on the adapter without asking for the job.
+            "train": result.get("train"),
+            "eval": result.get("eval"),
         },
     }
     delivery = WebhookDelivery(

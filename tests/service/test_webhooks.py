@@ -116,8 +116,9 @@ def test_a_finished_run_posts_one_signed_event(client, key, settings, sessions, 
     job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
     assert event["data"] == {
         "job_id": job_id, "status": "succeeded", "error": None, "error_kind": None, "step": 2, "total_steps": 2,
-        "finished_at": job["finished_at"], "adapter_available": True,
+        "finished_at": job["finished_at"], "adapter_available": True, "train": job["result"]["train"], "eval": job["result"]["eval"],
     }  # fmt: skip
+    assert event["data"]["train"]["step"] == 2 and event["data"]["train"]["loss"] > 0
     (delivered,) = _deliveries(client, key, job_id)
     assert (delivered["status"], delivered["attempts"], delivered["response_status"], delivered["next_attempt_at"]) == ("delivered", 1, 204, None)
     assert delivered["delivered_at"] is not None and delivered["payload"] == event
@@ -173,6 +174,7 @@ def test_an_abandoned_job_failed_by_the_reconciler_has_its_event_sent(client, ke
     webhooks.send_due(settings, sessions)
     event = verify(_secret(client, key), hooks.requests[0]["headers"], hooks.requests[0]["body"])
     assert (event["type"], event["data"]["error_kind"], event["data"]["adapter_available"]) == ("job.failed", "abandoned", False)
+    assert (event["data"]["train"], event["data"]["eval"]) == (None, None)
     # Delivered: the next pass asks for nothing.
     assert reconcile(settings, sessions, broker).webhooks_due == 0 and broker.webhook_sends == 1
 
