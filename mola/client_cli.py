@@ -617,8 +617,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def cmd_jobs_compare(args: argparse.Namespace) -> int:
     """Jobs side by side: one line each, then the settings that differ and the warnings."""
+    if bool(args.ids) == bool(args.dataset):
+        print("error: give the job ids to compare, or --dataset ID (its newest jobs), not both", file=sys.stderr)
+        return 2
     with _client(args) as client:
-        comparison = client.compare_jobs(args.ids)
+        ids = args.ids
+        if args.dataset:
+            ids = [job.id for job in client.list_jobs(dataset_id=args.dataset, limit=MAX_SWEEP)]
+            if len(ids) < 2:
+                print(f"error: {args.dataset} has {_count(len(ids), 'job')} training on it: nothing to compare", file=sys.stderr)
+                return 1
+        comparison = client.compare_jobs(ids)
     if args.json:
         _print_json(comparison.raw)
     else:
@@ -1034,7 +1043,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_analysis))
     p = jobs.add_parser("compare", help="jobs side by side: what each trained, its losses, speed and time, and what differs")
-    p.add_argument("ids", nargs="+", type=_id_arg, metavar="ID", help="2 to 20 job ids")
+    p.add_argument("ids", nargs="*", type=_id_arg, metavar="ID", help="2 to 20 job ids")
+    p.add_argument("--dataset", type=_id_arg, help="instead of ids: the newest 20 jobs that train on this dataset")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_compare))
     p = jobs.add_parser("generate", help="complete prompts, or score a dataset's rows, with a finished job's adapter, on the server")

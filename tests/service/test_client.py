@@ -642,6 +642,13 @@ def test_jobs_compare_in_the_client_and_the_cli(capsys, live, key, api, dataset_
     assert code == 0 and json.loads(out) == api.compare_jobs([inverted, lora]).raw
     code, _, err = mola(capsys, live, key, "jobs", "compare", inverted)
     assert code == 1 and err == "error (422): query.ids: give 2 to 20 job ids to compare, got 1\n"
+    # --dataset: the newest jobs training on it, newest first.
+    code, out, _ = mola(capsys, live, key, "jobs", "compare", "--dataset", dataset_id, "--json")
+    assert code == 0 and [row["id"] for row in json.loads(out)["jobs"]] == [queued, lora, inverted]
+    code, _, err = mola(capsys, live, key, "jobs", "compare", "--dataset", validation)
+    assert code == 1 and err == f"error: {validation} has 0 jobs training on it: nothing to compare\n"
+    code, _, err = mola(capsys, live, key, "jobs", "compare", inverted, "--dataset", dataset_id)
+    assert code == 2 and "not both" in err
 
 
 def test_one_job_per_allocation_is_a_sweep_created_once(capsys, live, key, api, dataset_id):
