@@ -690,6 +690,20 @@ class WebhookSecret(BaseModel):
     secret: str = Field(description="`whsec_...`: checks the `webhook-signature` of every webhook of yours (`mola.webhooks.verify`)")
 
 
+class WebhookTest(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    url: text_of_length(1, 2048) = Field(description="the receiver to try, as a job's webhook_url")
+
+
+class WebhookTestResult(BaseModel):
+    id: str = Field(description="the ping's `webhook-id`")
+    url: str
+    delivered: bool = Field(description="the receiver answered 2xx")
+    response_status: int | None = Field(description="its answer; null when none came")
+    error: str | None = Field(description="why it was not delivered: the answer, a connection that failed, an address refused")
+
+
 class WebhookDeliveryPublic(BaseModel):
     id: str = Field(description="the `webhook-id` header: the same on every attempt, to deduplicate on")
     event: str

@@ -697,6 +697,11 @@ class MolaClient:
             return self._json("POST", "/webhooks/secret/rotate")["secret"]
         return self._json("GET", "/webhooks/secret")["secret"]
 
+    def test_webhook(self, url: str) -> dict[str, Any]:
+        """POST a signed `ping` to ``url`` from the server now: ``{"id", "url", "delivered",
+        "response_status", "error"}`` (a URL no job could use raises `MolaAPIError` 422)."""
+        return self._json("POST", "/webhooks/test", json={"url": url})
+
     def webhook_deliveries(self, job_id: str) -> Page:
         """The job's webhook deliveries (`WebhookDelivery`), oldest first."""
         return Page.of(self._json("GET", f"/jobs/{_segment(job_id)}/webhooks"), WebhookDelivery.from_json)

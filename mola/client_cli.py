@@ -896,6 +896,19 @@ def cmd_webhooks_secret(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhooks_test(args: argparse.Namespace) -> int:
+    """A signed ping to the receiver, from the server: exit code 0 when it took it."""
+    with _client(args) as client:
+        result = client.test_webhook(args.receiver)
+    if args.json:
+        _print_json(result)
+    elif result["delivered"]:
+        print(f"delivered: {result['url']} answered {result['response_status']} to ping {result['id']}")
+    else:
+        print(f"not delivered: {result['error']}")
+    return 0 if result["delivered"] else 1
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.list_models()
@@ -1085,6 +1098,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rotate", action="store_true", help="make a new one: every webhook from now on is signed with it")
     _common(p)
     p.set_defaults(func=_wrap(cmd_webhooks_secret))
+    p = webhooks.add_parser("test", help="send a signed ping to a receiver from the server, and say whether it took it")
+    p.add_argument("receiver", metavar="URL", help="the receiver (--url is the server's)")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_webhooks_test))
     p = jobs.add_parser("download", help="download a job's adapter")
     p.add_argument("id", type=_id_arg)
     where = p.add_mutually_exclusive_group()

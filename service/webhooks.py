@@ -200,6 +200,37 @@ def _post(settings: Settings, client: httpx.Client, url: str, secret: str, deliv
     return client.post(url, content=body, headers=headers, timeout=settings.webhook_timeout_seconds)
 
 
+def ping(settings: Settings, secret: str, url: str) -> dict[str, Any]:
+    """A `ping` event POSTed to ``url`` now, signed as every webhook is, to try a receiver
+    before a job depends on it: ``{"id", "url", "delivered", "response_status", "error"}``.
+    Nothing is recorded or retried. `WebhookRefused` for a URL the server will not send to."""
+    check_url(url, settings.webhooks_reach_private)
+    delivery_id = new_id("whd")
+    payload = {"id": delivery_id, "type": "ping", "created_at": _iso(utcnow()), "data": {}}
+    status_code, error = None, None
+    try:
+        with httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False, trust_env=False) as client:
+            status_code = _post(settings, client, url, secret, delivery_id, payload).status_code
+        error = _answer_error(status_code)
+    except WebhookRefused as exc:
+        error = str(exc)
+    except httpx.HTTPError as exc:
+        error = _http_error(exc)
+    return {"id": delivery_id, "url": url, "delivered": error is None, "response_status": status_code, "error": error}
+
+
+def _answer_error(status_code: int) -> str | None:
+    """Why an answer does not deliver a webhook; None for a 2xx."""
+    if 200 <= status_code < 300:
+        return None
+    moved = " (redirects are not followed: give the final URL)" if 300 <= status_code < 400 else ""
+    return f"the receiver answered {status_code}{moved}"
+
+
+def _http_error(exc: httpx.HTTPError) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def _attempt(settings: Settings, sessions: sessionmaker[Session], delivery_id: str, client: httpx.Client) -> str:
     with session_scope(sessions) as session:
         delivery = session.get(WebhookDelivery, delivery_id)
@@ -209,15 +240,12 @@ def _attempt(settings: Settings, sessions: sessionmaker[Session], delivery_id: s
         secret = secret_of(session, delivery.tenant_id)
     status_code, error, final = None, None, False
     try:
-        response = _post(settings, client, url, secret, delivery_id, payload)
-        status_code = response.status_code
-        if not 200 <= status_code < 300:
-            moved = " (redirects are not followed: give the final URL)" if 300 <= status_code < 400 else ""
-            error = f"the receiver answered {status_code}{moved}"
+        status_code = _post(settings, client, url, secret, delivery_id, payload).status_code
+        error = _answer_error(status_code)
     except WebhookRefused as exc:  # it would be refused again: no retry
         error, final = str(exc), True
     except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        error = _http_error(exc)
     now = utcnow()
     values: dict[str, Any] = {"attempts": attempts, "response_status": status_code, "last_error": error}
     if error is None:

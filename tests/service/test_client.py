@@ -759,6 +759,14 @@ def test_webhooks_in_the_client_and_the_cli(capsys, live, key, api, dataset_id, 
         assert re.fullmatch(rf"{delivery.id}  job\.cancelled  delivered \S+ \S+ UTC \(2 attempts, answered 204\)  -> \S+\n", out), out
         code, out, _ = mola(capsys, live, key, "jobs", "webhooks", job_id, "--json")
         assert json.loads(out)["data"][0]["status"] == "delivered"
+
+        code, out, _ = mola(capsys, live, key, "webhooks", "test", hooks.url)  # the receiver now answers 204
+        assert code == 0 and re.fullmatch(rf"delivered: {re.escape(hooks.url)} answered 204 to ping whd_\w+\n", out), out
+        assert json.loads(hooks.requests[-1]["body"])["type"] == "ping"
+        code, out, _ = mola(capsys, live, key, "webhooks", "test", hooks.url.rsplit(":", 1)[0] + ":9/", "--json")
+        assert code == 1 and json.loads(out)["delivered"] is False
+        code, _, err = mola(capsys, live, key, "webhooks", "test", "ftp://example.com/")
+        assert code == 1 and err.startswith("error (422): body.url: ")
     finally:
         hooks.close()
 

@@ -250,3 +250,28 @@ def test_deleting_a_job_deletes_its_unsent_events(client, key, settings, session
     client.post(f"/jobs/{job_id}/cancel", headers=auth(key))
     assert client.delete(f"/jobs/{job_id}", headers=auth(key)).status_code == 204
     assert webhooks.send_due(settings, sessions) == {} and hooks.requests == []
+
+
+def test_a_receiver_can_be_tried_with_a_signed_ping(client, key, receiver):
+    hooks, failing = receiver([204]), receiver([503])
+    response = client.post("/webhooks/test", headers=auth(key), json={"url": hooks.url})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert (result["delivered"], result["response_status"], result["error"], result["url"]) == (True, 204, None, hooks.url)
+    event = verify(_secret(client, key), hooks.requests[0]["headers"], hooks.requests[0]["body"])
+    assert (event["id"], event["type"], event["data"]) == (result["id"], "ping", {})
+
+    result = client.post("/webhooks/test", headers=auth(key), json={"url": failing.url}).json()
+    assert (result["delivered"], result["response_status"], result["error"]) == (False, 503, "the receiver answered 503")
+    closed = hooks.url.rsplit(":", 1)[0] + ":9/nobody"  # the discard port: nothing listens
+    result = client.post("/webhooks/test", headers=auth(key), json={"url": closed}).json()
+    assert result["delivered"] is False and result["response_status"] is None and result["error"].startswith("ConnectError")
+
+    refused = client.post("/webhooks/test", headers=auth(key), json={"url": "http://169.254.169.254/"})
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "body.url"
+    client.app.state.settings = client.app.state.settings.model_copy(update={"webhook_private_addresses": False})
+    named = client.post("/webhooks/test", headers=auth(key), json={"url": hooks.url.replace("127.0.0.1", "localhost")}).json()
+    assert named["delivered"] is False and named["error"].startswith("localhost resolves to ")
+    assert len(hooks.requests) == 1  # nothing recorded, nothing retried
+    with client.app.state.sessionmaker() as session:
+        assert session.scalars(select(WebhookDelivery)).all() == []
