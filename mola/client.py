@@ -678,9 +678,10 @@ class MolaClient:
             params["kind"] = kind
         return Page.of(self._json("GET", f"/jobs/{_segment(job_id)}/metrics", params=params), Metric.from_json, "last_step")
 
-    def all_metrics(self, job_id: str, kind: str | None = None) -> list[Metric]:
+    def all_metrics(self, job_id: str, kind: str | None = None, after_step: int = 0) -> list[Metric]:
+        """Every metric of the job after ``after_step``, all pages."""
         out: list[Metric] = []
-        after = 0
+        after = after_step
         while True:
             page = self.metrics(job_id, after_step=after, limit=1000, kind=kind)
             out.extend(page)

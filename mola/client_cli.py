@@ -11,6 +11,7 @@ The server and key come from `--url`/`--api-key` or `MOLA_URL`/`MOLA_API_KEY`.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -517,7 +518,32 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+# The columns of `jobs metrics --csv`, in this order; any other metric follows, by name.
+CSV_COLUMNS = (
+    "step", "kind", "epoch", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_memory_mb",
+    "eval_loss", "eval_exact_match", "eval_answer_accuracy",
+)  # fmt: skip
+
+
+def _write_metrics_csv(metrics: list[Metric], out: TextIO) -> None:
+    """One row per step and kind, for a spreadsheet or pandas.read_csv; a metric a row lacks is empty."""
+    names = {name for m in metrics for name in m.metrics} - {"kind", "step", "total_steps"}
+    columns = [c for c in CSV_COLUMNS if c in ("step", "kind") or c in names] + sorted(names - set(CSV_COLUMNS))
+    writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for m in metrics:
+        writer.writerow({**m.metrics, "step": m.step, "kind": m.kind})
+
+
 def cmd_jobs_metrics(args: argparse.Namespace) -> int:
+    if args.csv:
+        if args.json:
+            print("error: --csv and --json are two formats: give one", file=sys.stderr)
+            return 2
+        with _client(args) as client:
+            metrics = client.all_metrics(args.id, kind=args.kind, after_step=args.after_step)
+        _write_metrics_csv(metrics, sys.stdout)
+        return 0
     with _client(args) as client:
         page = client.metrics(args.id, after_step=args.after_step, limit=args.limit, kind=args.kind)
     if args.json:
@@ -1048,6 +1074,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--after-step", type=_int_in(0), default=0)
     p.add_argument("--limit", type=_int_in(1, 1000), default=100, help="steps per page (1-1000)")
     p.add_argument("--kind", choices=("train", "eval"))
+    p.add_argument("--csv", action="store_true", help="every step (after --after-step) as CSV on stdout: step, kind, then one column per metric")
     _common(p)
     p.set_defaults(func=_wrap(cmd_jobs_metrics))
     p = jobs.add_parser("analysis", help="how a finished MoLA job's adapter uses its experts, per layer")

@@ -720,6 +720,31 @@ def test_a_followed_sweep_ends_with_its_comparison(capsys, live, key, api, datas
     assert "  allocation: [2, 4, 6, 8] | [8, 6, 4, 2]" in table
 
 
+def test_jobs_metrics_as_csv_has_every_step_in_columns(capsys, live, key, api, dataset_id, sessions):
+    import csv
+    import io
+
+    job_id = api.create_job("tiny-llama", dataset_id).id
+    start_job(sessions, job_id)
+    rows = [{"step": s, "kind": "train", "values": {"loss": 1.0 / s, "lm_loss": 0.9 / s, "lr": 1e-4, "epoch": s / 4, "custom": s}} for s in range(1, 1201)]
+    rows += [{"step": s, "kind": "eval", "values": {"eval_loss": 2.0 / s, "epoch": s / 4}} for s in (600, 1200)]
+    with session_scope(sessions) as session:
+        job_service.record_metrics(session, job_id, rows)
+
+    code, out, _ = mola(capsys, live, key, "jobs", "metrics", job_id, "--csv")
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and out.splitlines()[0] == "step,kind,epoch,loss,lm_loss,lr,eval_loss,custom"
+    assert len(table) == 1202  # every page: more than one page of 1000 steps
+    assert table[0] == {"step": "1", "kind": "train", "epoch": "0.25", "loss": "1.0", "lm_loss": "0.9", "lr": "0.0001", "eval_loss": "", "custom": "1"}
+    assert [r for r in table if r["kind"] == "eval"][0] == {
+        "step": "600", "kind": "eval", "epoch": "150.0", "loss": "", "lm_loss": "", "lr": "", "eval_loss": str(2.0 / 600), "custom": ""
+    }  # fmt: skip
+    code, out, _ = mola(capsys, live, key, "jobs", "metrics", job_id, "--csv", "--kind", "eval", "--after-step", "600")
+    assert code == 0 and out.splitlines() == ["step,kind,epoch,eval_loss", f"1200,eval,300.0,{2.0 / 1200}"]
+    code, _, err = mola(capsys, live, key, "jobs", "metrics", job_id, "--csv", "--json")
+    assert code == 2 and "two formats" in err
+
+
 # ---- webhooks --------------------------------------------------------------------------------
 def test_webhooks_in_the_client_and_the_cli(capsys, live, key, api, dataset_id, settings, sessions):
     from mola.webhooks import verify
