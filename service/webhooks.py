@@ -171,18 +171,27 @@ def retry_delay(attempts: int) -> float:
 
 
 # ---- sending -----------------------------------------------------------------------------------
-def send_due(settings: Settings, sessions: sessionmaker[Session], limit: int = 50, http: httpx.Client | None = None) -> dict[str, str]:
-    """Send the deliveries that are due, at most ``limit``: ``{delivery id: its status after
-    this attempt}``. Each is claimed first (its `next_attempt_at` moved past this attempt), so
-    concurrent senders never POST the same one at once, and one that dies leaves it to another."""
-    claim_until = utcnow() + timedelta(seconds=settings.webhook_timeout_seconds + 60)
-    with session_scope(sessions) as session:
-        due = (WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= utcnow())
-        claimed = mark_each(session, WebhookDelivery, due, {"next_attempt_at": claim_until}, limit)
-    outcomes = {}
-    with http or httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False, trust_env=False) as client:
-        for delivery_id in claimed:
-            outcomes[delivery_id] = _attempt(settings, sessions, delivery_id, client)
+def _http_client(settings: Settings) -> httpx.Client:
+    # No redirects (one could lead to an address the checks refused); no proxy from the
+    # environment (the address checked is the address connected to).
+    return httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False, trust_env=False)
+
+
+def send_due(settings: Settings, sessions: sessionmaker[Session], limit: int = 50) -> dict[str, str]:
+    """Send the deliveries that are due, at most ``limit``, oldest first: ``{delivery id: its
+    status after this attempt}``. Each is claimed just before its attempt (its `next_attempt_at`
+    moved past the attempt's time limit), so concurrent senders never POST the same one at
+    once, and one that dies leaves it to another once the claim runs out."""
+    outcomes: dict[str, str] = {}
+    with _http_client(settings) as client:
+        while len(outcomes) < limit:
+            with session_scope(sessions) as session:
+                due = (WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= utcnow())
+                claim = {"next_attempt_at": utcnow() + timedelta(seconds=settings.webhook_timeout_seconds + 60)}
+                claimed = mark_each(session, WebhookDelivery, due, claim, limit=1)
+            if not claimed:
+                break
+            outcomes[claimed[0]] = _attempt(settings, sessions, claimed[0], client)
     return outcomes
 
 
@@ -209,7 +218,7 @@ def ping(settings: Settings, secret: str, url: str) -> dict[str, Any]:
     payload = {"id": delivery_id, "type": "ping", "created_at": _iso(utcnow()), "data": {}}
     status_code, error = None, None
     try:
-        with httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False, trust_env=False) as client:
+        with _http_client(settings) as client:
             status_code = _post(settings, client, url, secret, delivery_id, payload).status_code
         error = _answer_error(status_code)
     except WebhookRefused as exc:

@@ -275,3 +275,14 @@ def test_a_receiver_can_be_tried_with_a_signed_ping(client, key, receiver):
     assert len(hooks.requests) == 1  # nothing recorded, nothing retried
     with client.app.state.sessionmaker() as session:
         assert session.scalars(select(WebhookDelivery)).all() == []
+
+
+def test_a_sender_takes_the_due_events_oldest_first_up_to_its_limit(client, key, settings, sessions, receiver):
+    hooks = receiver()
+    first, second = _create(client, key, hooks.url), _create(client, key, hooks.url)
+    for job_id in (first, second):
+        client.post(f"/jobs/{job_id}/cancel", headers=auth(key))
+    (sent,) = webhooks.send_due(settings, sessions, limit=1)
+    assert _deliveries(client, key, first)[0]["id"] == sent
+    assert list(webhooks.send_due(settings, sessions).values()) == ["delivered"]
+    assert [json.loads(r["body"])["data"]["job_id"] for r in hooks.requests] == [first, second]
