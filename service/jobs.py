@@ -50,7 +50,14 @@ ADAPTER_FIELDS = ("rank", "alpha", "dropout", "target_modules", "aux_loss_coef")
 
 
 # ---- validation ----------------------------------------------------------------------------
+# Body fields added after jobs were first stored with their request's hash: left out of the hash
+# while unset, so a request that does not use them hashes as it did before they existed (an
+# Idempotency-Key retried across an upgrade still finds its job).
+FIELDS_ADDED_LATER = ("webhook_url",)
+
+
 def request_hash(request: dict[str, Any]) -> str:
+    request = {name: value for name, value in request.items() if not (name in FIELDS_ADDED_LATER and value is None)}
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from api.schemas import JobCreate
 from service import jobs as job_service
 from service.db import session_scope
 from service.models import BaseModelEntry, Checkpoint, Job
@@ -152,6 +153,21 @@ def test_idempotency_key_returns_the_same_job(client, key, queue):
     other = new_key_for_test(client, "globex2")
     other_ds = make_dataset(client, other)
     assert client.post("/jobs", headers={**auth(other), "Idempotency-Key": "abc-123"}, json=job_body(other_ds)).status_code == 201
+
+
+def test_a_job_stored_before_webhook_url_existed_is_found_by_its_idempotency_key(client, key, sessions, queue):
+    dataset_id = make_dataset(client, key)
+    headers = {**auth(key), "Idempotency-Key": "before-webhooks"}
+    first = client.post("/jobs", headers=headers, json=job_body(dataset_id)).json()
+    # Its stored hash, as the server computed it before requests had a webhook_url.
+    before = JobCreate.model_validate(job_body(dataset_id)).model_dump(mode="json")
+    before.pop("webhook_url")
+    with session_scope(sessions) as session:
+        session.get(Job, first["id"]).request_hash = job_service.request_hash(before)
+    again = client.post("/jobs", headers=headers, json=job_body(dataset_id))
+    assert (again.status_code, again.json()["id"]) == (200, first["id"])
+    with_hook = client.post("/jobs", headers=headers, json=job_body(dataset_id, webhook_url="http://127.0.0.1:9/h"))
+    assert with_hook.status_code == 409  # a request that does use it is another request
 
 
 def test_an_idempotency_key_is_read_without_surrounding_whitespace_and_a_blank_one_refused(client, key, queue):
