@@ -580,8 +580,8 @@ def _shares(values: list[float | None]) -> str:
     return " ".join("-" if v is None else f"{v:.2f}" for v in values)
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _number(value: Any, spec: str = ".4f") -> str:
+    return "-" if not isinstance(value, (int, float)) else format(value, spec)
 
 
 def cmd_jobs_analysis(args: argparse.Namespace) -> int:
@@ -605,8 +605,8 @@ def cmd_jobs_analysis(args: argparse.Namespace) -> int:
     print(f"{'':<{width}}  experts  top-k  busiest  idlest  distance/norm  share of tokens per expert")
     for name, row in rows:
         print(
-            f"{name:<{width}}  {row['num_experts']:>7}  {row['top_k']:>5}  {_ratio(row['max_load']):>7}  {_ratio(row['min_load']):>6}  "
-            f"{_ratio(row['relative_distance']):>13}  {_shares(row['selection_share'])}"
+            f"{name:<{width}}  {row['num_experts']:>7}  {row['top_k']:>5}  {_number(row['max_load'], '.2f'):>7}  {_number(row['min_load'], '.2f'):>6}  "
+            f"{_number(row['relative_distance'], '.2f'):>13}  {_shares(row['selection_share'])}"
         )
     return 0
 
@@ -630,10 +630,6 @@ def _duration(seconds: float | None) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def _number(value: Any, spec: str = ".4f") -> str:
-    return "-" if not isinstance(value, (int, float)) else format(value, spec)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -20,7 +20,7 @@ MAX_COMPARED = 20
 # across methods: a MoLA job's `loss` adds its weighted load-balancing loss, a LoRA job has none.
 TRAIN_SHOWN = ("loss", "lm_loss", "aux_loss", "tokens_per_s", "peak_memory_mb")
 EVAL_SHOWN = ("eval_loss", "eval_exact_match", "eval_answer_accuracy")
-# The settings whose differences a comparison lists (with every hyperparameter).
+# The settings whose differences a comparison lists first (then every hyperparameter).
 COMPARED_FIELDS = ("base_model", "method", "dataset_id", "validation_dataset_id", "allocation", "top_k")
 # What the request may leave to the run (null): the values the run chose are in its result.
 DECIDED_BY_THE_RUN = ("warmup_steps", "bf16")
@@ -48,10 +48,10 @@ def compare_jobs(session: Session, tenant_id: str, job_ids: Sequence[str]) -> di
     evals = _eval_rows(session, job_ids)
     last_train = _last_train_rows(session, job_ids)
     compared = [_compared(job, last_train.get(job.id), evals.get(job.id, [])) for job in jobs]
-    warnings = _incomparable(jobs)
+    warnings = _incomparable(compared)
     return {
         "jobs": compared,
-        "differences": _differences(jobs),
+        "differences": _differences(compared),
         # Only where every eval_loss measures the same tokens: otherwise the lowest means nothing.
         "best_eval_loss": None if any(about_eval for about_eval, _ in warnings) else _lowest_eval_loss(compared),
         "warnings": [warning for _, warning in warnings],
@@ -121,23 +121,13 @@ def _compared(job: Job, last_train: JobMetric | None, evals: list[JobMetric]) ->
     }
 
 
-def _settings(job: Job) -> dict[str, Any]:
-    spec = job.spec or {}
-    fields = {
-        "base_model": job.base_model,
-        "method": job.method,
-        "dataset_id": job.dataset_id,
-        "validation_dataset_id": job.validation_dataset_id,
-        "allocation": spec.get("experts_per_layer"),
-        "top_k": spec.get("top_k_per_layer"),
-    }
-    return {**fields, **{f"hyperparameters.{name}": value for name, value in _hyperparameters(job).items()}}
-
-
-def _differences(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """The settings that are not the same in every job, each with the jobs' values in order
-    (null where a job has no such setting: a LoRA job's allocation)."""
-    settings = [_settings(job) for job in jobs]
+def _differences(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The settings that are not the same in every compared job, each with the jobs' values in
+    order (null where a job has no such setting: a LoRA job's allocation)."""
+    settings = [
+        {**{name: row[name] for name in COMPARED_FIELDS}, **{f"hyperparameters.{name}": value for name, value in row["hyperparameters"].items()}}
+        for row in rows
+    ]
     names = list(COMPARED_FIELDS) + sorted({name for s in settings for name in s} - set(COMPARED_FIELDS))
     differences = []
     for name in names:
@@ -147,47 +137,50 @@ def _differences(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     return differences
 
 
-def _by_value(jobs: Sequence[Job], value_of: Any) -> str:
-    """``job_a: X; job_b, job_c: Y``: the jobs grouped by a value, in their order."""
+def _by_value(rows: Sequence[dict[str, Any]], value_of: Any) -> str:
+    """``job_a: X; job_b, job_c: Y``: the compared jobs grouped by a value, in their order."""
     groups: dict[str, list[str]] = {}
-    for job in jobs:
-        groups.setdefault(str(value_of(job)), []).append(job.id)
+    for row in rows:
+        groups.setdefault(str(value_of(row)), []).append(row["id"])
     return "; ".join(f"{', '.join(ids)}: {value}" for value, ids in groups.items())
 
 
-def _incomparable(jobs: Sequence[Job]) -> list[tuple[bool, str]]:
-    """Where the jobs' numbers do not measure the same thing (losses over other tokens, exact
-    matches over other rows): ``(whether it concerns eval_loss, the warning)``, each warning
-    starting with the numbers it concerns."""
+def _incomparable(rows: Sequence[dict[str, Any]]) -> list[tuple[bool, str]]:
+    """Where the compared jobs' numbers do not measure the same thing (losses over other
+    tokens, exact matches over other rows): ``(whether it concerns eval_loss, the warning)``,
+    each warning starting with the numbers it concerns."""
     warnings = []
 
-    def differ(value_of: Any, among: Sequence[Job] = jobs) -> bool:
-        return len({str(value_of(job)) for job in among}) > 1
+    def differ(value_of: Any, among: Sequence[dict[str, Any]] = rows) -> bool:
+        return len({str(value_of(row)) for row in among}) > 1
+
+    def field(name: str) -> Any:
+        return lambda row: row[name]
 
     def hp(name: str) -> Any:
-        return lambda job: _hyperparameters(job).get(name)
+        return lambda row: row["hyperparameters"].get(name)
 
-    if differ(lambda job: job.base_model):
+    if differ(field("base_model")):
         warnings.append((True, (
             "eval_loss and train loss: the jobs train different base models, whose tokenizers cut text into "
-            f"different tokens, so losses per token do not compare ({_by_value(jobs, lambda job: job.base_model)})"
+            f"different tokens, so losses per token do not compare ({_by_value(rows, field('base_model'))})"
         )))
     # A job without a validation set has no eval_loss at all (null): only those with one can disagree.
-    evaluated = [job for job in jobs if job.validation_dataset_id]
-    if differ(lambda job: job.validation_dataset_id, evaluated):
-        warnings.append((True, f"eval_loss: the jobs evaluate on different validation sets ({_by_value(evaluated, lambda job: job.validation_dataset_id)})"))
+    evaluated = [row for row in rows if row["validation_dataset_id"]]
+    if differ(field("validation_dataset_id"), evaluated):
+        warnings.append((True, f"eval_loss: the jobs evaluate on different validation sets ({_by_value(evaluated, field('validation_dataset_id'))})"))
     for name, what in (("cutoff_len", "cut their examples at different lengths"), ("train_on_inputs", "score different tokens (prompts learned or not)")):
         if differ(hp(name)):
-            warnings.append((True, f"eval_loss and train loss: the jobs {what} ({name}: {_by_value(jobs, hp(name))})"))
+            warnings.append((True, f"eval_loss and train loss: the jobs {what} ({name}: {_by_value(rows, hp(name))})"))
     # The exact match and answer accuracy are over the first eval_generate_rows validation rows.
-    generating = [job for job in evaluated if _hyperparameters(job).get("eval_generate_rows")]
+    generating = [row for row in evaluated if row["hyperparameters"].get("eval_generate_rows")]
     if differ(hp("eval_generate_rows"), generating):
         warnings.append((False, (
             "eval_exact_match and eval_answer_accuracy: the jobs score different numbers of validation rows "
             f"(eval_generate_rows: {_by_value(generating, hp('eval_generate_rows'))})"
         )))
-    if differ(lambda job: job.dataset_id):
-        warnings.append((False, f"train loss: the jobs train on different datasets ({_by_value(jobs, lambda job: job.dataset_id)})"))
+    if differ(field("dataset_id")):
+        warnings.append((False, f"train loss: the jobs train on different datasets ({_by_value(rows, field('dataset_id'))})"))
     return warnings
 
 
